@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+torch and torchvision are imported here, before any viewer exists: importing torchvision (which loads triton)
+after Mesa's llvmpipe has loaded segfaults the process (GUIDE section 5).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # noqa: SIM105 - import order matters, see the module docstring
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:  # pragma: no cover - torch is a dependency, but the Qt-free tests do not need it
+    pass
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _monuseg_dir() -> Path | None:
+    env = os.environ.get("NUCSYNTH_DATA")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "monuseg" / "train"]:
+        if (cand / "labels").is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def monuseg_dir() -> Path:
+    """The MoNuSeg training folder (``images/``, ``labels/``, ``annotations_xml/``); tests skip without it."""
+    path = _monuseg_dir()
+    if path is None:
+        pytest.skip("MoNuSeg tiles not found: set NUCSYNTH_DATA or place them in ../shared/data/monuseg/train")
+    return path
+
+
+@pytest.fixture(scope="session")
+def monuseg_tiles(monuseg_dir) -> list[str]:
+    return sorted(p.stem for p in (monuseg_dir / "labels").glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def load_tile(monuseg_dir):
+    """``load_tile(stem) -> (image uint8 HxWx3, labels uint32 HxW)``, cached."""
+    import imageio.v3 as iio
+
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _load(stem: str):
+        if stem not in cache:
+            img = np.asarray(iio.imread(monuseg_dir / "images" / f"{stem}.png"))[..., :3]
+            lab = np.asarray(iio.imread(monuseg_dir / "labels" / f"{stem}.png")).astype(np.uint32)
+            cache[stem] = (img, lab)
+        return cache[stem]
+
+    return _load
