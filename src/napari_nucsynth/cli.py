@@ -1,0 +1,99 @@
+"""The ``nucsynth`` command: the plugin's operations, headless.
+
+    nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png] [--seed N]
+    nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
+    nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _sample_masks(args) -> int:
+    from .io import read_labels, read_points_csv, write_labels
+    from .masks import ShapePrior, sample_masks
+
+    points, classes = read_points_csv(args.points)
+    prior = None
+    if args.prior:
+        prior = ShapePrior.fit(read_labels(args.prior), seed=args.seed if args.seed is not None else 0)
+    labels = sample_masks(points, tuple(args.shape), classes=classes, prior=prior, seed=args.seed)
+    out = write_labels(args.out, labels)
+    n = int(len(set(labels[labels > 0].tolist()))) if labels.any() else 0
+    print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {n} nuclei from {len(points)} points)")
+    return 0
+
+
+def _random_points(args) -> int:
+    from .io import read_labels, write_points_csv
+    from .points import fit_point_process, random_points
+
+    like = read_labels(args.like)
+    params = fit_point_process(like)
+    shape = tuple(args.shape) if args.shape else like.shape
+    pts = random_points(shape, process=args.process, params=params, seed=args.seed)
+    out = write_points_csv(args.out, pts)
+    print(f"wrote {out} ({len(pts)} points, {args.process} process fitted to {Path(args.like).name})")
+    return 0
+
+
+def _napari(args) -> int:
+    import napari
+
+    viewer = napari.Viewer(title="napari-nucsynth")
+    if not args.no_sample:
+        viewer.open_sample("napari-nucsynth", "monuseg")
+    viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    if args.screenshot:
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(20):
+            QApplication.processEvents()
+        viewer.screenshot(args.screenshot, canvas_only=False)
+        viewer.close()
+        return 0
+    napari.run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nucsynth", description="Nuclei masks and synthetic H&E from points.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-masks", help="sample one nucleus mask per point")
+    p.add_argument("--points", required=True, help="napari points CSV (index,axis-0,axis-1[,class])")
+    p.add_argument("--shape", required=True, type=int, nargs=2, metavar=("H", "W"), help="output height and width")
+    p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
+    p.add_argument("--prior", help="a real label map to fit the shape prior from (default: the MoNuSeg prior)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (the same seed gives the same masks)")
+    p.set_defaults(func=_sample_masks)
+
+    p = sub.add_parser("random-points", help="a random nucleus layout fitted to a real label map")
+    p.add_argument("--like", required=True, help="a real instance label map to fit the point process to")
+    p.add_argument("--out", required=True, help="napari points CSV to write")
+    p.add_argument("--process", choices=("poisson", "hardcore", "cluster"), default="cluster")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="layout size (default: that of --like)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_random_points)
+
+    p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
+    p.add_argument("--no-sample", action="store_true", help="do not open the sample data")
+    p.add_argument("--screenshot", help=argparse.SUPPRESS)
+    p.set_defaults(func=_napari)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"nucsynth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

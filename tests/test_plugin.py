@@ -1,0 +1,129 @@
+"""The package as napari and a user see it: the manifest, the sample data, the import rules, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_manifest_validates():
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_distribution("napari-nucsynth")
+    pm.validate_imports()
+    assert pm.name == "napari-nucsynth"
+    assert {w.display_name for w in pm.contributions.widgets} >= {"Points to masks"}
+
+
+def test_npe2_validate_command():
+    npe2 = Path(sys.executable).with_name("npe2")
+    out = subprocess.run([str(npe2), "validate", "napari-nucsynth"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_one_manifest():
+    """The top-level napari.yaml is the packaged one (a link), so editable and wheel installs read the same file."""
+    top = REPO / "napari.yaml"
+    packaged = REPO / "src" / "napari_nucsynth" / "napari.yaml"
+    assert top.is_symlink() and top.resolve() == packaged.resolve()
+    import napari_nucsynth
+
+    assert (Path(napari_nucsynth.__file__).parent / "napari.yaml").resolve() == packaged.resolve()
+
+
+def test_sample_data():
+    from napari_nucsynth._sample_data import monuseg_crop
+
+    (img, _, k1), (lab, _, k2), (pts, meta, k3) = monuseg_crop()
+    assert (k1, k2, k3) == ("image", "labels", "points")
+    assert img.dtype == np.uint8 and img.shape == (400, 400, 3)
+    assert lab.dtype == np.uint32 and lab.shape == (400, 400)
+    assert len(pts) == len(np.unique(lab)) - 1
+    assert np.all(lab[tuple(np.floor(pts + 0.5).astype(int).T)] > 0)
+    assert len(meta["features"]["class"]) == len(pts)
+    assert "CC BY-NC-SA" in meta["metadata"]["source"]
+
+
+CORE = ["napari_nucsynth", "napari_nucsynth.masks", "napari_nucsynth.points", "napari_nucsynth.io",
+        "napari_nucsynth.cli", "napari_nucsynth._checks"]
+
+
+def test_core_modules_import_no_qt_napari_or_torch():
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in CORE)
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'torch', 'vispy'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "napari_nucsynth.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_sample_masks_and_random_points(tmp_path, monuseg_dir):
+    from napari_nucsynth.io import read_labels, read_points_csv
+
+    like = monuseg_dir / "labels" / "TCGA-49-4488-01Z-00-DX1.png"
+    out = _cli("random-points", "--like", str(like), "--out", str(tmp_path / "p.csv"), "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    pts, _ = read_points_csv(tmp_path / "p.csv")
+    assert 300 < len(pts) < 900  # the tile has 557 nuclei
+    for ext in (".tif", ".png", ".npy"):
+        target = tmp_path / f"l{ext}"
+        out = _cli("sample-masks", "--points", str(tmp_path / "p.csv"), "--shape", "1000", "1000",
+                   "--out", str(target), "--seed", "2")
+        assert out.returncode == 0, out.stderr
+        lab = read_labels(target)
+        assert lab.dtype == np.uint32 and lab.shape == (1000, 1000) and lab.max() == len(pts)
+    assert np.array_equal(read_labels(tmp_path / "l.tif"), read_labels(tmp_path / "l.npy"))
+    import tifffile
+
+    assert tifffile.imread(tmp_path / "l.tif").dtype == np.uint32
+
+
+def test_cli_prior_from_labels(tmp_path, monuseg_dir):
+    from napari_nucsynth.io import write_points_csv
+
+    write_points_csv(tmp_path / "p.csv", [[10.0, 10.0], [40.0, 40.0]], classes=[0, 1])
+    like = monuseg_dir / "labels" / "TCGA-49-4488-01Z-00-DX1.png"
+    out = _cli("sample-masks", "--points", str(tmp_path / "p.csv"), "--shape", "64", "64",
+               "--out", str(tmp_path / "l.tif"), "--prior", str(like), "--seed", "0")
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_errors_are_messages(tmp_path):
+    (tmp_path / "p.csv").write_text("index,axis-0,axis-1\n0,nan,3\n")
+    out = _cli("sample-masks", "--points", str(tmp_path / "p.csv"), "--shape", "10", "10", "--out", str(tmp_path / "l.tif"))
+    assert out.returncode == 2 and "NaN" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("sample-masks", "--points", str(tmp_path / "missing.csv"), "--shape", "10", "10", "--out", "x.tif")
+    assert out.returncode == 2 and "not found" in out.stderr
+    out = _cli("sample-masks", "--points", str(tmp_path / "p.csv"), "--shape", "10", "10", "--out", str(tmp_path / "l.jpg"))
+    assert out.returncode == 2
+
+
+def test_io_round_trips(tmp_path):
+    from napari_nucsynth.io import read_labels, read_points_csv, write_labels, write_points_csv
+
+    lab = np.zeros((20, 30), np.uint32)
+    lab[3:6, 4:9] = 70000
+    for ext in (".tif", ".npy"):
+        write_labels(tmp_path / f"a{ext}", lab)
+        assert np.array_equal(read_labels(tmp_path / f"a{ext}"), lab)
+    with pytest.raises(ValueError, match="16-bit"):
+        write_labels(tmp_path / "a.png", lab)
+    pts = np.array([[1.5, 2.25], [100.0, 3.0]])
+    write_points_csv(tmp_path / "p.csv", pts, classes=[2, 5])
+    back, cls = read_points_csv(tmp_path / "p.csv")
+    assert np.array_equal(back, pts) and cls.tolist() == [2, 5]
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
