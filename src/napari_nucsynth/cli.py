@@ -48,11 +48,17 @@ def _napari(args) -> int:
         viewer.open_sample("napari-nucsynth", "monuseg")
     viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
     if args.screenshot:
+        import time
+
         from qtpy.QtWidgets import QApplication
 
-        for _ in range(20):
-            QApplication.processEvents()
-        viewer.screenshot(args.screenshot, canvas_only=False)
+        viewer.window._qt_window.resize(1400, 850)
+        for _ in range(3):  # let the window settle, then fit the view to it
+            t0 = time.time()
+            while time.time() - t0 < 0.5:
+                QApplication.processEvents()
+            viewer.reset_view()
+        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
         viewer.close()
         return 0
     napari.run()

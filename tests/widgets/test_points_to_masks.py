@@ -96,3 +96,14 @@ def test_screenshot_is_not_blank(make_napari_viewer):
     rgb = shot[..., :3].astype(float)
     assert rgb.std() > 20  # an image, not a blank window
     assert len(np.unique(rgb.reshape(-1, 3)[::97], axis=0)) > 200  # many colours: the H&E crop is drawn
+
+
+def test_widget_opens_through_the_plugin_menu(make_napari_viewer):
+    """The path a user takes (Plugins menu): npe2 builds the widget and hands it the viewer."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-nucsynth", "monuseg")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    assert isinstance(widget, PointsToMasksWidget)
+    assert widget.points_combo.value is viewer.layers["centroids"]
+    masks = viewer.layers["centroids masks"].data
+    assert masks.shape == (400, 400) and masks.max() == len(viewer.layers["centroids"].data)

@@ -5,17 +5,11 @@ Points layer's events, writes the changed pixels into the Labels layer (one undo
 fits a shape prior off the UI thread.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
+import napari
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, SpinBox
 
 from ..masks import MaskSampler, Patch, ShapePrior
-
-if TYPE_CHECKING:  # pragma: no cover
-    import napari
 
 _DEFAULT_PRIOR = "default (MoNuSeg)"
 
@@ -23,13 +17,13 @@ _DEFAULT_PRIOR = "default (MoNuSeg)"
 class PointsToMasksWidget(Container):
     """Choose a Points layer; every point added, moved or deleted updates the output Labels layer."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
         self._points_layer = None
         self._labels_layer = None
-        self._sampler: MaskSampler | None = None
-        self._prior: ShapePrior | None = None
+        self._sampler: "MaskSampler | None" = None
+        self._prior: "ShapePrior | None" = None
         self._fit_worker = None
 
         self.points_combo = ComboBox(label="Points", choices=self._points_choices, nullable=True)
@@ -110,7 +104,7 @@ class PointsToMasksWidget(Container):
         self.resample_all()
 
     # ---- output ------------------------------------------------------------------------------------------------
-    def _output_shape(self) -> tuple[int, int]:
+    def _output_shape(self) -> "tuple[int, int]":
         from napari.layers import Image, Labels
 
         for layer in self.viewer.layers:
@@ -121,7 +115,7 @@ class PointsToMasksWidget(Container):
         extent = pts.max(0) if len(pts) else np.array([0.0, 0.0])
         return tuple(int(np.ceil((e + 64) / 256.0) * 256) for e in extent)
 
-    def _classes(self) -> np.ndarray | None:
+    def _classes(self) -> "np.ndarray | None":
         feats = self._points_layer.features
         if "class" in feats and len(feats) == len(self._points_layer.data):
             cls = np.asarray(feats["class"])
@@ -174,7 +168,7 @@ class PointsToMasksWidget(Container):
         self._write(labels)
         self.status.value = f"{len(pts)} nuclei ({'default' if self._prior is None else 'fitted'} prior)."
 
-    def _apply(self, patch: Patch | None) -> None:
+    def _apply(self, patch: "Patch | None") -> None:
         if patch is not None:
             self._write(patch.values, patch.rows, patch.cols)
 
