@@ -601,13 +601,19 @@ def rasterize(
     if P == 0:
         return out
     start = np.cumsum(cnt) - cnt
-    k = np.arange(P, dtype=np.int64)
-    flat = k + np.repeat((row - r0) * ww + (lo - c0) - start, cnt)
-    dxf = (k + np.repeat(lo - start, cnt)).astype(f32) - np.repeat(x.astype(f32), cnt)
+    # int32 suffices for pixel counts and flat indices of any image numpy can rasterise here (< 2**31 pixels)
+    itype = np.int32 if wh * ww < 2**31 and P < 2**31 else np.int64
+    k = np.arange(P, dtype=itype)
+    flat = k + np.repeat(((row - r0) * ww + (lo - c0) - start).astype(itype), cnt)
+    # column offset from the pixel holding the centre (a small integer, exact in float32); the sub-pixel part of
+    # the centre (ox) and the row offset fold into per-row constants of u and v
+    dxi = (k + np.repeat((lo - start - cxi[g]).astype(itype), cnt)).astype(f32)
+    del k
+    ox = x - cxi[g]
     ia, ib = 1.0 / shapes.semi_major[g], 1.0 / shapes.semi_minor[g]
-    u = np.repeat((dy * cg * ia).astype(f32), cnt) + dxf * np.repeat((sg * ia).astype(f32), cnt)
-    v = dxf * np.repeat((cg * ib).astype(f32), cnt) - np.repeat((dy * sg * ib).astype(f32), cnt)
-    del dxf
+    u = np.repeat(((dy * cg - ox * sg) * ia).astype(f32), cnt) + dxi * np.repeat((sg * ia).astype(f32), cnt)
+    v = dxi * np.repeat((cg * ib).astype(f32), cnt) + np.repeat(((ox * cg - dy * sg) * ib).astype(f32), cnt)
+    del dxi
     q2 = u * u + v * v
     fmin2 = np.repeat((np.maximum(1.0 - spread[g], 0.0) ** 2).astype(f32), cnt)
     score = np.sqrt(q2)
@@ -620,7 +626,9 @@ def rasterize(
         pix_rid = np.repeat(rid.astype(np.int32), cnt)
         nr = pix_rid[ring]
         qr = score[ring]
-        z = (u[ring] + 1j * v[ring]).astype(np.complex64) / qr  # e^{i phi}
+        z = np.empty(ring.size, dtype=np.complex64)  # e^{i phi}
+        z.real = u[ring] / qr
+        z.imag = v[ring] / qr
         # sum_k c_k z^k with c_k = amp_k e^{i phase_k}, by Horner's rule; f = 1 + its real part
         coef = (shapes.amp[idx] * np.exp(1j * shapes.phase[idx])).astype(np.complex64)
         acc = coef[nr, -1]
@@ -639,10 +647,12 @@ def rasterize(
     cin = (cyi >= r0) & (cyi < r1) & (cxc >= c0) & (cxc < c1)
     flat = np.concatenate([flat, (cyi[cin] - r0) * ww + (cxc[cin] - c0)])
     key = np.concatenate([key, ids[idx][cin]])
-    best = np.full(wh * ww, np.iinfo(np.uint64).max, dtype=np.uint64)
+    # Untouched pixels keep the key (2**32 - 1) << 32: worse than any real key (scores use 24 bits), and its low
+    # 32 bits, the id, are 0 = background. The ids are then the low halves of the keys.
+    best = np.full(wh * ww, np.uint64(0xFFFFFFFF) << np.uint64(32), dtype=np.uint64)
     np.minimum.at(best, flat, key)
-    hit = np.flatnonzero(best != np.iinfo(np.uint64).max)
-    out.reshape(-1)[hit] = (best[hit] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    low = 0 if np.little_endian else 1
+    out = best.view(np.uint32)[low::2].reshape(wh, ww).copy()
     return out
 
 
