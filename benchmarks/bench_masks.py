@@ -2,8 +2,9 @@
 
     python benchmarks/bench_masks.py [--quick]
 
-- speed: sampling masks from each tile's real centroids with the default prior, pinned to one CPU core; median
-  time per tile and nuclei per second (target >= 20,000/s). The published anchor, Points2Image's sampler, took
+- speed: sampling masks from each tile's real centroids with the default prior, in one thread (the sampler is
+  single-threaded numpy; the process is pinned to one core where the OS allows); per tile the best and the median
+  of 7 runs, then the median over tiles of nuclei per second (target >= 20,000/s). The published anchor, Points2Image's sampler, took
   2.3 s per nucleus on this kind of machine (measured elsewhere, not in this run).
 - incremental: MaskSampler moving / adding one point among 1,000 nuclei on a 1000 x 1000 image (target <= 30 ms).
 - realism: leave-one-out — for each tile, a prior fitted on the other 29 tiles samples masks at the tile's real
@@ -38,7 +39,9 @@ def _props(labels):
     return p, np.c_[p["centroid-0"], p["centroid-1"]]
 
 
-def speed(tiles, labels, repeats=5):
+def speed(tiles, labels, repeats=7):
+    """Per tile: the best and the median of ``repeats`` timed runs (the machine is shared, and its speed drifts
+    by up to 2x within minutes; the best run is the least disturbed estimate of what the code costs)."""
     prior = ShapePrior.default()
     rows = []
     for t, lab in zip(tiles, labels):
@@ -49,12 +52,19 @@ def speed(tiles, labels, repeats=5):
             t0 = time.perf_counter()
             sample_masks(pts, lab.shape, prior=prior, seed=r)
             ts.append(time.perf_counter() - t0)
-        med = float(np.median(ts))
-        rows.append({"tile": t, "nuclei": len(pts), "seconds": med, "nuclei_per_s": len(pts) / med})
+        best, med = float(np.min(ts)), float(np.median(ts))
+        rows.append({"tile": t, "nuclei": len(pts), "best_s": best, "median_s": med,
+                     "nuclei_per_s_best": len(pts) / best, "nuclei_per_s_median": len(pts) / med})
+
+    def m(k):
+        return float(np.median([r[k] for r in rows]))
+
     return {
-        "median_seconds_per_tile": float(np.median([r["seconds"] for r in rows])),
-        "median_nuclei_per_s": float(np.median([r["nuclei_per_s"] for r in rows])),
-        "min_nuclei_per_s": float(np.min([r["nuclei_per_s"] for r in rows])),
+        "repeats": repeats,
+        "median_over_tiles_nuclei_per_s_best_run": m("nuclei_per_s_best"),
+        "median_over_tiles_nuclei_per_s_median_run": m("nuclei_per_s_median"),
+        "median_seconds_per_tile_best_run": m("best_s"),
+        "min_over_tiles_nuclei_per_s_best_run": float(np.min([r["nuclei_per_s_best"] for r in rows])),
         "target_nuclei_per_s": 20000,
         "anchor_points2image_s_per_nucleus": 2.3,
         "per_tile": rows,

@@ -552,24 +552,48 @@ def rasterize(
     if n == 0 or wh == 0 or ww == 0:
         return out
     ids = np.arange(1, n + 1, dtype=np.uint64) if ids is None else np.asarray(ids, dtype=np.uint64)
-    f32 = np.float32
-    # Row spans: for every image row a nucleus can reach, the columns inside its outer ellipse (semi-axes scaled
-    # by the largest contour factor). Working on spans rather than boxes halves the pixels visited, and the window
-    # is applied per row, before any pixel is generated.
-    spread = np.abs(shapes.amp).sum(1)
-    grow = 1.0 + spread
+    # Bounding boxes of the outer ellipses (semi-axes scaled by the largest contour factor).
+    grow = 1.0 + np.abs(shapes.amp).sum(1)
     A = shapes.semi_major * grow
     B = shapes.semi_minor * grow
     c, s = np.cos(shapes.angle), np.sin(shapes.angle)
     hr = np.ceil(np.hypot(A * c, B * s)).astype(np.int64) + 1
-    cy = np.floor(shapes.centres[:, 0] + 0.5).astype(np.int64)
-    keep = (cy + hr >= r0) & (cy - hr < r1)
     hc = np.ceil(np.hypot(A * s, B * c)).astype(np.int64) + 1
-    cxi = np.floor(shapes.centres[:, 1] + 0.5).astype(np.int64)
-    keep &= (cxi + hc >= c0) & (cxi - hc < c1)
-    if not keep.any():
-        return out
+    cy = np.floor(shapes.centres[:, 0] + 0.5).astype(np.int64)
+    cx = np.floor(shapes.centres[:, 1] + 0.5).astype(np.int64)
+    keep = (cy + hr >= r0) & (cy - hr < r1) & (cx + hc >= c0) & (cx - hc < c1)
     idx = np.flatnonzero(keep)
+    if idx.size == 0:
+        return out
+    win = (r0, r1, c0, c1, ww)
+    # Each pixel's key packs (depth score << 32 | id); the smallest key wins. Untouched pixels keep the key
+    # (2**32 - 1) << 32: worse than any real key (scores use 24 bits), and its low 32 bits, the id, are
+    # 0 = background. The ids are then the low halves of the keys.
+    best = np.full(wh * ww, np.uint64(0xFFFFFFFF) << np.uint64(32), dtype=np.uint64)
+    # Nuclei go through in chunks of about _CHUNK_PIXELS pixels, so the per-pixel temporaries stay in cache and
+    # are recycled by the allocator instead of being page-faulted in afresh (which cost more than the arithmetic).
+    est = np.cumsum((2 * hr[idx] + 1) * (2 * hc[idx] + 1))
+    cuts = np.searchsorted(est, np.arange(_CHUNK_PIXELS, est[-1], _CHUNK_PIXELS), side="right")
+    for part in np.split(idx, np.unique(cuts)):
+        if part.size:
+            _scatter(shapes, part, ids, A, B, c, s, hr, cy, cx, win, best)
+    # centre pixels, with the best possible score, so that each point keeps its own pixel
+    cin = idx[(cy[idx] >= r0) & (cy[idx] < r1) & (cx[idx] >= c0) & (cx[idx] < c1)]
+    np.minimum.at(best, (cy[cin] - r0) * ww + (cx[cin] - c0), ids[cin])
+    low = 0 if np.little_endian else 1
+    return best.view(np.uint32)[low::2].reshape(wh, ww).copy()
+
+
+#: Pixels (of nuclei bounding boxes) handled per chunk by :func:`rasterize`.
+_CHUNK_PIXELS = 1 << 16
+
+
+def _scatter(shapes, idx, ids, A, B, c, s, hr, cy, cx, win, best) -> None:
+    """Write the keys of nuclei ``idx`` into ``best`` (a flat window of the image) with a scatter-minimum."""
+    r0, r1, c0, c1, ww = win
+    f32 = np.float32
+    # Row spans: for every image row a nucleus can reach, the columns inside its outer ellipse. Working on spans
+    # rather than boxes halves the pixels visited, and the window is applied per row, before any pixel exists.
     nrows = 2 * hr[idx] + 1
     rid = np.repeat(np.arange(idx.size), nrows)  # nucleus (position in idx) of each row
     row = np.repeat(cy[idx] - hr[idx], nrows) + (np.arange(rid.size) - np.repeat(np.cumsum(nrows) - nrows, nrows))
@@ -586,44 +610,32 @@ def rasterize(
     ga = dy * dy * (cg * cg * ia2 + sg * sg * ib2) - 1.0
     disc = be * be - al * ga
     root = np.sqrt(np.maximum(disc, 0.0))
-    lo = np.ceil(x + (-be - root) / al).astype(np.int64)
-    hi = np.floor(x + (-be + root) / al).astype(np.int64)
-    # the centre pixel always belongs to its nucleus: make sure its row span holds it
-    on_centre = row == cy[g]
-    lo = np.where(on_centre, np.minimum(lo, cxi[g]), lo)
-    hi = np.where(on_centre, np.maximum(hi, cxi[g]), hi)
-    lo = np.maximum(lo, c0)
-    hi = np.minimum(hi, c1 - 1)
-    cnt = np.where((disc >= 0) | on_centre, hi - lo + 1, 0)
-    cnt = np.maximum(cnt, 0)
-    # per-pixel arrays, each built from per-row values with one repeat
+    lo = np.maximum(np.ceil(x + (-be - root) / al).astype(np.int64), c0)
+    hi = np.minimum(np.floor(x + (-be + root) / al).astype(np.int64), c1 - 1)
+    cnt = np.where(disc >= 0, np.maximum(hi - lo + 1, 0), 0)
     P = int(cnt.sum())
     if P == 0:
-        return out
+        return
+    # per-pixel arrays, each built from per-row values with one repeat (int32: a chunk is small)
     start = np.cumsum(cnt) - cnt
-    # int32 suffices for pixel counts and flat indices of any image numpy can rasterise here (< 2**31 pixels)
-    itype = np.int32 if wh * ww < 2**31 and P < 2**31 else np.int64
-    k = np.arange(P, dtype=itype)
-    flat = k + np.repeat(((row - r0) * ww + (lo - c0) - start).astype(itype), cnt)
+    k = np.arange(P, dtype=np.int32)
+    flat = k + np.repeat(((row - r0) * ww + (lo - c0) - start), cnt)
     # column offset from the pixel holding the centre (a small integer, exact in float32); the sub-pixel part of
     # the centre (ox) and the row offset fold into per-row constants of u and v
-    dxi = (k + np.repeat((lo - start - cxi[g]).astype(itype), cnt)).astype(f32)
-    del k
-    ox = x - cxi[g]
+    dxi = (k + np.repeat((lo - start - cx[g]).astype(np.int32), cnt)).astype(f32)
+    ox = x - cx[g]
     ia, ib = 1.0 / shapes.semi_major[g], 1.0 / shapes.semi_minor[g]
-    u = np.repeat(((dy * cg - ox * sg) * ia).astype(f32), cnt) + dxi * np.repeat((sg * ia).astype(f32), cnt)
-    v = dxi * np.repeat((cg * ib).astype(f32), cnt) + np.repeat(((ox * cg - dy * sg) * ib).astype(f32), cnt)
-    del dxi
-    q2 = u * u + v * v
-    fmin2 = np.repeat((np.maximum(1.0 - spread[g], 0.0) ** 2).astype(f32), cnt)
-    score = np.sqrt(q2)
+    u = dxi * np.repeat((sg * ia).astype(f32), cnt)
+    u += np.repeat(((dy * cg - ox * sg) * ia).astype(f32), cnt)
+    v = dxi * np.repeat((cg * ib).astype(f32), cnt)
+    v += np.repeat(((ox * cg - dy * sg) * ib).astype(f32), cnt)
+    score = np.hypot(u, v)
     # the contour factor f(phi) = 1 + sum_k amp_k cos(k phi + phase_k) matters only in the annulus where the
-    # harmonics can move the contour; inside it a pixel is surely in and its score is q itself
-    ring = np.flatnonzero(q2 > fmin2)
-    del fmin2, q2
-    pix_rid = None
+    # harmonics can move the contour; inside it a pixel is surely in, and its score is q itself
+    fmin = np.repeat(np.maximum(1.0 - np.abs(shapes.amp[g]).sum(1), 0.0).astype(f32), cnt)
+    ring = np.flatnonzero(score > fmin)
+    pix_rid = np.repeat(rid.astype(np.int32), cnt)
     if ring.size:
-        pix_rid = np.repeat(rid.astype(np.int32), cnt)
         nr = pix_rid[ring]
         qr = score[ring]
         z = np.empty(ring.size, dtype=np.complex64)  # e^{i phi}
@@ -633,27 +645,16 @@ def rasterize(
         coef = (shapes.amp[idx] * np.exp(1j * shapes.phase[idx])).astype(np.complex64)
         acc = coef[nr, -1]
         for m in range(len(HARMONICS) - 2, -1, -1):
-            acc = acc * z + coef[nr, m]
-        f = 1.0 + (acc * z ** int(HARMONICS[0])).real
-        score[ring] = qr / f
-    del u, v
-    inside = score <= 1.0
-    sel = np.flatnonzero(inside)
-    pix_id = ids[idx][pix_rid[sel]] if pix_rid is not None else np.repeat(ids[idx][rid], cnt)[sel]
-    key = (score[sel] * f32(2**23)).astype(np.uint64) << np.uint64(32) | pix_id
-    flat = flat[sel]
-    # centre pixels, with the best possible score, so that each point keeps its own pixel
-    cyi, cxc = cy[idx], cxi[idx]
-    cin = (cyi >= r0) & (cyi < r1) & (cxc >= c0) & (cxc < c1)
-    flat = np.concatenate([flat, (cyi[cin] - r0) * ww + (cxc[cin] - c0)])
-    key = np.concatenate([key, ids[idx][cin]])
-    # Untouched pixels keep the key (2**32 - 1) << 32: worse than any real key (scores use 24 bits), and its low
-    # 32 bits, the id, are 0 = background. The ids are then the low halves of the keys.
-    best = np.full(wh * ww, np.uint64(0xFFFFFFFF) << np.uint64(32), dtype=np.uint64)
-    np.minimum.at(best, flat, key)
-    low = 0 if np.little_endian else 1
-    out = best.view(np.uint32)[low::2].reshape(wh, ww).copy()
-    return out
+            acc *= z
+            acc += coef[nr, m]
+        for _ in range(int(HARMONICS[0])):
+            acc *= z
+        score[ring] = qr / (1.0 + acc.real)
+    sel = np.flatnonzero(score <= 1.0)
+    key = (score[sel] * f32(2**23)).astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= ids[idx][pix_rid[sel]]
+    np.minimum.at(best, flat[sel], key)
 
 
 _PRIOR_CACHE: list[ShapePrior] = []

@@ -93,7 +93,8 @@ class PointsToMasksWidget(Container):
         labels = np.asarray(layer.data)
         self.status.value = f"Fitting the shape prior to {layer.name}..."
         worker = create_worker(ShapePrior.fit, labels, seed=0)
-        worker.returned.connect(self._prior_fitted)
+        # a fit that finishes after the user has chosen another prior is dropped
+        worker.returned.connect(lambda prior: self.prior_combo.value is layer and self._prior_fitted(prior))
         worker.errored.connect(lambda e: setattr(self.status, "value", f"Cannot fit the prior: {e}"))
         self._fit_worker = worker
         worker.start()
