@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -258,7 +259,7 @@ def test_params_roundtrip_and_validation(tmp_path):
                        ("parent_intensity", float("inf")), ("intensity", "many")]:
         with pytest.raises(ValueError, match=field):
             PointProcessParams(**{**p.to_dict(), field: bad})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.intensity = 2.0  # frozen
 
 

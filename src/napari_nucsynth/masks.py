@@ -159,7 +159,7 @@ class ShapePrior:
         if not label_maps:
             raise ValueError("label_maps is empty: give at least one instance label map to fit the prior from")
         if class_maps is not None:
-            class_maps = [np.asarray(c) for c in class_maps]
+            class_maps = [as_labels(c, "classes") for c in class_maps]
             if len(class_maps) != len(label_maps):
                 raise ValueError("class_maps must hold one class map per label map")
             for lab, cm in zip(label_maps, class_maps):
@@ -261,15 +261,12 @@ def _nucleus_table(labels: np.ndarray, classes: np.ndarray | None) -> dict:
     )
     pts = np.c_[props["centroid-0"], props["centroid-1"]]
     if classes is not None and len(pts):
-        cls_of = np.zeros(len(pts), dtype=np.int64)
         lab = labels.ravel()
         cm = np.asarray(classes).ravel().astype(np.int64)
         fg = lab > 0
         ids = props["label"]
-        lut = np.zeros(int(lab.max()) + 1, dtype=np.int64)
-        lut[ids] = np.arange(len(ids))
-        # majority class per nucleus
-        pair = lut[lab[fg]] * (cm.max() + 1) + cm[fg]
+        # majority class per nucleus (ids are sorted, so searchsorted gives each pixel's nucleus)
+        pair = np.searchsorted(ids, lab[fg]) * (cm.max() + 1) + cm[fg]
         counts = np.bincount(pair, minlength=len(ids) * (cm.max() + 1)).reshape(len(ids), cm.max() + 1)
         cls_of = counts.argmax(1)
     else:
@@ -288,7 +285,7 @@ def _nucleus_table(labels: np.ndarray, classes: np.ndarray | None) -> dict:
 
 def _fit_class(tiles: list[dict], c: int | None) -> ClassPrior:
     """Least-squares fit of the hierarchical log-area model of :class:`ClassPrior` for class ``c`` (None: all)."""
-    xs, ys, gs, means = [], [], [], []
+    xs, ys, gs = [], [], []
     areas, eccs, sols, lns = [], [], [], []
     for t in tiles:
         sel = np.ones(len(t["area"]), bool) if c is None else t["cls"] == c
@@ -557,8 +554,7 @@ def rasterize(
     A = shapes.semi_major * grow
     B = shapes.semi_minor * grow
     c, s = np.cos(shapes.angle), np.sin(shapes.angle)
-    hr = np.ceil(np.hypot(A * c, B * s)).astype(np.int64) + 1
-    hc = np.ceil(np.hypot(A * s, B * c)).astype(np.int64) + 1
+    hr, hc = shapes.half_extents()
     cy = np.floor(shapes.centres[:, 0] + 0.5).astype(np.int64)
     cx = np.floor(shapes.centres[:, 1] + 0.5).astype(np.int64)
     keep = (cy + hr >= r0) & (cy - hr < r1) & (cx + hc >= c0) & (cx - hc < c1)
@@ -841,6 +837,21 @@ def _index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[ids > 0], inv
 
 
+def _instance_pixels(lab: np.ndarray):
+    """Foreground mask, dense instance index, row and column of each foreground pixel, and each instance's
+    centre of mass (rows, cols); None for a map without instances."""
+    ids, inv = _index(lab)
+    if ids.size == 0:
+        return None
+    fg = inv >= 0
+    k = inv[fg]
+    rr, cc = np.nonzero(fg)
+    cnt = np.bincount(k, minlength=ids.size).astype(float)
+    mean_r = np.bincount(k, weights=rr, minlength=ids.size) / cnt
+    mean_c = np.bincount(k, weights=cc, minlength=ids.size) / cnt
+    return fg, k, rr, cc, mean_r, mean_c
+
+
 def semantic_map(labels, classes=None) -> np.ndarray:
     """Semantic map: 1 on nuclei (or the class map's value + 1 there when ``classes`` is given), 0 elsewhere.
 
@@ -865,19 +876,16 @@ def hv_maps(labels) -> np.ndarray:
     """
     lab = as_labels(labels)
     out = np.zeros((2,) + lab.shape, dtype=np.float32)
-    ids, inv = _index(lab)
-    if ids.size == 0:
+    px = _instance_pixels(lab)
+    if px is None:
         return out
-    fg = inv >= 0
-    k = inv[fg]
-    rr, cc = np.nonzero(fg)
-    cnt = np.bincount(k, minlength=ids.size).astype(float)
-    for ch, coord in ((0, cc), (1, rr)):
-        mean = np.bincount(k, weights=coord, minlength=ids.size) / cnt
+    fg, k, rr, cc, mean_r, mean_c = px
+    n = mean_r.size
+    for ch, coord, mean in ((0, cc, mean_c), (1, rr, mean_r)):
         # HoVer-Net rounds the centre of mass to a pixel before taking offsets
         off = coord - np.floor(mean + 0.5)[k]
-        neg = np.zeros(ids.size)
-        pos = np.zeros(ids.size)
+        neg = np.zeros(n)
+        pos = np.zeros(n)
         np.minimum.at(neg, k, off)
         np.maximum.at(pos, k, off)
         val = np.where(off < 0, off / np.where(neg[k] < 0, -neg[k], 1.0), off / np.where(pos[k] > 0, pos[k], 1.0))
@@ -909,21 +917,16 @@ def direction_map(labels, n_bins: int = 2) -> np.ndarray:
     """SIAN's direction map: the angle of each nucleus pixel around its nucleus's centre of mass, quantised into
     ``n_bins`` equal sectors and one-hot encoded (bin ``b`` covers angles ``[b, b + 1) * 2 pi / n_bins`` measured
     from the +column axis towards +row). With the default 2 bins, channel 0 marks the half of each nucleus at or
-    below its centre (rows >= centre row) and channel 1 the half above, so two touching nuclei show a sharp
+    below its centre (angles in [0, pi)) and channel 1 the half above, so two touching nuclei show a sharp
     change of pattern at their border. Returns uint8 (n_bins, H, W), all 0 on background."""
     if int(n_bins) < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
     lab = as_labels(labels)
     out = np.zeros((int(n_bins),) + lab.shape, dtype=np.uint8)
-    ids, inv = _index(lab)
-    if ids.size == 0:
+    px = _instance_pixels(lab)
+    if px is None:
         return out
-    fg = inv >= 0
-    k = inv[fg]
-    rr, cc = np.nonzero(fg)
-    cnt = np.bincount(k, minlength=ids.size).astype(float)
-    my = np.bincount(k, weights=rr, minlength=ids.size) / cnt
-    mx = np.bincount(k, weights=cc, minlength=ids.size) / cnt
+    _, k, rr, cc, my, mx = px
     ang = np.mod(np.arctan2(rr - my[k], cc - mx[k]), 2 * np.pi)
     b = np.minimum((ang / (2 * np.pi / n_bins)).astype(np.int64), n_bins - 1)
     out[b, rr, cc] = 1

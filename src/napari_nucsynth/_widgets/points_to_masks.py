@@ -158,7 +158,7 @@ class PointsToMasksWidget(Container):
         if self._points_layer is None:
             return
         shape = self._output_shape()
-        layer = self._ensure_labels_layer(shape)
+        self._ensure_labels_layer(shape)
         pts = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2)
         self._sampler = MaskSampler(shape, prior=self._prior, seed=int(self.seed.value))
         try:
