@@ -126,3 +126,32 @@ def test_io_round_trips(tmp_path):
     back, cls = read_points_csv(tmp_path / "p.csv")
     assert np.array_equal(back, pts) and cls.tolist() == [2, 5]
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_cli_evaluate_folders_and_json(tmp_path):
+    import json
+
+    from napari_nucsynth.io import write_labels
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    a = np.zeros((20, 20), np.uint32)
+    a[2:8, 2:8] = 1
+    a[10:16, 10:16] = 2
+    write_labels(tmp_path / "t" / "x.png", a)
+    write_labels(tmp_path / "p" / "x.tif", a)  # a perfect prediction, another format
+    b = a.copy()
+    b[b == 2] = 0  # one nucleus missed
+    write_labels(tmp_path / "t" / "y.npy", a)
+    write_labels(tmp_path / "p" / "y.npy", b)
+    out = _cli("evaluate", "--truth", str(tmp_path / "t"), "--pred", str(tmp_path / "p"), "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["n_images"] == 2
+    assert set(d) >= {"aji", "aji_plus", "dice", "dice2", "dq", "sq", "pq", "object_f1", "pixel_f1"}
+    # y: DQ = 1 / (1 + 0.5) = 2/3; mean over the two images = (1 + 2/3) / 2
+    assert abs(d["dq"] - (1 + 2 / 3) / 2) < 1e-9
+    out = _cli("evaluate", "--truth", str(tmp_path / "t"), "--pred", str(tmp_path / "p"))
+    assert out.returncode == 0 and "pooled" in out.stdout and "x" in out.stdout
+    out = _cli("evaluate", "--truth", str(tmp_path / "t"), "--pred", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and "not found" in out.stderr

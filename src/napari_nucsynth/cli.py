@@ -2,6 +2,7 @@
 
     nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png] [--seed N]
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
+    nucsynth evaluate --truth T --pred P [--json]
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 """
 
@@ -37,6 +38,54 @@ def _random_points(args) -> int:
     pts = random_points(shape, process=args.process, params=params, seed=args.seed)
     out = write_points_csv(args.out, pts)
     print(f"wrote {out} ({len(pts)} points, {args.process} process fitted to {Path(args.like).name})")
+    return 0
+
+
+_LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+
+
+def _label_files(path: Path) -> dict[str, Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _LABEL_SUFFIXES and not p.name.startswith("."))
+        stems: dict[str, Path] = {}
+        for f in files:
+            if f.stem in stems:
+                raise ValueError(f"two label files share the stem {f.stem!r} in {path}: {stems[f.stem].name}, {f.name}")
+            stems[f.stem] = f
+        return stems
+    if path.is_file():
+        return {path.stem: path}
+    raise ValueError(f"not found: {path}")
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from .io import read_labels
+    from .metrics import METRICS, evaluate
+
+    truth, pred = _label_files(Path(args.truth)), _label_files(Path(args.pred))
+    if len(truth) == 1 and len(pred) == 1 and not Path(args.truth).is_dir():
+        pairs = [(next(iter(truth)), next(iter(truth.values())), next(iter(pred.values())))]
+    else:
+        common = sorted(set(truth) & set(pred))
+        missing = sorted(set(truth) - set(pred))
+        if not common:
+            raise ValueError(f"no file stems in common between {args.truth} and {args.pred}")
+        if missing:
+            print(f"warning: no prediction for {len(missing)} ground-truth file(s): {', '.join(missing[:5])}"
+                  + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
+        pairs = [(s, truth[s], pred[s]) for s in common]
+    names = [p[0] for p in pairs]
+    ev = evaluate((read_labels(t) for _, t, _ in pairs), (read_labels(p) for _, _, p in pairs), names)
+    if args.json:
+        out = {k: ev.mean[k] for k in METRICS}
+        out["n_images"] = len(ev.per_image)
+        out["pooled"] = ev.pooled
+        out["per_image"] = [{"image": n, **d} for n, d in zip(ev.names, ev.per_image)]
+        print(json.dumps(out, indent=1))
+    else:
+        print(ev.table())
     return 0
 
 
@@ -84,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="layout size (default: that of --like)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_random_points)
+
+    p = sub.add_parser("evaluate", help="instance metrics (AJI, AJI+, Dice, Dice 2, DQ/SQ/PQ, F1) of predictions")
+    p.add_argument("--truth", required=True, help="ground-truth label file, or a folder of them")
+    p.add_argument("--pred", required=True, help="predicted label file, or a folder matched by file name stem")
+    p.add_argument("--json", action="store_true", help="print one JSON object (mean over images, pooled, per image)")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
     p.add_argument("--no-sample", action="store_true", help="do not open the sample data")
