@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ._checks import as_labels
+from .._checks import as_labels
 
 __all__ = [
     "METRICS",
