@@ -211,7 +211,8 @@ def aji(true, pred=None) -> float:
 
 
 def _one_to_one_max_iou(o: Overlaps) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into the pair arrays of a one-to-one assignment maximising total IoU (Hungarian), IoU > 0 only.
+    """Indices into the pair arrays of a one-to-one assignment maximising total IoU (Hungarian on HoVer-Net's
+    ``inter / (union + 1e-6)``), IoU > 0 only.
 
     The overlap graph falls apart into small connected components; pairs alone in theirs are taken as they are,
     and the assignment is solved per remaining component (the same optimum as one assignment on the full
@@ -226,6 +227,8 @@ def _one_to_one_max_iou(o: Overlaps) -> tuple[np.ndarray, np.ndarray]:
     if k == 0:
         return np.zeros(0, np.int64), np.zeros(0)
     iou = o.iou
+    # HoVer-Net assigns on inter / (union + 1e-6): among equal IoUs the larger pair wins
+    score = o.inter / (o.union + _EPS)
     deg_t = np.bincount(o.ti, minlength=nt)
     deg_p = np.bincount(o.pj, minlength=npd)
     simple = (deg_t[o.ti] == 1) & (deg_p[o.pj] == 1)
@@ -243,7 +246,7 @@ def _one_to_one_max_iou(o: Overlaps) -> tuple[np.ndarray, np.ndarray]:
             rows, ri = np.unique(o.ti[edges], return_inverse=True)
             cols, ci = np.unique(o.pj[edges], return_inverse=True)
             m = np.zeros((rows.size, cols.size))
-            m[ri, ci] = iou[edges]
+            m[ri, ci] = score[edges]
             edge_at = np.full((rows.size, cols.size), -1, np.int64)
             edge_at[ri, ci] = edges
             r, c = linear_sum_assignment(-m)
