@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     warm = load_labels(chosen[0])  # first calls pay for lazy imports (scipy.optimize, ...): not timed
     for name in FUNCS:
         getattr(M, name)(warm, perturb(warm, seed=0))
-    for i, tile in enumerate(chosen):
+    for tile in chosen:
         true = load_labels(tile)
         pred = perturb(true, seed=args.seed + all_ids.index(tile))
         pairs.append((tile, true, pred))

@@ -7,44 +7,11 @@
   (``from napari_nucsynth.metrics import fid`` imports torch; ``import napari_nucsynth.metrics`` does not).
 """
 
-from .instance import (
-    ERROR_CLASSES,
-    METRICS,
-    Evaluation,
-    Matching,
-    Overlaps,
-    aji,
-    aji_plus,
-    dice,
-    dice2,
-    error_map,
-    evaluate,
-    instance_metrics,
-    match,
-    object_f1,
-    overlaps,
-    pixel_f1,
-    pq,
-)
+from .instance import *  # noqa: F403 - re-exported: napari_nucsynth.metrics is where metrics are imported from
+from .instance import __all__ as _INSTANCE_NAMES
 
 __all__ = [
-    "METRICS",
-    "ERROR_CLASSES",
-    "Overlaps",
-    "overlaps",
-    "aji",
-    "aji_plus",
-    "pq",
-    "dice",
-    "dice2",
-    "object_f1",
-    "pixel_f1",
-    "Matching",
-    "match",
-    "error_map",
-    "instance_metrics",
-    "Evaluation",
-    "evaluate",
+    *_INSTANCE_NAMES,
     # image metrics (lazy: see __getattr__)
     "FeatureExtractor",
     "InceptionExtractor",
