@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import SeedLike, as_rng
+from .._checks import SeedLike, as_rgb as _as_rgb, as_rng
 
 __all__ = [
     "FeatureExtractor",
@@ -77,44 +77,6 @@ ImageSet = Union[Sequence[np.ndarray], np.ndarray]  # noqa: UP007 - a runtime al
 # ----------------------------------------------------------------------------------------------------------------
 # Input conversion
 # ----------------------------------------------------------------------------------------------------------------
-def _as_rgb(image, name: str) -> np.ndarray:
-    """Convert one image to RGB uint8 ``H x W x 3`` by the module's rule, or raise a ``ValueError`` naming it."""
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"{name} must be an RGB image (H x W x 3; grey H x W and RGBA H x W x 4 are converted), "
-            f"got shape {arr.shape}"
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if arr.dtype == np.uint8:
-        out = arr
-    elif arr.dtype == np.uint16:
-        out = np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} holds NaN or infinite values")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{name} is a float image with values in [{lo:g}, {hi:g}]; float images must lie in [0, 1] "
-                "(or pass uint8 in 0-255)"
-            )
-        out = np.round(arr.astype(np.float64) * 255.0).astype(np.uint8)
-    else:
-        raise ValueError(
-            f"{name} must be uint8 (or uint16, or float in [0, 1]), got dtype {arr.dtype}; "
-            "convert it, e.g. with .astype(np.uint8) if it holds 0-255 values"
-        )
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    elif out.shape[2] == 4:
-        out = out[..., :3]
-    return np.ascontiguousarray(out)
-
-
 def _as_image_list(images, name: str) -> list[np.ndarray]:
     """An image set (list of images of any sizes, or an ``(N, H, W, C)`` array) as a list of RGB uint8 arrays."""
     if isinstance(images, np.ndarray):
