@@ -50,7 +50,8 @@ def test_sample_data():
     assert "CC BY-NC-SA" in meta["metadata"]["source"]
 
 
-CORE = ["napari_nucsynth", "napari_nucsynth.masks", "napari_nucsynth.points", "napari_nucsynth.io", "napari_nucsynth.metrics",
+CORE = ["napari_nucsynth", "napari_nucsynth.masks", "napari_nucsynth.points", "napari_nucsynth.io",
+        "napari_nucsynth.metrics", "napari_nucsynth.stain",
         "napari_nucsynth.cli", "napari_nucsynth._checks"]
 
 
