@@ -156,3 +156,25 @@ def test_cli_evaluate_folders_and_json(tmp_path):
     assert out.returncode == 0 and "pooled" in out.stdout and "x" in out.stdout
     out = _cli("evaluate", "--truth", str(tmp_path / "t"), "--pred", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_cli_render(tmp_path, monuseg_dir):
+    import imageio.v3 as iio
+
+    from napari_nucsynth.io import read_labels, write_labels
+
+    lab = read_labels(monuseg_dir / "labels" / "TCGA-38-6178-01Z-00-DX1.png")[:128, :160]
+    write_labels(tmp_path / "l.tif", lab)
+    style = monuseg_dir / "images" / "TCGA-49-4488-01Z-00-DX1.png"
+    out = _cli("render", "--labels", str(tmp_path / "l.tif"), "--style", str(style), "--seed", "3",
+               "--out", str(tmp_path / "o.png"))
+    assert out.returncode == 0, out.stderr
+    img = iio.imread(tmp_path / "o.png")
+    assert img.shape == (128, 160, 3) and img.dtype == np.uint8
+    out = _cli("render", "--labels", str(tmp_path / "l.tif"), "--style", str(style), "--seed", "3",
+               "--out", str(tmp_path / "o2.png"))
+    assert np.array_equal(iio.imread(tmp_path / "o2.png"), img)
+    blank = tmp_path / "blank.png"
+    iio.imwrite(blank, np.full((64, 64, 3), 245, np.uint8))
+    out = _cli("render", "--labels", str(tmp_path / "l.tif"), "--style", str(blank), "--out", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "no detectable nuclei" in out.stderr

@@ -2,6 +2,7 @@
 
     nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png] [--seed N]
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
+    nucsynth render --labels L --style S [--style-labels SL] [--method classic] [--seed N] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 """
@@ -38,6 +39,24 @@ def _random_points(args) -> int:
     pts = random_points(shape, process=args.process, params=params, seed=args.seed)
     out = write_points_csv(args.out, pts)
     print(f"wrote {out} ({len(pts)} points, {args.process} process fitted to {Path(args.like).name})")
+    return 0
+
+
+def _render(args) -> int:
+    import imageio.v3 as iio
+
+    from .io import read_image, read_labels
+    from .render import render
+
+    labels = read_labels(args.labels)
+    style = read_image(args.style)
+    style_labels = read_labels(args.style_labels) if args.style_labels else None
+    out = render(labels, style, method=args.method, style_labels=style_labels, seed=args.seed, device=args.device)
+    path = Path(args.out)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    iio.imwrite(tmp, out)
+    tmp.replace(path)
+    print(f"wrote {path} ({out.shape[0]} x {out.shape[1]}, method {args.method})")
     return 0
 
 
@@ -133,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="layout size (default: that of --like)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_random_points)
+
+    from .render import renderers
+
+    p = sub.add_parser("render", help="a synthetic H&E image of instance masks in the style of a reference tile")
+    p.add_argument("--labels", required=True, help="instance label map (.tif, .png, .npy)")
+    p.add_argument("--style", required=True, help="a real H&E tile (RGB image) whose style to take")
+    p.add_argument("--style-labels", help="the style tile's instance labels (default: its nuclei are detected)")
+    p.add_argument("--method", default="classic", choices=renderers())
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (learned renderers)")
+    p.add_argument("--out", required=True, help="output image (.png)")
+    p.set_defaults(func=_render)
 
     p = sub.add_parser("evaluate", help="instance metrics (AJI, AJI+, Dice, Dice 2, DQ/SQ/PQ, F1) of predictions")
     p.add_argument("--truth", required=True, help="ground-truth label file, or a folder of them")
