@@ -104,7 +104,11 @@ class ClassicRenderer:
         n_ref = int(k.max()) + 1
         cnt = np.bincount(k, minlength=n_ref).astype(np.float64)
         means = np.stack([np.bincount(k, weights=hed[..., c][fg], minlength=n_ref) for c in range(3)], 1) / cnt[:, None]
-        spread = float(np.std(hed[..., 0][fg] - means[k, 0]))
+        # the chromatin spread inside nuclei, measured away from their blurred edges
+        inner = ndi.binary_erosion(fg, iterations=2)
+        kin = inv[inner] - (1 if ids[0] == 0 else 0)
+        vals = hed[..., 0][inner] - means[kin, 0] if inner.any() else hed[..., 0][fg] - means[k, 0]
+        spread = float(np.std(vals))
         bg = reference_background(hed, nuclei, rng)
         if progress:
             progress(2, 4, "background")
@@ -113,16 +117,20 @@ class ClassicRenderer:
         tid, tinv = np.unique(lab, return_inverse=True)
         tinv = tinv.reshape(lab.shape)
         n_t = tid.size
-        # draw from the reference nuclei whose haematoxylin is not in the lowest quarter (pale detections are
-        # more often cytoplasm or out-of-focus nuclei than nuclei one would want to copy)
-        pool = np.flatnonzero(means[:, 0] >= np.percentile(means[:, 0], 25))
+        # draw from the reference's typical nuclei: outliers in haematoxylin (pale: cytoplasm or out of focus) or in
+        # DAB (brown: red blood cells, pigment) are left out
+        pool = np.flatnonzero(
+            (means[:, 0] >= np.percentile(means[:, 0], 10)) & (means[:, 2] <= np.percentile(means[:, 2], 90))
+        )
+        if pool.size == 0:
+            pool = np.arange(n_ref)
         pick = pool[rng.integers(0, pool.size, n_t)]
         col = means[pick] * rng.normal(1.0, 0.05, (n_t, 1))
         if tid[0] == 0:
             col[0] = 0
         fore = col[tinv].astype(np.float32)
         # chromatin texture: smoothed noise on the haematoxylin channel with the reference's spread
-        tex = ndi.gaussian_filter(rng.standard_normal(lab.shape).astype(np.float32), 1.2)
+        tex = ndi.gaussian_filter(rng.standard_normal(lab.shape).astype(np.float32), 1.0)
         tex *= spread / max(float(tex.std()), 1e-6)
         fore[..., 0] += tex
         if progress:
