@@ -51,7 +51,7 @@ def test_sample_data():
 
 
 CORE = ["napari_nucsynth", "napari_nucsynth.masks", "napari_nucsynth.points", "napari_nucsynth.io",
-        "napari_nucsynth.metrics", "napari_nucsynth.stain", "napari_nucsynth.render",
+        "napari_nucsynth.metrics", "napari_nucsynth.stain", "napari_nucsynth.render", "napari_nucsynth.devices",
         "napari_nucsynth.cli", "napari_nucsynth._checks"]
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .._checks import SeedLike, as_rgb as _as_rgb, as_rng
+from ..devices import resolve_device as _resolve_device
 
 __all__ = [
     "FeatureExtractor",
@@ -107,27 +108,6 @@ def _seed_label(seed) -> int | str | None:
 
 def _is_features(x) -> bool:
     return isinstance(x, np.ndarray) and x.ndim == 2
-
-
-def _resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for CUDA, which is not available here; use 'auto' or 'cpu'")
-    return dev
 
 
 def _to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
