@@ -55,3 +55,81 @@ def test_bad_input(small):
         render(target, style, style_labels=style_lab[:10])
     with pytest.raises(ValueError, match="labels"):
         render(np.zeros((0, 5), np.uint32), style)
+
+
+def test_alignment_and_stain_on_a_real_tile(small):
+    """The rendered nuclei sit where the labels say (Otsu on haematoxylin, as in bench_render.py) and carry the
+    reference's nucleus and background densities."""
+    from skimage.filters import threshold_otsu
+
+    from napari_nucsynth.metrics import pixel_f1
+
+    style, style_lab, target = small
+    out = render(target, style, style_labels=style_lab, seed=3)
+    h = rgb_to_hed(out)[..., 0]
+    f1 = pixel_f1((target > 0).astype(np.uint8), (h > threshold_otsu(h)).astype(np.uint8))
+    assert f1 > 0.7
+    ref_hed, out_hed = rgb_to_hed(style), rgb_to_hed(out)
+    for ref_px, out_px in ((ref_hed[style_lab > 0], out_hed[target > 0]), (ref_hed[style_lab == 0], out_hed[target == 0])):
+        rel = np.abs(out_px.mean(0)[:2] - ref_px.mean(0)[:2]) / ref_px.mean(0)[:2]
+        assert rel.max() < 0.25, rel
+
+
+def test_nucleus_texture_comes_from_the_reference(small):
+    """Inside the nuclei the render has the chromatin spread of real nuclei, not a flat fill."""
+    style, style_lab, target = small
+    out = rgb_to_hed(render(target, style, style_labels=style_lab, seed=0))[..., 0]
+    from scipy import ndimage as ndi
+
+    inner_t = ndi.binary_erosion(target > 0, iterations=2)
+    inner_r = ndi.binary_erosion(style_lab > 0, iterations=2)
+    real_sd = rgb_to_hed(style)[..., 0][inner_r].std()
+    assert 0.5 * real_sd < out[inner_t].std() < 2.0 * real_sd
+
+
+def test_strips_equal_the_one_piece_render(small, monkeypatch):
+    """Large outputs are computed in strips; the strips must not change a single pixel (no seams)."""
+    from napari_nucsynth.render import classic
+
+    style, style_lab, target = small
+    lab = np.concatenate([target, target[::-1]], 0)  # 400 x 300, nuclei across every strip border
+    whole = render(lab, style, style_labels=style_lab, seed=5)
+    monkeypatch.setattr(classic, "TILE", 64)
+    strips = render(lab, style, style_labels=style_lab, seed=5)
+    assert np.array_equal(whole, strips)
+
+
+def test_empty_labels_render_the_background(small):
+    style, style_lab, _ = small
+    out = render(np.zeros((120, 90), np.uint32), style, style_labels=style_lab, seed=0)
+    assert out.shape == (120, 90, 3)
+    h = rgb_to_hed(out)[..., 0]
+    assert h.mean() < rgb_to_hed(style)[..., 0][style_lab > 0].mean()
+
+
+def test_huge_and_sparse_ids(small):
+    style, _, target = small
+    sparse = np.where(target > 0, target.astype(np.uint64) * 1_000_003 + 2**33, 0)
+    a = render(sparse, style, seed=2)
+    b = render(target, style, seed=2)
+    assert a.shape == b.shape
+    h = rgb_to_hed(a)[..., 0]
+    assert h[target > 0].mean() > h[target == 0].mean() + 0.02
+
+
+def test_cancel_and_progress(small):
+    style, style_lab, target = small
+    seen = []
+    render(target, style, style_labels=style_lab, seed=0, progress=lambda i, n, what: seen.append((i, n)))
+    assert seen[-1][0] == seen[-1][1]
+    with pytest.raises(InterruptedError):
+        render(target, style, style_labels=style_lab, seed=0, should_stop=lambda: True)
+
+
+def test_reference_cache_tells_references_apart(small):
+    """Two references must never share a cached analysis (different stain gives a different render)."""
+    style, style_lab, target = small
+    darker = (style.astype(np.float32) * 0.7).astype(np.uint8)
+    a = render(target, style, style_labels=style_lab, seed=0)
+    b = render(target, darker, style_labels=style_lab, seed=0)
+    assert rgb_to_hed(b)[..., 0].mean() > rgb_to_hed(a)[..., 0].mean()

@@ -13,28 +13,34 @@ import numpy as np
 
 from ._checks import as_rgb
 
-__all__ = ["rgb_to_hed", "hed_to_rgb", "reinhard", "MacenkoStains", "macenko_stains", "macenko"]
+__all__ = ["MacenkoStains", "hed_to_rgb", "macenko", "macenko_stains", "reinhard", "rgb_to_hed"]
 
 
 def rgb_to_hed(image) -> np.ndarray:
-    """Haematoxylin, eosin and DAB optical densities (Ruifrok & Johnston), float32 ``H x W x 3``
-    (scikit-image's ``rgb2hed``, which clips negative densities: the few colours outside the stains' cone do not
-    come back exactly through :func:`hed_to_rgb`)."""
-    from skimage.color import rgb2hed
+    """Haematoxylin, eosin and DAB optical densities (Ruifrok & Johnston), float32 ``H x W x 3``.
 
-    return rgb2hed(as_rgb(image, "image")).astype(np.float32)
+    scikit-image's ``rgb2hed`` formula and matrix, computed in float32 through a 256-entry logarithm table (the
+    input is uint8 by the conversion rule): negative densities are clipped to 0, so the few colours outside the
+    stains' cone do not come back exactly through :func:`hed_to_rgb`."""
+    from skimage.color import hed_from_rgb
+
+    rgb = as_rgb(image, "image")
+    lut = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
+    out = lut[rgb] @ hed_from_rgb.astype(np.float32)
+    return np.maximum(out, 0, out=out)
 
 
 def hed_to_rgb(hed) -> np.ndarray:
-    """The inverse of :func:`rgb_to_hed`, as RGB uint8."""
-    from skimage.color import hed2rgb
+    """The inverse of :func:`rgb_to_hed`, as RGB uint8 (scikit-image's ``hed2rgb`` formula, in float32)."""
+    from skimage.color import rgb_from_hed
 
-    arr = np.asarray(hed, dtype=np.float64)
+    arr = np.asarray(hed, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"hed must be an H x W x 3 array of stain densities, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError("hed holds NaN or infinite values")
-    return _to_uint8(hed2rgb(arr))
+    log_rgb = arr @ (rgb_from_hed * np.log(1e-6)).astype(np.float32)
+    return _to_uint8(np.exp(log_rgb, out=log_rgb))
 
 
 def _to_uint8(rgb01: np.ndarray) -> np.ndarray:

@@ -6,13 +6,14 @@ methods from :func:`renderers`, so a learned generator appears by registering it
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from .._checks import SeedLike
 
-__all__ = ["Renderer", "register", "renderers", "get_renderer", "render"]
+__all__ = ["Renderer", "get_renderer", "register", "render", "renderers"]
 
 
 class Renderer(Protocol):
@@ -53,8 +54,36 @@ def get_renderer(name: str) -> Renderer:
 
 def render(labels, style, *, method: str = "classic", style_labels=None, seed: SeedLike = None,
            device: str = "auto", progress=None, should_stop=None) -> np.ndarray:
-    """Render a synthetic H&E image (RGB uint8, the shape of ``labels``) of the instance masks ``labels`` in the
-    style of the reference tile ``style`` (optionally with its own instance labels ``style_labels``)."""
+    """Render a synthetic H&E image of instance masks in the style of a reference tile.
+
+    Parameters
+    ----------
+    labels : (H, W) integer array
+        Instance masks, 0 = background. An all-zero map renders background only.
+    style : image
+        The style reference, an H&E tile (RGB uint8; grey, RGBA, float in [0, 1] and uint16 are converted).
+    method : str
+        A registered renderer (:func:`renderers`).
+    style_labels : (h, w) integer array, optional
+        The reference's own instance labels; when absent its nuclei are detected.
+    seed : int, numpy Generator or None
+        The same seed gives the same image.
+    device : str
+        "auto", "cpu", "cuda", "mps" (learned renderers; the classic one runs on the CPU).
+    progress, should_stop : callables, optional
+        ``progress(done, total, what)``; when ``should_stop()`` returns True the render stops and raises
+        ``InterruptedError``.
+
+    Returns
+    -------
+    (H, W, 3) uint8 RGB array.
+
+    Raises
+    ------
+    ValueError
+        Bad input: a style that is not an image, labels that are not a 2-D integer map, style labels of another
+        shape, a reference with no detectable nuclei, an unknown method.
+    """
     return get_renderer(method)(labels, style, style_labels=style_labels, seed=seed, device=device,
                                 progress=progress, should_stop=should_stop)
 

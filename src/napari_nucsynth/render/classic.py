@@ -1,12 +1,31 @@
-"""The classic (training-free) renderer: nuclei fused with the reference's background in HED space.
+"""The classic (training-free) renderer: real reference nuclei warped into the target masks, fused with the
+reference's inpainted background in HED space.
 
 Gong et al. (WACV 2021), eq. 1, and Hou et al. (CVPR 2019): the output is ``M * F + (1 - M) * B`` in
-haematoxylin-eosin-DAB optical density, where ``B`` is the reference tile with its nuclei inpainted away, ``F``
-the nuclei's appearance drawn from the reference's own nuclei (mean stain densities per nucleus, their spread,
-chromatin texture) and ``M`` the instance masks with softened edges.
+haematoxylin-eosin-DAB optical density, where
+
+- ``B`` is the reference tile with its nuclei inpainted away (:func:`reference_background`), mirror-tiled to any
+  output size;
+- ``F`` is, inside each target nucleus, a real nucleus of the reference of similar size, mapped onto the target
+  shape by the affine map that aligns their second moments (random flips of the principal axes), with a small
+  smooth random deformation and a per-nucleus stain jitter: colour, intensity spread, chromatin texture and the
+  darker rim all come from the reference's own nuclei;
+- ``M`` is the instance foreground with edges softened by a Gaussian of ``EDGE_SIGMA`` px.
+
+The target masks are never moved: the deformation acts on the texture mapped into them, so the rendered nuclei
+sit exactly where the labels say.
+
+Outputs taller or wider than ``TILE`` px are computed in strips of rows with a halo wider than every filter; each
+pixel's value does not depend on the strip it was computed in, so the result equals the one-piece render (no
+seams; tested). The analysis of a reference (nuclei, texture field, inpainted background) depends only on the
+reference and its labels and is cached for the last few references, so a live re-render costs only the fusion.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -15,7 +34,15 @@ from .._checks import SeedLike, as_labels, as_rgb, as_rng
 from ..stain import hed_to_rgb, rgb_to_hed
 from . import register
 
-__all__ = ["ClassicRenderer", "detect_nuclei", "reference_background"]
+__all__ = ["ClassicRenderer", "ReferenceStyle", "analyse_reference", "detect_nuclei", "reference_background"]
+
+#: Outputs larger than this in either dimension are computed in strips of this many rows.
+TILE = 2048
+#: Gaussian sigma (px) of the soft nucleus edges.
+EDGE_SIGMA = 0.8
+#: Amplitude (px) and grid spacing (px) of the smooth random deformation of the mapped texture.
+WARP_AMPLITUDE, WARP_SPACING = 1.5, 8
+_HALO = 8  # > 4 * EDGE_SIGMA and the label extension
 
 
 def detect_nuclei(image, *, min_area: int = 30) -> np.ndarray:
@@ -32,43 +59,218 @@ def detect_nuclei(image, *, min_area: int = 30) -> np.ndarray:
     return label(fg).astype(np.uint32)
 
 
-def reference_background(hed: np.ndarray, nuclei: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The reference in HED with its nuclei inpainted by copying: each hole pixel takes the value of the pixel a
-    random shift away (the same shift for a whole pass, so texture is copied in coherent pieces), over up to 24
-    passes; anything left is filled by a normalised convolution of the surroundings."""
-    hole = ndi.binary_dilation(nuclei > 0, iterations=2)
+def reference_background(hed: np.ndarray, hole: np.ndarray, rng: np.random.Generator, *, piece: int = 24,
+                         candidates: int = 24, rounds: int = 4) -> np.ndarray:
+    """Inpaint ``hole`` (bool) in the HED image ``hed`` by copying coherent pieces of the rest of the image.
+
+    The hole is cut into pieces: its connected components split on a ``piece``-px grid whose lines are bent by
+    smooth noise, so seams are not straight. In each round, every unfilled piece that borders known pixels takes,
+    among ``candidates`` random shifts, the one whose source lies wholly outside the hole and whose copied border
+    best matches the known pixels around the piece (mean absolute difference over a 3-px ring); filled pieces
+    become known for the next round, so large holes fill from the outside in. Pieces no shift fits are filled by a
+    normalised convolution of their surroundings. Finally the seams (piece and hole borders) are smoothed over
+    one pixel.
+    """
+    H, W = hole.shape
     out = hed.copy()
-    todo = hole.copy()
     keep = ~hole
-    reach = max(8, int(min(hed.shape[:2]) // 8))
-    for _ in range(24):
-        if not todo.any():
+    if not hole.any():
+        return out
+    # grid lines bent into waves (amplitude piece/4, random wavelengths and phases)
+    lam, phase = rng.uniform(2, 4, 2) * piece, rng.uniform(0, 2 * np.pi, 2)
+    gr = np.floor((np.arange(H)[:, None] + piece / 4 * np.sin(np.arange(W)[None, :] / lam[0] * 2 * np.pi + phase[0]))
+                  / piece).astype(np.int64) + 2
+    gc = np.floor((np.arange(W)[None, :] + piece / 4 * np.sin(np.arange(H)[:, None] / lam[1] * 2 * np.pi + phase[1]))
+                  / piece).astype(np.int64) + 2
+    comp, _ = ndi.label(hole)
+    key = np.where(hole, (comp.astype(np.int64) * (H // piece + 6) + gr) * (W // piece + 6) + gc, 0)
+    present = np.bincount(key.ravel()) > 0
+    present[0] = False
+    remap = np.cumsum(present)
+    pieces = remap[key]  # 0 = not a hole pixel, pieces 1..n
+    n_pieces = int(remap[-1]) + 1
+    flat_keep, flat_hed = keep.ravel(), hed.reshape(-1, 3)
+    flat_out = out.reshape(-1, 3)
+    hy, hx = np.nonzero(hole)
+    hp = pieces[hy, hx]
+    size = np.bincount(hp, minlength=n_pieces)
+    filled = np.zeros(n_pieces, bool)
+    filled[0] = True
+    known = keep.copy()
+    reach = max(8, min(H, W) // 3)
+    for _ in range(rounds):
+        # each known pixel within 3 px of an unfilled piece is that piece's context (one piece per pixel)
+        near = ndi.grey_dilation(np.where(filled[pieces], 0, pieces), size=7)
+        cy, cx = np.nonzero(known & (near > 0))
+        cp = near[cy, cx]
+        if cp.size == 0:
             break
-        dy, dx = (int(v) for v in rng.integers(-reach, reach + 1, 2))
-        src_ok = np.roll(keep, (dy, dx), axis=(0, 1))
-        fill = todo & src_ok
-        out[fill] = np.roll(hed, (dy, dx), axis=(0, 1))[fill]
-        todo &= ~fill
+        todo_px = ~filled[hp]
+        py, px, pp = hy[todo_px], hx[todo_px], hp[todo_px]
+        best = np.full(n_pieces, np.inf)
+        shift = np.zeros((n_pieces, 2), np.int64)
+        ctx_count = np.bincount(cp, minlength=n_pieces)
+        cy, cx, cp = cy[::2], cx[::2], cp[::2]  # every other context pixel is enough to score a shift
+        ctx_val = flat_out[cy * W + cx, :2]  # H and E (DAB is ~0 in H&E)
+        for _c in range(candidates):
+            dy, dx = (int(v) for v in rng.integers(-reach, reach + 1, 2))
+            sy, sx = py + dy, px + dx
+            ok = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+            ok[ok] = flat_keep[sy[ok] * W + sx[ok]]
+            valid = np.bincount(pp, weights=ok, minlength=n_pieces) == size
+            ty, tx = np.clip(cy + dy, 0, H - 1), np.clip(cx + dx, 0, W - 1)
+            diff = np.abs(ctx_val - flat_hed[ty * W + tx, :2]).sum(1)
+            score = np.bincount(cp, weights=diff, minlength=n_pieces) / np.maximum(ctx_count, 1)
+            better = valid & (ctx_count > 0) & ~filled & (score < best)
+            best[better] = score[better]
+            shift[better] = (dy, dx)
+        take = np.isfinite(best)
+        if not take.any():
+            break
+        sel = take[hp]
+        ty, tx = hy[sel] + shift[hp[sel], 0], hx[sel] + shift[hp[sel], 1]
+        flat_out[hy[sel] * W + hx[sel]] = flat_hed[ty * W + tx]
+        known[hy[sel], hx[sel]] = True
+        filled |= take
+    todo = ~known
     if todo.any():
-        w = ndi.gaussian_filter(keep.astype(np.float32), 16.0)
-        smooth = np.stack([ndi.gaussian_filter(hed[..., c] * keep, 16.0) for c in range(3)], -1)
+        w = ndi.gaussian_filter(known.astype(np.float32), 16.0)
+        smooth = np.stack([ndi.gaussian_filter(out[..., c] * known, 16.0) for c in range(3)], -1)
         out[todo] = (smooth / np.maximum(w, 1e-3)[..., None])[todo]
+    seam = (ndi.grey_dilation(pieces, size=3) != ndi.grey_erosion(pieces, size=3))
+    soft = np.stack([ndi.gaussian_filter(out[..., c], 1.0) for c in range(3)], -1)
+    out[seam] = soft[seam]
     return out
 
 
-def _fit_output(bg: np.ndarray, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Crop (at a random offset) or mirror-tile the background to ``shape``."""
-    h, w = shape
-    reps = (int(np.ceil(h / bg.shape[0])) + 1, int(np.ceil(w / bg.shape[1])) + 1)
-    if reps != (2, 2) or bg.shape[0] < h or bg.shape[1] < w:
-        rows = [np.concatenate([bg if (j % 2 == 0) else bg[:, ::-1] for j in range(reps[1])], 1) for _ in range(1)]
-        strip = rows[0]
-        big = np.concatenate([strip if (i % 2 == 0) else strip[::-1] for i in range(reps[0])], 0)
+@dataclass(frozen=True)
+class ReferenceStyle:
+    """What the renderer learns from one reference tile (see :func:`analyse_reference`)."""
+
+    field: np.ndarray  # H x W x 3 HED: the reference with every non-nucleus pixel taking its nearest nucleus pixel
+    background: np.ndarray  # H x W x 3 HED: the reference with its nuclei inpainted away
+    centroid: np.ndarray  # (n, 2) row, col of the typical nuclei drawn from
+    axes: np.ndarray  # (n, 2, 2) principal axes (columns) of each nucleus
+    sd: np.ndarray  # (n, 2) standard deviations along those axes (px)
+    log_area: np.ndarray  # (n,) log area (px)
+    n_detected: int  # nuclei found in the reference (before leaving out outliers)
+
+
+def _moments(lab: np.ndarray, n: int):
+    """Area, centroid (n, 2) and covariance (n, 2, 2) of labels 0..n-1 (rows of absent labels are zero)."""
+    rr, cc = np.nonzero(lab)
+    k = lab[rr, cc]
+    area = np.bincount(k, minlength=n).astype(np.float64)
+    a = np.maximum(area, 1)
+    mr = np.bincount(k, weights=rr, minlength=n) / a
+    mc = np.bincount(k, weights=cc, minlength=n) / a
+    dr, dc = rr - mr[k], cc - mc[k]
+    cov = np.empty((n, 2, 2))
+    cov[:, 0, 0] = np.bincount(k, weights=dr * dr, minlength=n) / a
+    cov[:, 1, 1] = np.bincount(k, weights=dc * dc, minlength=n) / a
+    cov[:, 0, 1] = cov[:, 1, 0] = np.bincount(k, weights=dr * dc, minlength=n) / a
+    # a pixel is a unit square: add its own variance so one-pixel-wide objects have a non-zero width
+    cov[:, 0, 0] += 1 / 12
+    cov[:, 1, 1] += 1 / 12
+    return area, np.stack([mr, mc], 1), cov
+
+
+def analyse_reference(style, style_labels=None) -> ReferenceStyle:
+    """Find the reference's nuclei (``style_labels``, or :func:`detect_nuclei`), their shapes and stain, the
+    texture field sampled by the renderer, and the background with every nucleus (labelled or detected)
+    inpainted. Deterministic (the inpainting uses a fixed seed), so the result can be cached per reference."""
+    ref = as_rgb(style, "style")
+    detected = detect_nuclei(ref)
+    if style_labels is None:
+        nuclei = detected
     else:
-        big = bg
-    r0 = int(rng.integers(0, big.shape[0] - h + 1))
-    c0 = int(rng.integers(0, big.shape[1] - w + 1))
-    return big[r0 : r0 + h, c0 : c0 + w]
+        nuclei = as_labels(style_labels, "style_labels")
+        if nuclei.shape != ref.shape[:2]:
+            raise ValueError(f"style_labels must have the style's shape {ref.shape[:2]}, got {nuclei.shape}")
+    if not nuclei.any():
+        raise ValueError("the style reference has no detectable nuclei: give its style_labels, or another tile")
+    _, nuclei = np.unique(nuclei, return_inverse=True)
+    nuclei = nuclei.reshape(ref.shape[:2])
+    n = int(nuclei.max()) + 1
+    hed = rgb_to_hed(ref)
+    area, centroid, cov = _moments(nuclei, n)
+    fg = nuclei > 0
+    k = nuclei[fg]
+    mean_h = np.bincount(k, weights=hed[..., 0][fg], minlength=n) / np.maximum(area, 1)
+    mean_d = np.bincount(k, weights=hed[..., 2][fg], minlength=n) / np.maximum(area, 1)
+    ids = np.arange(1, n)
+    # typical nuclei only: pale ones (cytoplasm, out of focus), brown ones (red cells, pigment) and fragments are
+    # left out when there are enough others
+    typical = ids[(mean_h[ids] >= np.percentile(mean_h[ids], 10)) & (mean_d[ids] <= np.percentile(mean_d[ids], 90))
+                  & (area[ids] >= 20)]
+    if typical.size < 3:
+        typical = ids
+    order = typical
+    evals, evecs = np.linalg.eigh(cov[order])
+    _, idx = ndi.distance_transform_edt(~fg, return_indices=True)
+    field = hed[idx[0], idx[1]]
+    hole = ndi.binary_dilation(fg | (detected > 0), iterations=2)
+    background = reference_background(hed, hole, np.random.default_rng(0))
+    # keep the reference's mean densities. The inpainting removed everything dark (blobs detected outside the
+    # labels too), so the background is lifted back to the reference's mean outside its nuclei; a lift, not a
+    # scale, keeps the nuclei/background contrast the reference has. Likewise the texture field is scaled so the
+    # nuclei drawn from (typical ones only) have the mean density of all the reference's nuclei.
+    bgw = (~fg).astype(np.float32).ravel()
+    background += ((bgw @ (hed - background).reshape(-1, 3)) / max(bgw.sum(), 1)).astype(np.float32)
+    fgw, typw = fg.astype(np.float32).ravel(), np.isin(nuclei, order).astype(np.float32).ravel()
+    field *= ((fgw @ hed.reshape(-1, 3)) / max(fgw.sum(), 1)
+              / np.maximum((typw @ hed.reshape(-1, 3)) / max(typw.sum(), 1), 1e-6)).astype(np.float32)
+    return ReferenceStyle(field=field, background=background, centroid=centroid[order], axes=evecs,
+                          sd=np.sqrt(np.maximum(evals, 0.25)), log_area=np.log(area[order]), n_detected=n - 1)
+
+
+_CACHE: OrderedDict[bytes, ReferenceStyle] = OrderedDict()
+_CACHE_SIZE = 3
+
+
+def _cached_reference(style, style_labels) -> ReferenceStyle:
+    ref = as_rgb(style, "style")
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(ref.shape).encode())
+    h.update(np.ascontiguousarray(ref).data)
+    if style_labels is not None:
+        sl = np.asarray(style_labels)
+        h.update(repr((sl.shape, sl.dtype.str)).encode())
+        h.update(np.ascontiguousarray(sl).data)
+    key = h.digest()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    res = analyse_reference(ref, style_labels)
+    _CACHE[key] = res
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return res
+
+
+def _similar(ref: ReferenceStyle, log_area: np.ndarray, log_aspect: np.ndarray, rng: np.random.Generator,
+             k: int = 6) -> np.ndarray:
+    """For each target nucleus, one of the ``k`` reference nuclei nearest in (log area, log aspect ratio), at
+    random: similar shapes need little stretching, so the mapped chromatin keeps its grain."""
+    ref_aspect = np.log(ref.sd[:, 1] / ref.sd[:, 0])
+    k = min(k, ref.log_area.size)
+    pick = np.empty(log_area.size, np.int64)
+    choice = rng.integers(0, k, log_area.size)
+    for a in range(0, log_area.size, 4096):  # bounded memory for outputs with very many nuclei
+        b = min(log_area.size, a + 4096)
+        d = (log_area[a:b, None] - ref.log_area[None]) ** 2 + (log_aspect[a:b, None] - ref_aspect[None]) ** 2
+        near = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.argsort(d, 1)[:, :k]
+        near = np.take_along_axis(near, np.argsort(np.take_along_axis(d, near, 1), 1, kind="stable"), 1)
+        pick[a:b] = near[np.arange(b - a), choice[a:b]]
+    return pick
+
+
+def _mirror(i: np.ndarray, n: int) -> np.ndarray:
+    """Index ``i`` (any integer) into a length-``n`` axis mirror-tiled without repeating the edge sample."""
+    if n == 1:
+        return np.zeros_like(i)
+    j = np.mod(i, 2 * n - 2)
+    return np.where(j < n, j, 2 * n - 2 - j)
 
 
 @register("classic")
@@ -76,69 +278,81 @@ class ClassicRenderer:
     """Training-free renderer (see the module docstring)."""
 
     name = "classic"
-    description = "HED-space fusion of reference nuclei colours over the inpainted reference background (no training)"
+    description = "real reference nuclei warped into the masks over the inpainted reference background (no training)"
 
     def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
                  progress=None, should_stop=None) -> np.ndarray:
         lab = as_labels(labels, "labels")
-        ref = as_rgb(style, "style")
+        as_rgb(style, "style")
         if lab.size == 0:
             raise ValueError(f"labels is empty (shape {lab.shape})")
         rng = as_rng(seed)
-        if style_labels is None:
-            nuclei = detect_nuclei(ref)
-        else:
-            nuclei = as_labels(style_labels, "style_labels")
-            if nuclei.shape != ref.shape[:2]:
-                raise ValueError(f"style_labels must have the style's shape {ref.shape[:2]}, got {nuclei.shape}")
-        if not nuclei.any():
-            raise ValueError("the style reference has no detectable nuclei: give its style_labels, or another tile")
         if progress:
-            progress(1, 4, "reference")
-        hed = rgb_to_hed(ref)
-        # per reference nucleus: mean densities and the chromatin texture's spread around them
-        ids, inv = np.unique(nuclei, return_inverse=True)
-        inv = inv.reshape(nuclei.shape)
-        fg = nuclei > 0
-        k = inv[fg] - (1 if ids[0] == 0 else 0)
-        n_ref = int(k.max()) + 1
-        cnt = np.bincount(k, minlength=n_ref).astype(np.float64)
-        means = np.stack([np.bincount(k, weights=hed[..., c][fg], minlength=n_ref) for c in range(3)], 1) / cnt[:, None]
-        # the chromatin spread inside nuclei, measured away from their blurred edges
-        inner = ndi.binary_erosion(fg, iterations=2)
-        kin = inv[inner] - (1 if ids[0] == 0 else 0)
-        vals = hed[..., 0][inner] - means[kin, 0] if inner.any() else hed[..., 0][fg] - means[k, 0]
-        spread = float(np.std(vals))
-        bg = reference_background(hed, nuclei, rng)
+            progress(0, 3, "analysing the reference")
+        ref = _cached_reference(style, style_labels)
+        if should_stop and should_stop():
+            raise InterruptedError("render cancelled")
+        H, W = lab.shape
+        bgH, bgW = ref.background.shape[:2]
+        # every random draw is made here, for the whole output, so strips cannot change the result
+        # the output's background: a random crop of the reference's when it fits, else its mirror tiling
+        off = np.array([rng.integers(0, bgH - H + 1) if H <= bgH else rng.integers(0, 2 * bgH),
+                        rng.integers(0, bgW - W + 1) if W <= bgW else rng.integers(0, 2 * bgW)])
+        if int(lab.max()) >= 1 << 24:  # sparse huge ids: make them contiguous first
+            lab = np.unique(lab, return_inverse=True)[1].reshape(lab.shape).astype(np.uint32)
+        n = int(lab.max()) + 1
+        area, ct, cov = _moments(lab, n)
+        present = area > 0
+        present[0] = False
+        ev, evec = np.linalg.eigh(cov)
+        sd_t = np.sqrt(np.maximum(ev, 0.25))
+        pick = _similar(ref, np.log(np.maximum(area, 1)), np.log(sd_t[:, 1] / sd_t[:, 0]), rng)
+        flips = rng.choice([-1.0, 1.0], (n, 2))
+        # A maps target offsets to reference offsets: into the target's axes, scaled, out along the reference's
+        A = np.einsum("nij,nj,nkj->nik", ref.axes[pick], flips * ref.sd[pick] / sd_t, evec)
+        jitter = rng.normal(1.0, [0.06, 0.06, 0.0], (n, 3)).astype(np.float32)
+        gh, gw = H // WARP_SPACING + 3, W // WARP_SPACING + 3
+        warp = ndi.gaussian_filter(rng.standard_normal((2, gh, gw)), (0, 1, 1)).astype(np.float32)
+        warp *= WARP_AMPLITUDE / max(float(warp.std()), 1e-6)
         if progress:
-            progress(2, 4, "background")
-        out_bg = _fit_output(bg, lab.shape, rng)
-        # each target nucleus takes the colour of a randomly drawn reference nucleus, with a little variation
-        tid, tinv = np.unique(lab, return_inverse=True)
-        tinv = tinv.reshape(lab.shape)
-        n_t = tid.size
-        # draw from the reference's typical nuclei: outliers in haematoxylin (pale: cytoplasm or out of focus) or in
-        # DAB (brown: red blood cells, pigment) are left out
-        pool = np.flatnonzero(
-            (means[:, 0] >= np.percentile(means[:, 0], 10)) & (means[:, 2] <= np.percentile(means[:, 2], 90))
-        )
-        if pool.size == 0:
-            pool = np.arange(n_ref)
-        pick = pool[rng.integers(0, pool.size, n_t)]
-        col = means[pick] * rng.normal(1.0, 0.05, (n_t, 1))
-        if tid[0] == 0:
-            col[0] = 0
-        fore = col[tinv].astype(np.float32)
-        # chromatin texture: smoothed noise on the haematoxylin channel with the reference's spread
-        tex = ndi.gaussian_filter(rng.standard_normal(lab.shape).astype(np.float32), 1.0)
-        tex *= spread / max(float(tex.std()), 1e-6)
-        fore[..., 0] += tex
+            progress(1, 3, "fusing nuclei and background")
+        out = np.empty((H, W, 3), np.uint8)
+        rows = TILE if max(H, W) > TILE else H
+        for r0 in range(0, H, rows):
+            if should_stop and should_stop():
+                raise InterruptedError("render cancelled")
+            r1 = min(H, r0 + rows)
+            a0, a1 = max(0, r0 - _HALO), min(H, r1 + _HALO)
+            strip = self._strip(lab[a0:a1], a0, ref, off, ct, A, pick, jitter, warp, present)
+            out[r0:r1] = strip[r0 - a0 : r1 - a0]
         if progress:
-            progress(3, 4, "fusion")
-        # soft masks: blurred instance edges, eq. 1 in HED
-        m = ndi.gaussian_filter((lab > 0).astype(np.float32), 0.8)[..., None]
-        fused = m * fore + (1 - m) * out_bg
-        rgb = hed_to_rgb(np.maximum(fused, 0))
-        if progress:
-            progress(4, 4, "done")
-        return rgb
+            progress(3, 3, "done")
+        return out
+
+    @staticmethod
+    def _strip(lab, r_off, ref, off, ct, A, pick, jitter, warp, present) -> np.ndarray:
+        h, w = lab.shape
+        bg = ref.background
+        rows = _mirror(np.arange(r_off, r_off + h) + off[0], bg.shape[0])
+        cols = _mirror(np.arange(w) + off[1], bg.shape[1])
+        back = bg[rows[:, None], cols[None, :]]
+        fg = lab > 0
+        # labels extended 3 px outward, so the soft edge blends into the nucleus's own colour, not into nothing
+        ext = np.where(fg, lab, ndi.grey_dilation(lab, size=7))
+        ext[~present[ext]] = 0
+        yy, xx = np.nonzero(ext)
+        t = ext[yy, xx]
+        gy, gx = yy + r_off, xx
+        dr, dc = gy - ct[t, 0], gx - ct[t, 1]
+        wy = ndi.map_coordinates(warp[0], [gy / WARP_SPACING, gx / WARP_SPACING], order=1)
+        wx = ndi.map_coordinates(warp[1], [gy / WARP_SPACING, gx / WARP_SPACING], order=1)
+        p = pick[t]
+        sy = ref.centroid[p, 0] + A[t, 0, 0] * dr + A[t, 0, 1] * dc + wy
+        sx = ref.centroid[p, 1] + A[t, 1, 0] * dr + A[t, 1, 1] * dc + wx
+        fore = np.stack([ndi.map_coordinates(ref.field[..., c], [sy, sx], order=1, mode="nearest")
+                         for c in range(3)], 1) * jitter[t]
+        m = ndi.gaussian_filter(fg.astype(np.float32), EDGE_SIGMA)
+        fused = back.copy()
+        mm = m[yy, xx, None]
+        fused[yy, xx] = mm * fore + (1 - mm) * back[yy, xx]
+        return hed_to_rgb(np.maximum(fused, 0))
