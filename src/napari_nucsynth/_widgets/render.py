@@ -1,0 +1,360 @@
+"""The Render widget: a synthetic H&E image of a Labels layer, in the style of a reference Image layer.
+
+Thin by design: the computation is :func:`napari_nucsynth.render.render` (methods listed from its registry,
+devices from :func:`napari_nucsynth.devices.available_devices`); this module copies the layers' data on the UI
+thread, runs the renderer in a worker with progress and cancellation, and puts the result into an Image layer.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+
+import napari
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from qtpy.QtCore import QEvent, QObject, QTimer
+
+from ..devices import available_devices
+from ..render import render, renderers
+
+#: Milliseconds of quiet after a labels edit before a live re-render starts (edits in between restart the wait).
+LIVE_DEBOUNCE_MS = 150
+_DETECT = "(detect)"
+_MARK = "nucsynth_render_of"  # metadata key that marks the widget's output layers
+
+
+class _Cancelled(Exception):
+    """Raised inside the worker, at the renderer's next progress report, once the user has cancelled."""
+
+
+class _Job:
+    """One render in flight; ``cancelled`` is what the renderer's ``should_stop`` reads."""
+
+    def __init__(self, labels_layer):
+        self.labels_layer = labels_layer
+        self.cancelled = False
+        self.reason = "Cancelled."  # the status line once a cancelled job has stopped
+        self.started = time.perf_counter()
+
+
+class _CloseWatcher(QObject):
+    """Calls ``callback`` when ``widget``, once docked, loses its parent: napari's ``remove_dock_widget`` (the
+    dock's close button) reparents the inner widget to None rather than destroying it."""
+
+    def __init__(self, widget, callback):
+        super().__init__(widget)
+        self._callback = callback
+        self._docked = False
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event):
+        if event.type() == QEvent.Type.ParentChange:
+            if obj.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self._callback()
+        return False
+
+
+def _release_gpu_memory() -> None:
+    """Give cached GPU memory back when a job ends (only where the renderer has already loaded torch)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+class RenderWidget(Container):
+    """Render a Labels layer as a synthetic H&E image in the style of a reference Image layer.
+
+    The result goes into an RGB Image layer named ``"render: <labels name>"`` with the labels layer's scale and
+    translate. Rendering again (by hand or live) replaces that layer's data in place; if the user has deleted
+    it, a new one is added. A new layer is inserted directly above the topmost Image layer that lies below the
+    labels layer (the bottom of the list if there is none): it covers the tile it imitates while the labels,
+    points and shapes drawn over that tile stay on top and the active layer stays the one the user works in.
+
+    With *live* checked, edits of the labels layer (painting, ``data_setitem``, replacing ``.data``, undo)
+    re-render after :data:`LIVE_DEBOUNCE_MS` of quiet; an edit that arrives during a render is rendered when that
+    one ends, so at most one worker runs and the latest state wins. Changing the style, method, device or seed
+    re-renders too. The Render button turns into Cancel while a render runs; cancelling makes the renderer's
+    ``should_stop`` return True (renderers then raise ``InterruptedError``; one that never checks is stopped at
+    its next progress report) and drops its result. Closing the widget, or removing the labels layer being
+    rendered, cancels too.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self._job: _Job | None = None
+        self._worker = None
+        self._dirty = False  # an edit arrived while a render ran: render again when it ends
+        self._live_layer = None
+        self._last_live: tuple | None = None  # (labels copy, settings) of the last live render, to skip no-ops
+        self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # labels layer -> its render layer
+        self.result: np.ndarray | None = None  # the last rendered image (for scripts and tests)
+
+        self.labels_combo = ComboBox(label="Labels", choices=self._labels_choices)
+        self.style_combo = ComboBox(label="Style", choices=self._style_choices)
+        self.style_labels_combo = ComboBox(label="Style labels", choices=self._style_labels_choices)
+        methods = renderers()
+        self.method = ComboBox(label="Method", choices=methods, value="classic" if "classic" in methods else methods[0])
+        self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
+        self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
+        self.live = CheckBox(text="live (re-render when the labels change)", value=False)
+        self.render_btn = PushButton(text="Render")
+        self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
+        self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.device,
+                     self.seed, self.live, self.render_btn, self.progress, self.status])
+
+        self._timer = QTimer(self.native)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(LIVE_DEBOUNCE_MS)
+        self._timer.timeout.connect(self._live_render)
+
+        self.render_btn.changed.connect(self._on_button)
+        self.labels_combo.changed.connect(self._connect_live)
+        self.live.changed.connect(self._connect_live)
+        for w in (self.style_combo, self.style_labels_combo, self.method, self.device, self.seed):
+            w.changed.connect(self._on_setting)
+        viewer.layers.events.inserted.connect(self._reset)
+        viewer.layers.events.removed.connect(self._reset)
+        self.native.destroyed.connect(self._on_closed)
+        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._reset()
+
+    # ---- layer choices -----------------------------------------------------------------------------------------
+    def _labels_choices(self, _=None):
+        from napari.layers import Labels
+
+        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels)]
+
+    def _style_choices(self, _=None):
+        """Every Image layer but the widget's own outputs; RGB ones first, so the default is a sensible one."""
+        from napari.layers import Image
+
+        imgs = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and _MARK not in lyr.metadata]
+        return [(lyr.name, lyr) for lyr in sorted(imgs, key=lambda lyr: not lyr.rgb)]
+
+    def _style_labels_choices(self, _=None):
+        return [(_DETECT, None), *self._labels_choices()]
+
+    def _reset(self, _=None):
+        """Refresh the dropdowns (a choice that still exists stays chosen) and drop a removed live layer."""
+        for combo in (self.labels_combo, self.style_combo, self.style_labels_combo):
+            combo.reset_choices()
+        if self._live_layer is not None and self._live_layer not in self.viewer.layers:
+            self._connect_live()
+        job = self._job
+        if job is not None and not job.cancelled and job.labels_layer not in self.viewer.layers:
+            self.cancel(f"'{job.labels_layer.name}' was removed: its render was cancelled.")
+
+    # ---- live mode ---------------------------------------------------------------------------------------------
+    def _connect_live(self, _=None):
+        old = self._live_layer
+        if old is not None:
+            for name in ("paint", "data", "set_data"):
+                try:
+                    getattr(old.events, name).disconnect(self._on_labels_edit)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+        self._live_layer = None
+        self._last_live = None
+        self._timer.stop()
+        layer = self.labels_combo.value
+        if not self.live.value or layer is None:
+            return
+        # napari 0.9 emits `paint` for brush, fill and data_setitem edits, `data` (with `set_data`) when .data is
+        # replaced, and only `set_data` on undo/redo (and on refreshes, which the no-op check below skips)
+        for name in ("paint", "data", "set_data"):
+            getattr(layer.events, name).connect(self._on_labels_edit)
+        self._live_layer = layer
+        self._timer.start()
+
+    def _on_labels_edit(self, _=None):
+        self._timer.start()  # (re)start the debounce wait
+
+    def _on_setting(self, _=None):
+        if self.live.value and self._live_layer is not None:
+            self._timer.start()
+
+    def _live_render(self):
+        if not self.live.value or self._live_layer is None:
+            return
+        if self._job is not None:
+            self._dirty = True
+            return
+        self.run(live=True)
+
+    # ---- running -----------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether a render is in flight."""
+        return self._job is not None
+
+    def _on_button(self, _=None):
+        if self._job is not None:
+            self.cancel()
+        else:
+            self.run()
+
+    def _settings(self):
+        return (self.style_combo.value, self.style_labels_combo.value, self.method.value, self.device.value,
+                int(self.seed.value))
+
+    def run(self, live: bool = False) -> None:
+        """Start rendering the chosen labels layer in a worker; the image arrives in a layer when it is done."""
+        if self._job is not None:  # one worker at a time: render the latest state when this one ends
+            self._dirty = True
+            return
+        labels_layer, style_layer = self.labels_combo.value, self.style_combo.value
+        if labels_layer is None or style_layer is None:
+            self.status.value = "Choose a Labels layer to render and an H&E Image layer as the style reference."
+            return
+        if getattr(style_layer, "multiscale", False) or getattr(labels_layer, "multiscale", False):
+            self.status.value = "Multiscale layers are not supported: give a single-resolution tile."
+            return
+        style_labels_layer, method, device, seed = self._settings()[1:]
+        labels = np.array(labels_layer.data, copy=True)
+        if live:
+            settings = self._settings()
+            last = self._last_live
+            if last is not None and last[1] == settings and np.array_equal(last[0], labels):
+                return  # nothing changed (a refresh, a visibility toggle...)
+            self._last_live = (labels, settings)
+        style = np.array(style_layer.data, copy=True)
+        style_labels = None if style_labels_layer is None else np.array(style_labels_layer.data, copy=True)
+
+        from napari.qt.threading import create_worker
+        from superqt.utils import ensure_main_thread
+
+        job = _Job(labels_layer)
+
+        @ensure_main_thread
+        def report(i: int, n: int, msg: str) -> None:
+            if job is self._job and not job.cancelled:
+                self.progress.max = max(int(n), 1)
+                self.progress.value = min(int(i), self.progress.max)
+                self.status.value = f"Rendering {labels_layer.name}: {msg}"
+
+        def progress(i: int, n: int, msg: str) -> None:
+            if job.cancelled:
+                raise _Cancelled
+            report(i, n, msg)
+
+        def work():
+            try:
+                return render(labels, style, method=method, style_labels=style_labels, seed=seed, device=device,
+                              progress=progress, should_stop=lambda: job.cancelled)
+            finally:
+                _release_gpu_memory()
+
+        self._job = job
+        self._dirty = False
+        self.render_btn.text = "Cancel"
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = f"Rendering {labels_layer.name} in the style of {style_layer.name}..."
+        worker = create_worker(work, _ignore_errors=True)  # errors go to the status line (see _on_error)
+        worker.returned.connect(lambda img: self._on_result(job, img))
+        worker.errored.connect(lambda exc: self._on_error(job, exc))
+        worker.finished.connect(lambda: self._on_finished(job))
+        self._worker = worker
+        worker.start()
+
+    def cancel(self, reason: str = "Cancelled.") -> None:
+        """Stop the running render (at the renderer's next check) and drop its result."""
+        job = self._job
+        if job is None:
+            return
+        job.cancelled = True
+        job.reason = reason
+        self._dirty = False
+        self._last_live = None
+        self.render_btn.text = "Cancelling..."
+        self.render_btn.enabled = False
+        self.status.value = "Cancelling..."
+
+    def _on_closed(self, _=None):
+        """The widget left the viewer (its dock closed) or was destroyed: stop working."""
+        if self._job is not None:
+            self._job.cancelled = True
+        self._dirty = False
+        try:
+            self._timer.stop()
+            self.live.value = False  # disconnects from the labels layer
+        except RuntimeError:  # the Qt objects are already gone
+            pass
+
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
+        if job.cancelled or isinstance(exc, _Cancelled):
+            return
+        self._last_live = None  # let the same state be tried again after the user fixes the input
+        if isinstance(exc, ValueError):  # bad input: the message says what to change
+            self.status.value = f"Cannot render: {exc}"
+            return
+        self.status.value = f"Render failed: {type(exc).__name__}: {exc}"
+        from napari.utils.notifications import notification_manager
+
+        notification_manager.receive_error(type(exc), exc, exc.__traceback__)  # a bug: keep the traceback
+
+    def _on_finished(self, job: _Job) -> None:
+        if job is not self._job:
+            return
+        self._job = None
+        self._worker = None
+        self.render_btn.text = "Render"
+        self.render_btn.enabled = True
+        if job.cancelled:
+            self.progress.value = 0
+            self.status.value = job.reason
+            return
+        if self._dirty:
+            self._dirty = False
+            self._timer.start()
+
+    # ---- output ------------------------------------------------------------------------------------------------
+    def _on_result(self, job: _Job, img: np.ndarray) -> None:
+        if job.cancelled or job is not self._job:
+            return
+        labels_layer = job.labels_layer
+        self.result = img
+        layer = self._output_layer(labels_layer, img)
+        secs = time.perf_counter() - job.started
+        self.progress.value = self.progress.max
+        self.status.value = f"Rendered '{layer.name}' ({img.shape[0]} x {img.shape[1]}) in {secs:.2f} s."
+
+    def _output_layer(self, labels_layer, img: np.ndarray):
+        from napari.layers import Image
+
+        name = f"render: {labels_layer.name}"
+        layer = self._outputs.get(labels_layer)
+        if layer is None or layer not in self.viewer.layers:
+            layer = next((lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and lyr.name == name
+                          and lyr.metadata.get(_MARK) == labels_layer.name), None)
+        scale, translate = np.asarray(labels_layer.scale)[-2:], np.asarray(labels_layer.translate)[-2:]
+        if layer is not None:
+            layer.data = img
+            layer.scale, layer.translate = scale, translate
+        else:
+            layer = Image(img, rgb=True, name=name, scale=scale, translate=translate,
+                          metadata={_MARK: labels_layer.name})
+            layers = self.viewer.layers
+            active = layers.selection.active
+            below = layers[: layers.index(labels_layer)] if labels_layer in layers else []
+            images = [i for i, lyr in enumerate(below) if isinstance(lyr, Image)]
+            layers.insert(images[-1] + 1 if images else 0, layer)
+            if active is not None and active in layers:
+                layers.selection.active = active
+        self._outputs[labels_layer] = layer
+        return layer
