@@ -133,3 +133,16 @@ def test_reference_cache_tells_references_apart(small):
     a = render(target, style, style_labels=style_lab, seed=0)
     b = render(target, darker, style_labels=style_lab, seed=0)
     assert rgb_to_hed(b)[..., 0].mean() > rgb_to_hed(a)[..., 0].mean()
+
+
+def test_output_larger_than_the_reference_keeps_its_stain(small):
+    """An output larger than the reference is a quilt of its background: same mean densities, no dark or pale
+    block seams (row and column means stay close to the overall mean)."""
+    style, style_lab, _ = small
+    out = rgb_to_hed(render(np.zeros((700, 520), np.uint32), style, style_labels=style_lab, seed=1))
+    ref = rgb_to_hed(style)[style_lab == 0]
+    rel = np.abs(out.reshape(-1, 3).mean(0)[:2] - ref.mean(0)[:2]) / ref.mean(0)[:2]
+    assert rel.max() < 0.15, rel
+    for axis in (0, 1):
+        prof = out[..., 0].mean(axis=1 - axis)
+        assert np.abs(prof - prof.mean()).max() < 4 * prof.std() + 1e-3

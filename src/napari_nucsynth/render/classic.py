@@ -265,12 +265,66 @@ def _similar(ref: ReferenceStyle, log_area: np.ndarray, log_aspect: np.ndarray, 
     return pick
 
 
-def _mirror(i: np.ndarray, n: int) -> np.ndarray:
-    """Index ``i`` (any integer) into a length-``n`` axis mirror-tiled without repeating the edge sample."""
-    if n == 1:
-        return np.zeros_like(i)
-    j = np.mod(i, 2 * n - 2)
-    return np.where(j < n, j, 2 * n - 2 - j)
+@dataclass(frozen=True)
+class _BackgroundPlan:
+    """Where the output's background comes from: one crop of the reference's (``offsets`` of shape (1, 1, 2)) when
+    the output fits in it, else a quilt of ``step + overlap``-px blocks placed every ``step`` px, each a random
+    crop, cross-faded over ``overlap`` px (no mirror symmetry, no repeats at a fixed period)."""
+
+    offsets: np.ndarray  # (rows of blocks, columns of blocks, 2) top-left corners in the reference
+    step: tuple[int, int]
+    overlap: tuple[int, int]
+
+
+def _plan_background(bg_shape, shape, rng: np.random.Generator) -> _BackgroundPlan:
+    (bh, bw), (H, W) = bg_shape, shape
+    if H <= bh and W <= bw:
+        off = np.array([[[rng.integers(0, bh - H + 1), rng.integers(0, bw - W + 1)]]])
+        return _BackgroundPlan(off, (H, W), (0, 0))
+    step = (max(1, (bh * 2) // 5), max(1, (bw * 2) // 5))
+    overlap = (step[0] // 4, step[1] // 4)
+    nr, nc = -(-H // step[0]), -(-W // step[1])
+    lim = np.array([bh - step[0] - overlap[0] + 1, bw - step[1] - overlap[1] + 1])
+    return _BackgroundPlan(rng.integers(0, lim, (nr, nc, 2)), step, overlap)
+
+
+def _ramp(pos: np.ndarray, step: int, overlap: int, first: bool) -> np.ndarray:
+    """Weight of a block over its own coordinates ``pos`` (0 .. step + overlap): rising over the first
+    ``overlap`` px (not for the first block), flat, falling over the last ``overlap`` px."""
+    w = np.ones(pos.shape, np.float32)
+    if overlap:
+        if not first:
+            w = np.minimum(w, (pos + 0.5) / overlap)
+        w = np.minimum(w, (step + overlap - pos - 0.5) / overlap)
+    return np.clip(w, 0, 1)
+
+
+def _background(bg: np.ndarray, plan: _BackgroundPlan, r0: int, h: int, w: int) -> np.ndarray:
+    """Rows ``r0 .. r0 + h`` (all ``w`` columns) of the output's background, by ``plan``."""
+    (sr, sc), (orr, oc) = plan.step, plan.overlap
+    out = np.zeros((h, w, 3), np.float32)
+    if plan.offsets.shape[:2] == (1, 1):
+        y, x = plan.offsets[0, 0]
+        return bg[y + r0 : y + r0 + h, x : x + w].copy()
+    norm = np.zeros((h, w), np.float32)
+    rows = np.arange(r0, r0 + h)
+    nr, nc = plan.offsets.shape[:2]
+    for i in range(max(0, (r0 - orr) // sr), min(nr, (r0 + h - 1) // sr + 1)):
+        ri = rows[(rows >= i * sr) & (rows < i * sr + sr + orr)]
+        if ri.size == 0:
+            continue
+        wr = _ramp(ri - i * sr, sr, orr, i == 0)
+        for j in range(nc):
+            cj = np.arange(j * sc, min(w, j * sc + sc + oc))
+            if cj.size == 0:
+                continue
+            wc = _ramp(cj - j * sc, sc, oc, j == 0)
+            y, x = plan.offsets[i, j]
+            wgt = wr[:, None] * wc[None, :]
+            block = bg[y + ri[0] - i * sr : y + ri[-1] - i * sr + 1, x : x + cj.size]
+            out[ri[0] - r0 : ri[-1] - r0 + 1, cj[0] : cj[-1] + 1] += wgt[..., None] * block
+            norm[ri[0] - r0 : ri[-1] - r0 + 1, cj[0] : cj[-1] + 1] += wgt
+    return out / np.maximum(norm, 1e-6)[..., None]
 
 
 @register("classic")
@@ -295,9 +349,7 @@ class ClassicRenderer:
         H, W = lab.shape
         bgH, bgW = ref.background.shape[:2]
         # every random draw is made here, for the whole output, so strips cannot change the result
-        # the output's background: a random crop of the reference's when it fits, else its mirror tiling
-        off = np.array([rng.integers(0, bgH - H + 1) if H <= bgH else rng.integers(0, 2 * bgH),
-                        rng.integers(0, bgW - W + 1) if W <= bgW else rng.integers(0, 2 * bgW)])
+        plan = _plan_background((bgH, bgW), (H, W), rng)
         if int(lab.max()) >= 1 << 24:  # sparse huge ids: make them contiguous first
             lab = np.unique(lab, return_inverse=True)[1].reshape(lab.shape).astype(np.uint32)
         n = int(lab.max()) + 1
@@ -323,19 +375,17 @@ class ClassicRenderer:
                 raise InterruptedError("render cancelled")
             r1 = min(H, r0 + rows)
             a0, a1 = max(0, r0 - _HALO), min(H, r1 + _HALO)
-            strip = self._strip(lab[a0:a1], a0, ref, off, ct, A, pick, jitter, warp, present)
+            strip = self._strip(lab[a0:a1], a0, ref, plan, ct, A, pick, jitter, warp, present)
             out[r0:r1] = strip[r0 - a0 : r1 - a0]
         if progress:
             progress(3, 3, "done")
         return out
 
     @staticmethod
-    def _strip(lab, r_off, ref, off, ct, A, pick, jitter, warp, present) -> np.ndarray:
+    def _strip(lab, r_off, ref, plan, ct, A, pick, jitter, warp, present) -> np.ndarray:
         h, w = lab.shape
         bg = ref.background
-        rows = _mirror(np.arange(r_off, r_off + h) + off[0], bg.shape[0])
-        cols = _mirror(np.arange(w) + off[1], bg.shape[1])
-        back = bg[rows[:, None], cols[None, :]]
+        back = _background(bg, plan, r_off, h, w)
         fg = lab > 0
         # labels extended 3 px outward, so the soft edge blends into the nucleus's own colour, not into nothing
         ext = np.where(fg, lab, ndi.grey_dilation(lab, size=7))
