@@ -36,3 +36,23 @@ def load_image(tile: str, root: Path | None = None) -> np.ndarray:
 
     root = root or monuseg_dir()
     return np.asarray(iio.imread(root / "images" / f"{tile}.png"))[..., :3]
+
+
+#: Organ of each MoNuSeg training tile, by TCGA tissue source site (as the challenge's tables list them).
+ORGANS = {
+    "A7": "breast", "AR": "breast", "E2": "breast", "B0": "kidney", "HE": "kidney",
+    "18": "liver", "21": "liver", "38": "liver", "49": "liver", "50": "liver",
+    "CH": "prostate", "G9": "prostate", "DK": "bladder", "G2": "bladder", "AY": "colon", "NH": "colon",
+    "KB": "stomach", "RD": "stomach",
+}
+
+#: The segmentation benchmark's held-out tiles: one per organ for six of the seven organs (stomach has two tiles
+#: only and stays in training); the other 24 train.
+SEGMENT_HELDOUT = [
+    "TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1",
+    "TCGA-G9-6363-01Z-00-DX1", "TCGA-DK-A2I6-01A-01-TS1", "TCGA-AY-A8YK-01A-01-TS1",
+]
+
+
+def organ(tile: str) -> str:
+    return ORGANS.get(tile.split("-")[1], "unknown")

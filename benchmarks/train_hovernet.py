@@ -1,0 +1,69 @@
+"""Train the HoVer-Net-style segmenter on MoNuSeg training tiles; prints one JSON object at the end.
+
+    python benchmarks/train_hovernet.py --split bench --steps 6000 --out bench-out/hovernet_bench.pt
+    python benchmarks/train_hovernet.py --split all --steps N --init bench-out/hovernet_bench.pt \
+        --out src/napari_nucsynth/data/models/hovernet_monuseg.pt
+
+``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` (what bench_segment.py evaluates);
+``--split all`` on all 30 (the shipped default model). ``--resume`` continues a stopped run; ``--init`` starts
+from another checkpoint's weights (fresh optimiser). The checkpoint records this command and the tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", choices=["bench", "all"], default="bench")
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume")
+    ap.add_argument("--init", help="start from this checkpoint's weights (new optimiser and schedule)")
+    ap.add_argument("--log", help="append one JSON line per 50 steps here")
+    args = ap.parse_args()
+
+    import torch
+
+    from napari_nucsynth.train import train
+
+    tiles = tile_ids()
+    if args.split == "bench":
+        tiles = [t for t in tiles if t not in SEGMENT_HELDOUT]
+    imgs, labs = [load_image(t) for t in tiles], [load_labels(t) for t in tiles]
+    t0 = time.perf_counter()
+
+    def on_update(u):
+        if args.log and (u.kind != "step" or u.step % 50 == 0):
+            with open(args.log, "a") as log:
+                log.write(json.dumps({"kind": u.kind, "step": u.step, "losses": u.losses, "metrics": u.metrics,
+                                      "seconds": round(u.seconds, 1)}) + "\n")
+
+    res = train("hovernet", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
+                device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                val_fraction=0, save_every=200, on_update=on_update,
+                train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
+                            "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                            "init": args.init, "batch_size": args.batch_size, "crop": args.crop,
+                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+    print(json.dumps({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()

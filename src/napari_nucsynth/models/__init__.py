@@ -1,0 +1,161 @@
+"""Trainable models behind one registry, and the one checkpoint format every model is saved in.
+
+A checkpoint is one file (``torch.save`` of a dict, GUIDE section 3)::
+
+    {"format": 1, "kind": "hovernet", "config": {...}, "state_dict": {...}, "step": int, "metrics": {...},
+     "train_data": {...}, "created": ISO time, "version": package version,
+     "optimizer": {...}, "rng": {...}}            # the last two only for resuming
+
+written atomically (a temporary file in the same folder, then ``os.replace``) and loaded with
+``torch.load(weights_only=True)``; a file of another kind or format, or a corrupt one, is a ``ValueError`` that
+names the file. A trained model appears in the widgets by being saved: :func:`list_checkpoints` finds them.
+
+A trainable model kind registers a :class:`ModelSpec` with :func:`register_model`: how to build the network from
+its config, make training targets from instance labels, compute the loss, and turn network outputs into labels.
+The training loop (:mod:`napari_nucsynth.train`) and the segmenters use nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "ModelSpec", "checkpoint_dir", "get_model", "list_checkpoints", "load_checkpoint",
+    "model_kinds", "register_model", "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a trainable model kind provides (all functions take and return torch objects or numpy arrays).
+
+    - ``build(config) -> torch.nn.Module``; ``default_config() -> dict``;
+    - ``targets(image_uint8_HxWx3, labels_HxW) -> dict[str, np.ndarray]``: per-sample training targets;
+    - ``loss(model, batch: dict[str, Tensor]) -> (Tensor, dict[str, float])``: the batch holds ``"image"``
+      (N x 3 x H x W float in [0, 1]) and the stacked targets;
+    - ``predict(model, image_uint8, device, tta, progress, should_stop, **params) -> labels``: inference on an
+      image of any size.
+    """
+
+    kind: str
+    build: Callable[[dict], Any]
+    default_config: Callable[[], dict]
+    targets: Callable[..., dict]
+    loss: Callable[..., tuple]
+    predict: Callable[..., Any]
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    _MODELS[spec.kind] = spec
+    return spec
+
+
+def model_kinds() -> list[str]:
+    _load_builtin()
+    return sorted(_MODELS)
+
+
+def get_model(kind: str) -> ModelSpec:
+    _load_builtin()
+    if kind not in _MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; trainable kinds: {', '.join(sorted(_MODELS))}")
+    return _MODELS[kind]
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in ("hovernet", "maskrcnn"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(__name__):
+                continue
+            raise
+
+
+def save_checkpoint(path, *, kind: str, config: dict, state_dict: dict, step: int, metrics: dict | None = None,
+                    train_data: dict | None = None, optimizer: dict | None = None, rng: dict | None = None) -> Path:
+    """Write a checkpoint atomically (see the module docstring); returns its path."""
+    import torch
+
+    from .. import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "kind": kind, "config": dict(config), "state_dict": state_dict,
+        "step": int(step), "metrics": dict(metrics or {}), "train_data": dict(train_data or {}),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__,
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer
+    if rng is not None:
+        ckpt["rng"] = rng
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path, *, kind: str | None = None, map_location="cpu") -> dict:
+    """Load and check a checkpoint; ``kind`` (when given) must match. Errors are ``ValueError`` naming the file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable napari-nucsynth checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a napari-nucsynth checkpoint (no 'format' and 'kind' entries)")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {ckpt['format']!r}; this version reads format "
+                         f"{CHECKPOINT_FORMAT}")
+    if kind is not None and ckpt["kind"] != kind:
+        raise ValueError(f"{path} holds a {ckpt['kind']!r} model, not a {kind!r} one")
+    for key in ("config", "state_dict", "step"):
+        if key not in ckpt:
+            raise ValueError(f"{path} is missing the checkpoint entry {key!r}")
+    return ckpt
+
+
+def checkpoint_dir() -> Path:
+    """Where saved models live by default: ``$NUCSYNTH_MODELS``, else ``~/.cache/napari-nucsynth/models``."""
+    env = os.environ.get("NUCSYNTH_MODELS")
+    return Path(env) if env else Path.home() / ".cache" / "napari-nucsynth" / "models"
+
+
+def list_checkpoints(kind: str | None = None, folders=None) -> list[Path]:
+    """Checkpoints (``*.pt``) in ``folders`` (default: :func:`checkpoint_dir`) whose kind is ``kind`` (any when
+    None), newest first; unreadable files are skipped."""
+    out = []
+    for folder in folders or [checkpoint_dir()]:
+        for p in sorted(Path(folder).glob("*.pt")):
+            try:
+                ck = load_checkpoint(p, kind=kind)
+            except ValueError:
+                continue
+            out.append((ck.get("created", ""), p))
+    return [p for _, p in sorted(out, reverse=True)]
