@@ -4,6 +4,7 @@
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
     nucsynth render --labels L --style S [--style-labels SL] [--method classic] [--seed N] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
+    nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 """
 
@@ -57,6 +58,26 @@ def _render(args) -> int:
     iio.imwrite(tmp, out)
     tmp.replace(path)
     print(f"wrote {path} ({out.shape[0]} x {out.shape[1]}, method {args.method})")
+    return 0
+
+
+def _segment(args) -> int:
+    from .io import read_image, write_labels
+    from .segment import segment
+
+    image, out = Path(args.image), Path(args.out)
+    if not image.is_file():
+        raise ValueError(f"image file not found: {image}")
+    if out.suffix.lower() not in _LABEL_SUFFIXES:
+        raise ValueError(f"unsupported label file {out.name}: use one of {', '.join(_LABEL_SUFFIXES)}")
+    try:
+        img = read_image(image)
+    except Exception as e:  # noqa: BLE001 - imageio raises OSError, struct.error, ... for files that are not images
+        raise ValueError(f"cannot read {image} as an image: {e}") from None
+    labels = segment(img, method=args.method, checkpoint=args.checkpoint, device=args.device, tta=args.tta)
+    write_labels(out, labels)
+    print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {int(labels.max())} nuclei, method {args.method}"
+          + (", tta" if args.tta else "") + ")")
     return 0
 
 
@@ -170,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="predicted label file, or a folder matched by file name stem")
     p.add_argument("--json", action="store_true", help="print one JSON object (mean over images, pooled, per image)")
     p.set_defaults(func=_evaluate)
+
+    from .segment import segmenters
+
+    p = sub.add_parser("segment", help="nucleus instance labels of an H&E image")
+    p.add_argument("--image", required=True, help="an H&E image (RGB; grey, RGBA, 16-bit and float are converted)")
+    p.add_argument("--method", default="watershed", choices=segmenters())
+    p.add_argument("--checkpoint", help="model checkpoint for the methods that run one (default: the shipped one)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rotations, merged)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (network methods)")
+    p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
+    p.set_defaults(func=_segment)
 
     p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
     p.add_argument("--no-sample", action="store_true", help="do not open the sample data")

@@ -1,0 +1,479 @@
+"""The Segment widget: nucleus instances of an Image layer, as a Labels layer.
+
+Thin by design: the computation is :mod:`napari_nucsynth.segment` (methods listed from its registry, checkpoints
+from :func:`napari_nucsynth.models.list_checkpoints`, devices from :func:`napari_nucsynth.devices.available_devices`);
+this module copies the image on the UI thread, runs the segmenter in a worker with progress and cancellation, and
+puts the labels into a Labels layer.
+
+Segmenters that split their work (``predict_maps`` + ``postprocess`` + ``params``, see
+:class:`napari_nucsynth.segment.Segmenter`) have their network outputs cached, as cellpose-napari does: moving a
+post-processing parameter re-runs only ``postprocess`` on the cached maps.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    Slider,
+)
+from qtpy.QtCore import QTimer
+
+from ..devices import available_devices
+from ..models import checkpoint_dir, list_checkpoints, load_checkpoint
+from ..segment import get_segmenter, segmenters
+from .render import _CloseWatcher, _release_gpu_memory
+
+#: Milliseconds of quiet after a parameter change before post-processing starts (a slider drag is one re-run).
+PARAM_DEBOUNCE_MS = 60
+_DEFAULT = "(default)"
+_MARK = "nucsynth_segmentation_of"  # metadata key that marks the widget's output layers
+
+
+class _Cancelled(Exception):
+    """Raised inside the worker, at the segmenter's next progress report, once the user has cancelled."""
+
+
+class _Job:
+    """One segmentation in flight; ``cancelled`` is what the segmenter's ``should_stop`` reads."""
+
+    def __init__(self, image_layer, method: str, key: tuple, post_only: bool):
+        self.image_layer = image_layer
+        self.method = method
+        self.key = key  # the cache key of the settings it runs with
+        self.post_only = post_only  # post-processing of cached maps (no network)
+        self.cancelled = False
+        self.reason = "Cancelled."
+        self.started = time.perf_counter()
+
+
+def _has_split(seg) -> bool:
+    return callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))
+
+
+def _list_checkpoints(kind: str, folder: Path) -> list[Path]:
+    """``list_checkpoints(kind)``, but a file that breaks it (torch raises more than ``ValueError`` on some
+    corrupt files) only drops that file: a dropdown refresh must never fail."""
+    try:
+        return list_checkpoints(kind=kind, folders=[folder])
+    except Exception:  # noqa: BLE001 - then look at the files one by one
+        found = []
+    for p in sorted(folder.glob("*.pt")):
+        try:
+            found.append((load_checkpoint(p, kind=kind).get("created", ""), p))
+        except Exception:  # noqa: BLE001, S112 - not a readable checkpoint of this kind: not listed
+            continue
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _param_specs(seg) -> dict:
+    return dict(getattr(seg, "params", None) or {})
+
+
+class SegmentWidget(Container):
+    """Segment the nuclei of an Image layer with a registered segmenter.
+
+    The result goes into a uint32 Labels layer named ``"segmentation: <image name> (<method>)"`` with the image
+    layer's scale and translate; segmenting again replaces its data in place (a new layer is added if the user
+    deleted it).
+
+    The checkpoint list holds ``(default)`` (the method's shipped model), the checkpoints of the method's kind saved
+    in :func:`napari_nucsynth.models.checkpoint_dir`, and files picked with *Checkpoint file*; it is disabled for
+    methods that run no model. A slider is shown for each of the method's post-processing parameters.
+
+    For segmenters with ``predict_maps``/``postprocess`` the network outputs of the last run are kept, keyed by the
+    image (layer and data), method, checkpoint (path and modification time), device and TTA: pressing Segment
+    again, or moving a parameter, runs only ``postprocess``. A parameter change re-runs post-processing after
+    :data:`PARAM_DEBOUNCE_MS` of quiet; one arriving while a job runs is applied when it ends, so at most one
+    worker runs and the latest parameters win. Segmenters without the split re-run in full on a parameter change
+    when they need no model (classical ones are fast) and the shown result came from the current settings;
+    otherwise the new parameters apply at the next Segment.
+
+    The Segment button turns into Cancel while a job runs; cancelling makes ``should_stop`` return True
+    (segmenters then raise ``InterruptedError``; one that never checks is stopped at its next progress report) and
+    drops the result. Closing the widget, or removing the image being segmented, cancels too.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self._job: _Job | None = None
+        self._worker = None
+        self._dirty = False  # parameters changed while a job ran: post-process again when it ends
+        self._cache: tuple[tuple, np.ndarray] | None = None  # (key, maps) of the last predict_maps
+        self._last_key: tuple | None = None  # settings key of the last full run whose labels are shown
+        self._ckpt_lists: dict = {}  # (method, folder) -> (folder listing signature, checkpoint paths)
+        self._browsed: dict[str, list[Path]] = {}  # method -> checkpoint files picked by hand
+        self._param_values: dict[str, dict] = {}  # method -> {param: value}, kept across method switches
+        self._param_widgets: dict = {}
+        self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image layer -> {method: labels}
+        self.result: np.ndarray | None = None  # the last labels (for scripts and tests)
+
+        self.image_combo = ComboBox(label="Image", choices=self._image_choices)
+        self.method = ComboBox(label="Method", choices=lambda _=None: segmenters())  # refreshed with the layers
+        if "watershed" in self.method.choices:
+            self.method.value = "watershed"
+        self.checkpoint = ComboBox(label="Checkpoint", choices=self._checkpoint_choices)
+        self.browse = FileEdit(label="Checkpoint file", mode="r", filter="*.pt")
+        self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
+        self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
+        self.segment_btn = PushButton(text="Segment")
+        self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
+        self.extend([self.image_combo, self.method, self.checkpoint, self.browse, self.device, self.tta,
+                     self.segment_btn, self.progress, self.status])
+
+        self._timer = QTimer(self.native)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(PARAM_DEBOUNCE_MS)
+        self._timer.timeout.connect(self._auto_run)
+
+        self.segment_btn.changed.connect(self._on_button)
+        self.method.changed.connect(self._on_method)
+        self.browse.changed.connect(self._on_browse)
+        viewer.layers.events.inserted.connect(self._reset)
+        viewer.layers.events.removed.connect(self._reset)
+        self.native.destroyed.connect(self._on_closed)
+        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._on_method()
+        self._reset()
+
+    # ---- choices -----------------------------------------------------------------------------------------------
+    def _image_choices(self, _=None):
+        """Every Image layer, RGB ones first (so the default is an H&E tile)."""
+        from napari.layers import Image
+
+        imgs = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
+        return [(lyr.name, lyr) for lyr in sorted(imgs, key=lambda lyr: not lyr.rgb)]
+
+    def _segmenter(self, method: str | None = None, strict: bool = False):
+        """An instance of the chosen (or named) segmenter; None when there is none (unless ``strict``: then an
+        unregistered name is the registry's ``ValueError``)."""
+        method = self.method.value if method is None else method
+        if method is None:
+            return None
+        try:
+            return get_segmenter(method)
+        except ValueError:
+            if strict:
+                raise
+            return None
+
+    def _saved_checkpoints(self, method: str) -> list[Path]:
+        """``list_checkpoints(kind=method)``, re-read only when the folder's listing changed: napari refreshes the
+        dropdowns on every layer change, and reading a checkpoint loads the whole file."""
+        folder = checkpoint_dir()
+        try:
+            sig = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.pt")))
+        except OSError:
+            sig = ()
+        cached = self._ckpt_lists.get((method, str(folder)))
+        if cached is None or cached[0] != sig:
+            cached = (sig, _list_checkpoints(method, folder) if sig else [])
+            self._ckpt_lists[(method, str(folder))] = cached
+        return cached[1]
+
+    def _checkpoint_choices(self, _=None):
+        out: list[tuple[str, Path | None]] = [(_DEFAULT, None)]
+        method = self.method.value
+        seg = self._segmenter(method)
+        if seg is None or not getattr(seg, "needs_checkpoint", False):
+            return out
+        saved = self._saved_checkpoints(method)
+        out += [(p.name, p) for p in saved]
+        out += [(str(p), p) for p in self._browsed.get(method, []) if p not in saved]
+        return out
+
+    def _reset(self, _=None):
+        """Refresh the dropdowns (a choice that still exists stays chosen); drop what belonged to a removed image."""
+        self.image_combo.reset_choices()
+        self.method.reset_choices()  # a segmenter registered since (e.g. by another plugin) appears
+        self.checkpoint.reset_choices()
+        layers = self.viewer.layers
+        if self._cache is not None and self._cache[0][0] not in layers:
+            self._cache = None  # the maps of a removed image: free the memory
+        if self._last_key is not None and self._last_key[0] not in layers:
+            self._last_key = None
+        job = self._job
+        if job is not None and not job.cancelled and job.image_layer not in layers:
+            self.cancel(f"'{job.image_layer.name}' was removed: its segmentation was cancelled.")
+
+    def _on_method(self, _=None):
+        seg = self._segmenter()
+        uses_model = seg is not None and bool(getattr(seg, "needs_checkpoint", False))
+        self.checkpoint.reset_choices()
+        self.checkpoint.enabled = uses_model
+        self.browse.enabled = uses_model
+        self._build_params(seg)
+
+    def _on_browse(self, _=None):
+        path = self.browse.value
+        if not isinstance(path, Path) or path.suffix != ".pt" or not path.is_file() or not self.checkpoint.enabled:
+            return
+        method = self.method.value
+        path = path.resolve()
+        picked = self._browsed.setdefault(method, [])
+        if path not in picked:
+            picked.append(path)
+        self.checkpoint.reset_choices()
+        self.checkpoint.value = next(p for p in self.checkpoint.choices if p is not None and p.resolve() == path)
+        self.status.value = f"Checkpoint {path.name} chosen for {method}."
+
+    # ---- post-processing parameters ----------------------------------------------------------------------------
+    def _build_params(self, seg) -> None:
+        for w in self._param_widgets.values():
+            self.remove(w)
+        self._param_widgets = {}
+        if seg is None:
+            return
+        method = self.method.value
+        values = self._param_values.setdefault(method, {})
+        at = self.index(self.segment_btn)
+        for name, (default, low, high) in _param_specs(seg).items():
+            value = values.get(name, default)
+            label = name.replace("_", " ")
+            if isinstance(default, (int, np.integer)) and not isinstance(default, bool):
+                w = Slider(label=label, value=int(value), min=int(low), max=int(high), step=1)
+            else:
+                step = float(high - low) / 100 if high > low else 0.01
+                w = FloatSlider(label=label, value=float(value), min=float(low), max=float(high), step=step)
+            w.tooltip = f"{method} post-processing parameter {name!r} (default {default})"
+            w.changed.connect(lambda v, name=name, method=method: self._on_param(method, name, v))
+            self.insert(at, w)
+            at += 1
+            self._param_widgets[name] = w
+
+    def params(self) -> dict:
+        """The post-processing parameters as the sliders show them."""
+        return {name: w.value for name, w in self._param_widgets.items()}
+
+    def _on_param(self, method: str, name: str, value) -> None:
+        self._param_values.setdefault(method, {})[name] = value
+        if method == self.method.value:
+            self._timer.start()  # (re)start the debounce wait
+
+    def _auto_run(self):
+        if self._job is not None:
+            self._dirty = True
+            return
+        self.run(auto=True)
+
+    # ---- running -----------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether a segmentation (or a post-processing) is in flight."""
+        return self._job is not None
+
+    def _on_button(self, _=None):
+        if self._job is not None:
+            self.cancel()
+        else:
+            self.run()
+
+    def _key(self, layer) -> tuple:
+        """What the network outputs depend on: the image (layer and data), method, checkpoint, device and TTA."""
+        ckpt = self.checkpoint.value
+        mtime = None
+        if ckpt is not None:
+            try:
+                mtime = Path(ckpt).stat().st_mtime_ns
+            except OSError:
+                pass
+        data = layer.data
+        return (layer, id(data), tuple(np.shape(data)), str(getattr(data, "dtype", "")), self.method.value,
+                None if ckpt is None else str(ckpt), mtime, self.device.value, bool(self.tta.value))
+
+    def run(self, auto: bool = False) -> None:
+        """Segment the chosen image in a worker; the labels arrive in a layer when it is done.
+
+        ``auto`` (a parameter change) only re-runs what is cheap: post-processing of cached maps, or a classical
+        segmenter whose shown result came from the current settings.
+        """
+        if self._job is not None:  # one worker at a time: apply the latest parameters when this one ends
+            self._dirty = True
+            return
+        layer, method = self.image_combo.value, self.method.value
+        if layer is None or method is None:
+            self.status.value = "Choose an Image layer (an H&E tile) and a method."
+            return
+        if getattr(layer, "multiscale", False):
+            self.status.value = "Multiscale images are not supported: give a single-resolution tile."
+            return
+        try:
+            seg = self._segmenter(method, strict=True)
+        except ValueError as exc:
+            self.status.value = f"Cannot segment: {exc}"
+            return
+        key = self._key(layer)
+        params = self.params()
+        split = _has_split(seg)
+        maps = self._cache[1] if split and self._cache is not None and self._cache[0] == key else None
+        if auto and maps is None:
+            rerun = not split and not getattr(seg, "needs_checkpoint", False) and self._last_key == key
+            if not rerun:
+                why = "no cached network outputs for these settings" if split else f"{method} runs a model"
+                self.status.value = f"Press Segment to apply the parameters ({why})."
+                return
+        checkpoint, device, tta = self.checkpoint.value, self.device.value, bool(self.tta.value)
+        image = None if maps is not None else np.array(layer.data, copy=True)
+
+        from napari.qt.threading import create_worker
+        from superqt.utils import ensure_main_thread
+
+        job = _Job(layer, method, key, post_only=maps is not None)
+
+        @ensure_main_thread
+        def report(i: int, n: int, msg: str) -> None:
+            if job is self._job and not job.cancelled:
+                self.progress.max = max(int(n), 1)
+                self.progress.value = min(int(i), self.progress.max)
+                self.status.value = f"Segmenting {layer.name} ({method}): {msg}"
+
+        def progress(i: int, n: int, msg: str) -> None:
+            if job.cancelled:
+                raise _Cancelled
+            report(i, n, msg)
+
+        def should_stop() -> bool:
+            return job.cancelled
+
+        def work():
+            try:
+                if maps is not None:
+                    return seg.postprocess(maps, **params), None
+                if split:
+                    m = np.asarray(seg.predict_maps(image, checkpoint=checkpoint, device=device, tta=tta,
+                                                    progress=progress, should_stop=should_stop))
+                    m.flags.writeable = False  # shared by later post-processing runs: nothing may edit it
+                    if job.cancelled:
+                        raise _Cancelled
+                    return seg.postprocess(m, **params), m
+                return seg(image, checkpoint=checkpoint, device=device, tta=tta, progress=progress,
+                           should_stop=should_stop, **params), None
+            finally:
+                if maps is None:
+                    _release_gpu_memory()
+
+        self._job = job
+        self._dirty = False
+        self.segment_btn.text = "Cancel"
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = (f"Post-processing {layer.name} ({method})..." if job.post_only
+                             else f"Segmenting {layer.name} with {method}...")
+        worker = create_worker(work, _ignore_errors=True)  # errors go to the status line (see _on_error)
+        worker.returned.connect(lambda out: self._on_result(job, *out))
+        worker.errored.connect(lambda exc: self._on_error(job, exc))
+        worker.finished.connect(lambda: self._on_finished(job))
+        self._worker = worker
+        worker.start()
+
+    def cancel(self, reason: str = "Cancelled.") -> None:
+        """Stop the running job (at the segmenter's next check) and drop its result."""
+        job = self._job
+        if job is None:
+            return
+        job.cancelled = True
+        job.reason = reason
+        self._dirty = False
+        self.segment_btn.text = "Cancelling..."
+        self.segment_btn.enabled = False
+        self.status.value = "Cancelling..."
+
+    def _on_closed(self, _=None):
+        """The widget left the viewer (its dock closed) or was destroyed: stop working, free the cached maps."""
+        if self._job is not None:
+            self._job.cancelled = True
+        self._dirty = False
+        self._cache = None
+        try:
+            self._timer.stop()
+        except RuntimeError:  # the Qt objects are already gone
+            pass
+
+    def _on_error(self, job: _Job, exc: BaseException) -> None:
+        if job.cancelled or isinstance(exc, _Cancelled):
+            return
+        if isinstance(exc, InterruptedError):  # the segmenter stopped by itself
+            job.cancelled = True
+            return
+        if isinstance(exc, ValueError):  # bad input: the message says what to change
+            self.status.value = f"Cannot segment: {exc}"
+            return
+        self.status.value = f"Segmentation failed: {type(exc).__name__}: {exc}"
+        from napari.utils.notifications import notification_manager
+
+        notification_manager.receive_error(type(exc), exc, exc.__traceback__)  # a bug: keep the traceback
+
+    def _on_finished(self, job: _Job) -> None:
+        if job is not self._job:
+            return
+        self._job = None
+        self._worker = None
+        self.segment_btn.text = "Segment"
+        self.segment_btn.enabled = True
+        if job.cancelled:
+            self.progress.value = 0
+            self.status.value = job.reason
+            return
+        if self._dirty:
+            self._dirty = False
+            self._timer.start()
+
+    # ---- output ------------------------------------------------------------------------------------------------
+    def _on_result(self, job: _Job, labels, maps) -> None:
+        if job.cancelled or job is not self._job:
+            return
+        layer = job.image_layer
+        labels = np.asarray(labels)
+        shape = tuple(np.shape(layer.data))
+        if labels.ndim != 2 or labels.shape != shape[:2]:
+            self.status.value = (f"Segmentation failed: {job.method} returned labels of shape {labels.shape} for "
+                                 f"an image of shape {shape}.")
+            return
+        labels = labels.astype(np.uint32, copy=False)
+        if maps is not None:
+            self._cache = (job.key, maps)
+        if not job.post_only:
+            self._last_key = job.key
+        self.result = labels
+        out = self._output_layer(layer, job.method, labels)
+        secs = time.perf_counter() - job.started
+        n = len(np.unique(labels)) - (1 if labels.size and labels.min() == 0 else 0)
+        self.progress.value = self.progress.max
+        how = "post-processed cached network outputs" if job.post_only else "segmented"
+        self.status.value = f"'{out.name}': {n} nuclei ({how} in {secs:.2f} s)."
+
+    def _output_layer(self, image_layer, method: str, labels: np.ndarray):
+        from napari.layers import Labels
+
+        name = f"segmentation: {image_layer.name} ({method})"
+        mine = self._outputs.setdefault(image_layer, {})
+        layer = mine.get(method)
+        if layer is None or layer not in self.viewer.layers:
+            layer = next((lyr for lyr in self.viewer.layers if isinstance(lyr, Labels) and lyr.name == name
+                          and lyr.metadata.get(_MARK) == image_layer.name), None)
+        scale, translate = np.asarray(image_layer.scale)[-2:], np.asarray(image_layer.translate)[-2:]
+        if layer is not None:
+            layer.data = labels
+            layer.scale, layer.translate = scale, translate
+            if layer.name != name:  # the image was renamed
+                layer.name = name
+                layer.metadata[_MARK] = image_layer.name
+        else:
+            layer = self.viewer.add_labels(labels, name=name, scale=scale, translate=translate,
+                                           metadata={_MARK: image_layer.name, "method": method})
+        mine[method] = layer
+        return layer
