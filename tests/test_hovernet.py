@@ -141,3 +141,32 @@ def test_train_bad_input(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         train("hovernet", [np.zeros((64, 64, 3), np.uint8)], [np.zeros((64, 64), np.uint32)], steps=0,
               out=tmp_path / "x.pt")
+
+
+def test_cli_train_then_segment(load_tile, tmp_path, capsys):
+    """nucsynth train writes a checkpoint that nucsynth segment --method hovernet uses; resume continues it."""
+    import imageio.v3 as iio
+
+    from napari_nucsynth.cli import main
+    from napari_nucsynth.io import read_labels, write_labels
+
+    img, lab = load_tile(TILE)
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lb").mkdir()
+    for i in range(2):
+        iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
+        write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
+    ck = tmp_path / "m.pt"
+    args = ["train", "--model", "hovernet", "--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lb"),
+            "--batch-size", "1", "--crop", "64", "--val-fraction", "0.5"]
+    assert main([*args, "--steps", "1", "--out", str(ck)]) == 0
+    assert "wrote" in capsys.readouterr().out and load_checkpoint(ck)["step"] == 1
+    assert main([*args, "--steps", "2", "--resume", str(ck), "--out", str(ck)]) == 0
+    assert load_checkpoint(ck)["step"] == 2
+    assert main(["segment", "--image", str(tmp_path / "im" / "t0.png"), "--method", "hovernet", "--checkpoint",
+                 str(ck), "--out", str(tmp_path / "seg.tif")]) == 0
+    seg = read_labels(tmp_path / "seg.tif")
+    assert seg.shape == (96, 96) and seg.dtype == np.uint32
+    assert main(["train", "--model", "nope", "--images", str(tmp_path / "im"), "--labels", str(tmp_path / "lb"),
+                 "--steps", "1", "--out", str(ck)]) == 2
+    assert "unknown model kind" in capsys.readouterr().err

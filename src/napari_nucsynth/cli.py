@@ -5,6 +5,8 @@
     nucsynth render --labels L --style S [--style-labels SL] [--method classic] [--seed N] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
+    nucsynth train --model hovernet|maskrcnn --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
+                   [--device D] [--seed N]
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 """
 
@@ -78,6 +80,31 @@ def _segment(args) -> int:
     write_labels(out, labels)
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {int(labels.max())} nuclei, method {args.method}"
           + (", tta" if args.tta else "") + ")")
+    return 0
+
+
+def _train(args) -> int:
+    from .train import train
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise ValueError(f"the checkpoint file must end in .pt, got {out.name}")
+    last = [0.0]
+
+    def progress(step: int, steps: int, msg: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= 10 or step == steps:  # a line every 10 s
+            last[0] = now
+            print(msg, flush=True)
+
+    res = train(args.model, args.images, args.labels, steps=args.steps, out=out, resume=args.resume,
+                device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                val_fraction=args.val_fraction, progress=progress)
+    val = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items() if k in ("aji", "pq", "dice"))
+    print(f"wrote {res.path} (step {res.step}{', stopped' if res.stopped else ''}"
+          + (f"; validation {val}" if val else "") + f"; {res.seconds:.0f} s)")
     return 0
 
 
@@ -202,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (network methods)")
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)
+
+    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) on image/label pairs")
+    p.add_argument("--model", required=True, help="the model kind: hovernet or maskrcnn")
+    p.add_argument("--images", required=True, help="folder of H&E images")
+    p.add_argument("--labels", required=True, help="folder of instance label maps (same file names as the images)")
+    p.add_argument("--steps", type=int, required=True, help="total optimisation steps")
+    p.add_argument("--out", required=True, help="the checkpoint to write (.pt), saved every 200 steps")
+    p.add_argument("--resume", help="continue a stopped run from this checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
     p.add_argument("--no-sample", action="store_true", help="do not open the sample data")
