@@ -2,7 +2,7 @@
 
     python benchmarks/train_hovernet.py --split bench --steps 6000 --out bench-out/hovernet_bench.pt
     python benchmarks/train_hovernet.py --split all --steps N --init bench-out/hovernet_bench.pt \
-        --out src/napari_nucsynth/data/models/hovernet_monuseg.pt
+        --strip --out src/napari_nucsynth/data/models/hovernet_monuseg.pt
 
 ``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` (what bench_segment.py evaluates);
 ``--split all`` on all 30 (the shipped default model). ``--resume`` continues a stopped run; ``--init`` starts
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--resume")
     ap.add_argument("--init", help="start from this checkpoint's weights (new optimiser and schedule)")
     ap.add_argument("--log", help="append one JSON line per 50 steps here")
+    ap.add_argument("--strip", action="store_true",
+                    help="at the end, drop the optimiser and random state (a smaller file to ship; cannot resume)")
     args = ap.parse_args()
 
     import torch
@@ -61,6 +63,13 @@ def main() -> None:
                             "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                             "init": args.init, "batch_size": args.batch_size, "crop": args.crop,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+    if args.strip:
+        from napari_nucsynth.models import load_checkpoint, save_checkpoint
+
+        ck = load_checkpoint(res.path, kind="hovernet")
+        save_checkpoint(res.path, kind="hovernet", config=ck["config"], step=ck["step"], metrics=ck["metrics"],
+                        train_data=ck["train_data"],
+                        state_dict={k: v for k, v in ck["state_dict"].items()})
     print(json.dumps({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
