@@ -23,8 +23,8 @@ __all__ = ["TrainResult", "TrainUpdate", "load_pairs", "train"]
 
 @dataclass(frozen=True)
 class TrainUpdate:
-    """One event of a training run: ``kind`` is "step" (``losses`` of that step), "validation" (``metrics``) or
-    "checkpoint" (``path``)."""
+    """One event of a training run: ``kind`` is "step" (``losses`` of that step), "validation" (``metrics``),
+    "checkpoint" (``path``) or "preview" (``image``: a generator's render of a held-out pair, RGB uint8)."""
 
     kind: str
     step: int
@@ -33,6 +33,7 @@ class TrainUpdate:
     metrics: dict = field(default_factory=dict)
     path: str | None = None
     seconds: float = 0.0
+    image: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _rng_state(rng: np.random.Generator) -> dict:
 def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None, config: dict | None = None,
           device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256, lr: float = 1e-3,
           val_fraction: float = 0.2, val_images: Sequence | None = None, val_labels: Sequence | None = None,
-          eval_every: int = 500, save_every: int = 200, progress: Callable[[int, int, str], None] | None = None,
+          eval_every: int = 500, save_every: int = 200, preview_every: int = 0, progress: Callable[[int, int, str], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_update: Callable[[TrainUpdate], None] | None = None,
           train_data: dict | None = None) -> TrainResult:
     """Train a model of kind ``kind`` on pairs; write the checkpoint ``out``.
@@ -135,7 +136,11 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     val_fraction : float
         Share of the images held out for validation (by image, seeded) unless ``val_images``/``val_labels`` are
         given; 0 for none. Validation runs the full inference (:attr:`ModelSpec.predict`) and reports AJI, PQ and
-        Dice (mean over images) every ``eval_every`` steps and at the end.
+        Dice (mean over images) every ``eval_every`` steps and at the end (models with a ``validate`` hook
+        report their own metrics).
+    preview_every : int
+        For models with a ``preview`` hook (generators): every this many steps, a "preview" update carries what
+        the model makes of the first held-out pair (of the first training pair when none is held out). 0: never.
     progress, should_stop, on_update : callables, optional
         ``progress(step, steps, message)``; ``should_stop()`` ends the run after the current step (the
         checkpoint is saved); ``on_update(TrainUpdate)`` for loss plots.
@@ -184,31 +189,40 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         cfg = {**spec.default_config(), **(config or {})}
         model = spec.build(cfg)
     model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    if spec.optimizers is not None:
+        opts = dict(spec.optimizers(model, lr))
+    else:
+        opts = {"opt": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                         weight_decay=1e-4)}
+    for o in opts.values():
+        for g in o.param_groups:
+            g.setdefault("base_lr", g["lr"])
     warm = max(1, min(200, int(steps) // 20))
 
     def lr_at(i: int) -> float:
-        """Linear warm-up, then cosine decay to 1 % at ``steps``: a function of the step alone, so a resumed run
-        (even one asked for more steps) continues the schedule without saved scheduler state."""
+        """The schedule's factor at step ``i``: linear warm-up, then cosine decay to 1 % at ``steps``. A function
+        of the step alone, so a resumed run (even one asked for more steps) continues the schedule without saved
+        scheduler state."""
         if i < warm:
-            return lr * (i + 1) / warm
-        return float(lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, int(steps) - warm))))))
+            return (i + 1) / warm
+        return float(0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, int(steps) - warm)))))
 
     metrics: dict = {}
     if resume is not None:
-        if "optimizer" in ck:
-            opt.load_state_dict(ck["optimizer"]["opt"])
+        for name, o in opts.items():
+            if name in ck.get("optimizer", {}):
+                o.load_state_dict(ck["optimizer"][name])
         if "rng" in ck:
             rng.bit_generator.state = ck["rng"]["numpy"]
             torch.set_rng_state(ck["rng"]["torch"])
         metrics = dict(ck.get("metrics", {}))
-    collate = getattr(spec, "collate", None) or _default_collate
+    collate = spec.collate or _default_collate
 
     def save(step: int) -> Path:
         p = save_checkpoint(out, kind=kind, config=cfg, state_dict={k: v.detach().cpu() for k, v in
                                                                      model.state_dict().items()},
                             step=step, metrics=metrics, train_data=data,
-                            optimizer={"opt": opt.state_dict()}, rng=_rng_state(rng))
+                            optimizer={n: o.state_dict() for n, o in opts.items()}, rng=_rng_state(rng))
         if on_update:
             on_update(TrainUpdate("checkpoint", step, steps, path=str(p), seconds=time.perf_counter() - t0))
         return p
@@ -217,12 +231,25 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         if not v_imgs:
             return
         model.eval()
-        res = [instance_metrics(lb, spec.predict(model, im, dev)) for im, lb in zip(v_imgs, v_labs)]
+        if spec.validate is not None:
+            metrics.update(spec.validate(model, v_imgs, v_labs, dev))
+        else:
+            res = [instance_metrics(lb, spec.predict(model, im, dev)) for im, lb in zip(v_imgs, v_labs)]
+            metrics.update({k: float(np.mean([r[k] for r in res])) for k in ("aji", "pq", "dice")})
         model.train()
-        metrics.update({k: float(np.mean([r[k] for r in res])) for k in ("aji", "pq", "dice")})
         metrics["val_step"] = step
         if on_update:
             on_update(TrainUpdate("validation", step, steps, metrics=dict(metrics), seconds=time.perf_counter() - t0))
+
+    def preview(step: int) -> None:
+        if spec.preview is None or not preview_every or on_update is None:
+            return
+        im, lb = (v_imgs[0], v_labs[0]) if v_imgs else (imgs[t_idx[0]], labs[t_idx[0]])
+        model.eval()
+        with torch.no_grad():
+            out_img = spec.preview(model, im, lb, dev)
+        model.train()
+        on_update(TrainUpdate("preview", step, steps, image=out_img, seconds=time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     model.train()
@@ -237,19 +264,26 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
             im, lb = _augment(imgs[i], labs[i], crop, rng)
             samples.append((im, lb, spec.targets(im, lb)))
         batch = collate(samples, dev)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss, logs = spec.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        factor = lr_at(step)
+        for o in opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * factor
+        if spec.train_step is not None:
+            logs = spec.train_step(model, batch, opts, step)
+        else:
+            loss, logs = spec.loss(model, batch)
+            opts["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            opts["opt"].step()
         step += 1
         if on_update:
             on_update(TrainUpdate("step", step, steps, losses=logs, seconds=time.perf_counter() - t0))
         if progress:
-            progress(step, steps, f"step {step}/{steps}, loss {logs['loss'] if 'loss' in logs else loss.item():.3f}")
+            progress(step, steps, f"step {step}/{steps}, loss {logs.get('loss', float('nan')):.3f}")
         if step % eval_every == 0 or step == steps:
             validate(step)
+        if preview_every and (step % preview_every == 0 or step == steps):
+            preview(step)
         if step % save_every == 0 and step < steps:
             save(step)
     path = save(step)

@@ -51,6 +51,22 @@ class ModelSpec:
     targets: Callable[..., dict]
     loss: Callable[..., tuple]
     predict: Callable[..., Any]
+    #: optional hooks for models that do not train as "one loss, one optimiser" (GANs):
+    #: ``optimizers(model, lr) -> {name: torch.optim.Optimizer}`` (default: one AdamW over the parameters that
+    #: require gradients, named "opt"); the training loop scales every param group's ``lr`` by its schedule
+    #: relative to the group's initial value;
+    optimizers: Callable[..., dict] | None = None
+    #: ``train_step(model, batch, optimizers, step) -> logs`` (default: ``loss``, backward, step): one update of
+    #: every optimiser, e.g. the discriminator and then the generator;
+    train_step: Callable[..., dict] | None = None
+    #: ``validate(model, images, labels, device) -> {metric: float}`` on the held-out pairs (default: AJI, PQ and
+    #: Dice of ``predict`` against the labels, for segmenters);
+    validate: Callable[..., dict] | None = None
+    #: ``preview(model, image, labels, device) -> RGB uint8``: what a generator makes of one held-out pair, sent
+    #: as a "preview" :class:`~napari_nucsynth.train.TrainUpdate` every ``preview_every`` steps.
+    preview: Callable[..., Any] | None = None
+    #: ``collate(samples, device) -> batch`` (default: stack the images and every target array).
+    collate: Callable[..., dict] | None = None
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -76,7 +92,7 @@ def get_model(kind: str) -> ModelSpec:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("hovernet", "maskrcnn"):
+    for mod in ("hovernet", "maskrcnn", "adain", "sian"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -564,12 +563,5 @@ def predict(model: NucleiMaskRCNN, image, device=None, tta: bool = False, progre
         model.train(was_training)
 
 
-@dataclass(frozen=True)
-class MaskRCNNSpec(ModelSpec):
-    """:class:`ModelSpec` plus ``collate(samples, device) -> batch`` (lists of per-image targets)."""
-
-    collate: Callable[..., dict] = collate
-
-
-SPEC = register_model(MaskRCNNSpec(kind="maskrcnn", build=build, default_config=default_config, targets=targets,
+SPEC = register_model(ModelSpec(kind="maskrcnn", build=build, default_config=default_config, targets=targets,
                                    loss=loss, predict=predict, collate=collate))

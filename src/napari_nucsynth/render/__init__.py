@@ -22,8 +22,10 @@ class Renderer(Protocol):
     name: str
     description: str
 
+    needs_checkpoint: bool  # True for learned generators (they may still ship a default)
+
     def __call__(self, labels: np.ndarray, style: np.ndarray, *, style_labels=None, seed: SeedLike = None,
-                 device: str = "auto", progress=None, should_stop=None) -> np.ndarray: ...
+                 device: str = "auto", checkpoint=None, progress=None, should_stop=None) -> np.ndarray: ...
 
 
 _REGISTRY: dict[str, Callable[[], Renderer]] = {}
@@ -53,7 +55,7 @@ def get_renderer(name: str) -> Renderer:
 
 
 def render(labels, style, *, method: str = "classic", style_labels=None, seed: SeedLike = None,
-           device: str = "auto", progress=None, should_stop=None) -> np.ndarray:
+           device: str = "auto", checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
     """Render a synthetic H&E image of instance masks in the style of a reference tile.
 
     Parameters
@@ -70,6 +72,9 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
         The same seed gives the same image.
     device : str
         "auto", "cpu", "cuda", "mps" (learned renderers; the classic one runs on the CPU).
+    checkpoint : str or Path, optional
+        The trained model of a learned renderer (its shipped default when None, where there is one); the
+        classic renderer takes none.
     progress, should_stop : callables, optional
         ``progress(done, total, what)``; when ``should_stop()`` returns True the render stops and raises
         ``InterruptedError``.
@@ -85,8 +90,16 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
         shape, a reference with no detectable nuclei, an unknown method.
     """
     return get_renderer(method)(labels, style, style_labels=style_labels, seed=seed, device=device,
-                                progress=progress, should_stop=should_stop)
+                                checkpoint=checkpoint, progress=progress, should_stop=should_stop)
 
 
 def _load_builtin() -> None:
-    from . import classic  # noqa: F401  (registers "classic")
+    import importlib
+
+    for mod in ("classic", "adain", "sian"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:  # a module not written yet
+            if exc.name and exc.name.startswith(__name__):
+                continue
+            raise

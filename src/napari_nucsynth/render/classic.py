@@ -341,9 +341,13 @@ class ClassicRenderer:
 
     name = "classic"
     description = "real reference nuclei warped into the masks over the inpainted reference background (no training)"
+    needs_checkpoint = False
 
     def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
-                 progress=None, should_stop=None) -> np.ndarray:
+                 checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
+        if checkpoint is not None:
+            raise ValueError("the classic renderer needs no checkpoint (it is not trained); "
+                             "use method='adain' or 'sian' to render with a trained model")
         lab = as_labels(labels, "labels")
         as_rgb(style, "style")
         if lab.size == 0:
