@@ -206,9 +206,10 @@ class _SlowRenderer:
 
     name = "slow (test)"
     description = "test only"
+    needs_checkpoint = False
 
-    def __call__(self, labels, style, *, style_labels=None, seed=None, device="auto", progress=None,
-                 should_stop=None):
+    def __call__(self, labels, style, *, style_labels=None, seed=None, device="auto", checkpoint=None,
+                 progress=None, should_stop=None):
         for i in range(100):
             if should_stop and should_stop():
                 raise RuntimeError("stopped")
