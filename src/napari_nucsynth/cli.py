@@ -2,10 +2,11 @@
 
     nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png] [--seed N]
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
-    nucsynth render --labels L --style S [--style-labels SL] [--method classic] [--seed N] --out OUT.png
+    nucsynth render --labels L --style S [--style-labels SL] [--method classic|adain|sian] [--checkpoint C]
+                    [--seed N] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
-    nucsynth train --model hovernet|maskrcnn --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
+    nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--device D] [--seed N]
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 """
@@ -54,7 +55,8 @@ def _render(args) -> int:
     labels = read_labels(args.labels)
     style = read_image(args.style)
     style_labels = read_labels(args.style_labels) if args.style_labels else None
-    out = render(labels, style, method=args.method, style_labels=style_labels, seed=args.seed, device=args.device)
+    out = render(labels, style, method=args.method, style_labels=style_labels, seed=args.seed, device=args.device,
+                 checkpoint=args.checkpoint)
     path = Path(args.out)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     iio.imwrite(tmp, out)
@@ -102,7 +104,8 @@ def _train(args) -> int:
     res = train(args.model, args.images, args.labels, steps=args.steps, out=out, resume=args.resume,
                 device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                 val_fraction=args.val_fraction, progress=progress)
-    val = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items() if k in ("aji", "pq", "dice"))
+    val = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items()
+                    if k != "val_step" and isinstance(v, (int, float)))
     print(f"wrote {res.path} (step {res.step}{', stopped' if res.stopped else ''}"
           + (f"; validation {val}" if val else "") + f"; {res.seconds:.0f} s)")
     return 0
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style-labels", help="the style tile's instance labels (default: its nuclei are detected)")
     p.add_argument("--method", default="classic", choices=renderers())
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", help="trained model of a learned renderer (default: the shipped one, if any)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (learned renderers)")
     p.add_argument("--out", required=True, help="output image (.png)")
     p.set_defaults(func=_render)
@@ -230,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) on image/label pairs")
-    p.add_argument("--model", required=True, help="the model kind: hovernet or maskrcnn")
+    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) or generator (adain, sian) on pairs")
+    p.add_argument("--model", required=True, help="the model kind: hovernet, maskrcnn, adain or sian")
     p.add_argument("--images", required=True, help="folder of H&E images")
     p.add_argument("--labels", required=True, help="folder of instance label maps (same file names as the images)")
     p.add_argument("--steps", type=int, required=True, help="total optimisation steps")
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.set_defaults(func=_train)
 

@@ -109,7 +109,7 @@ def _rng_state(rng: np.random.Generator) -> dict:
 
 
 def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None, config: dict | None = None,
-          device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256, lr: float = 1e-3,
+          device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256, lr: float | None = None,
           val_fraction: float = 0.2, val_images: Sequence | None = None, val_labels: Sequence | None = None,
           eval_every: int = 500, save_every: int = 200, preview_every: int = 0, progress: Callable[[int, int, str], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_update: Callable[[TrainUpdate], None] | None = None,
@@ -131,6 +131,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     init : path, optional
         A checkpoint of the same kind whose weights (and config) start a new run (fine-tuning): step 0, a new
         optimiser and schedule.
+    lr : float, optional
+        Peak learning rate (the kind's ``default_lr`` when None) of a warm-up and cosine schedule.
     config : dict, optional
         Model configuration (the kind's defaults otherwise); ignored when resuming (the checkpoint's is used).
     val_fraction : float
@@ -156,6 +158,7 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     spec = get_model(kind)
+    lr = spec.default_lr if lr is None else float(lr)
     imgs, labs, names = load_pairs(images, labels)
     dev = resolve_device(device)
     rng = as_rng(seed)

@@ -310,3 +310,50 @@ def test_a_clicked_point_appears_in_the_live_render(make_napari_viewer, qtbot, s
     nucleus = masks.data == len(points.data)
     assert rgb_to_hed(out.data)[nucleus, 0].mean() > rgb_to_hed(before)[nucleus, 0].mean() + 0.05
     assert viewer.layers.selection.active is points  # the user can go on clicking
+
+
+class _LearnedRenderer:
+    """A learned renderer stand-in: needs a checkpoint, paints the image with the checkpoint's step as its grey."""
+
+    name = "learned (test)"
+    description = "test only"
+    needs_checkpoint = True
+    default_checkpoint = None
+
+    def __call__(self, labels, style, *, style_labels=None, seed=None, device="auto", checkpoint=None,
+                 progress=None, should_stop=None):
+        from napari_nucsynth.models import load_checkpoint
+
+        if checkpoint is None:
+            raise ValueError("learned (test) needs a trained model")
+        step = load_checkpoint(checkpoint, kind="learned (test)")["step"]
+        return np.full((*labels.shape, 3), step, np.uint8)
+
+
+def test_learned_renderer_lists_saved_checkpoints_and_says_when_it_needs_training(setup, qtbot, monkeypatch,
+                                                                                  tmp_path):
+    from napari_nucsynth.models import save_checkpoint
+
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))
+    monkeypatch.setitem(_REGISTRY, "learned (test)", _LearnedRenderer)
+    widget = setup[-1]
+    widget.method.reset_choices()
+    assert not widget.checkpoint.enabled and not widget.browse.enabled  # classic: no model
+    widget.method.value = "learned (test)"
+    assert widget.checkpoint.enabled and widget.checkpoint.choices == (None,)
+    assert "needs a trained model" in widget.status.value and "nucsynth train --model learned (test)" in \
+        widget.status.value
+    widget.run()  # "(default)" has no model: the renderer's message lands in the status line
+    _wait_idle(widget, qtbot)
+    assert widget.status.value.startswith("Cannot render:")
+
+    ck = save_checkpoint(tmp_path / "mine.pt", kind="learned (test)", config={}, state_dict={}, step=77)
+    save_checkpoint(tmp_path / "other.pt", kind="hovernet", config={}, state_dict={}, step=1)  # another kind
+    widget._reset()  # napari refreshes the choices on every layer change
+    assert widget.checkpoint.choices == (None, ck)
+    widget.checkpoint.value = ck
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert widget.result is not None and int(widget.result[0, 0, 0]) == 77
+    widget.method.value = "classic"
+    assert not widget.checkpoint.enabled and widget.checkpoint.value is None

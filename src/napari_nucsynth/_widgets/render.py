@@ -1,7 +1,8 @@
 """The Render widget: a synthetic H&E image of a Labels layer, in the style of a reference Image layer.
 
 Thin by design: the computation is :func:`napari_nucsynth.render.render` (methods listed from its registry,
-devices from :func:`napari_nucsynth.devices.available_devices`); this module copies the layers' data on the UI
+checkpoints of learned renderers from :func:`napari_nucsynth.models.list_checkpoints`, devices from
+:func:`napari_nucsynth.devices.available_devices`); this module copies the layers' data on the UI
 thread, runs the renderer in a worker with progress and cancellation, and puts the result into an Image layer.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import napari
 import numpy as np
@@ -25,7 +27,9 @@ from magicgui.widgets import (
 from qtpy.QtCore import QEvent, QObject, QTimer
 
 from ..devices import available_devices
-from ..render import render, renderers
+from ..models import checkpoint_dir
+from ..render import get_renderer, render, renderers
+from ._checkpoints import CheckpointPicker
 
 #: Milliseconds of quiet after a labels edit before a live re-render starts (edits in between restart the wait).
 LIVE_DEBOUNCE_MS = 150
@@ -107,7 +111,10 @@ class RenderWidget(Container):
         self.style_combo = ComboBox(label="Style", choices=self._style_choices)
         self.style_labels_combo = ComboBox(label="Style labels", choices=self._style_labels_choices)
         methods = renderers()
-        self.method = ComboBox(label="Method", choices=methods, value="classic" if "classic" in methods else methods[0])
+        self.method = ComboBox(label="Method", choices=lambda _=None: renderers(),  # refreshed with the layers
+                               value="classic" if "classic" in methods else methods[0])
+        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg))
+        self.checkpoint, self.browse = self._ckpt.combo, self._ckpt.browse
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.live = CheckBox(text="live (re-render when the labels change)", value=False)
@@ -115,8 +122,8 @@ class RenderWidget(Container):
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
-        self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.device,
-                     self.seed, self.live, self.render_btn, self.progress, self.status])
+        self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.checkpoint,
+                     self.browse, self.device, self.seed, self.live, self.render_btn, self.progress, self.status])
 
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -126,13 +133,36 @@ class RenderWidget(Container):
         self.render_btn.changed.connect(self._on_button)
         self.labels_combo.changed.connect(self._connect_live)
         self.live.changed.connect(self._connect_live)
-        for w in (self.style_combo, self.style_labels_combo, self.method, self.device, self.seed):
+        self.method.changed.connect(self._on_method)
+        for w in (self.style_combo, self.style_labels_combo, self.method, self.checkpoint, self.device, self.seed):
             w.changed.connect(self._on_setting)
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
         self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._on_method()
         self._reset()
+
+    # ---- method and checkpoint ---------------------------------------------------------------------------------
+    def _method_needs(self) -> tuple[str | None, bool]:
+        method = self.method.value
+        try:
+            r = get_renderer(method) if method is not None else None
+        except ValueError:
+            r = None
+        return method, r is not None and bool(getattr(r, "needs_checkpoint", False))
+
+    def _on_method(self, _=None):
+        """Enable the checkpoint controls for learned renderers; say so when one has no model to run yet."""
+        self._ckpt.refresh()
+        method, needs = self._method_needs()
+        if not needs:
+            return
+        shipped = getattr(get_renderer(method), "default_checkpoint", None)
+        if len(self.checkpoint.choices) == 1 and not (shipped and Path(shipped).is_file()):
+            self.status.value = (f"'{method}' needs a trained model, and none is saved in {checkpoint_dir()}. "
+                                 f"Train one (nucsynth train --model {method} --images DIR --labels DIR --steps N "
+                                 f"--out {checkpoint_dir() / (method + '.pt')}) or pick a checkpoint file.")
 
     # ---- layer choices -----------------------------------------------------------------------------------------
     def _labels_choices(self, _=None):
@@ -152,8 +182,9 @@ class RenderWidget(Container):
 
     def _reset(self, _=None):
         """Refresh the dropdowns (a choice that still exists stays chosen) and drop a removed live layer."""
-        for combo in (self.labels_combo, self.style_combo, self.style_labels_combo):
-            combo.reset_choices()
+        for combo in (self.labels_combo, self.style_combo, self.style_labels_combo, self.method):
+            combo.reset_choices()  # a renderer registered since (e.g. by another plugin) appears too
+        self._ckpt.refresh()
         if self._live_layer is not None and self._live_layer not in self.viewer.layers:
             self._connect_live()
         job = self._job
@@ -211,7 +242,7 @@ class RenderWidget(Container):
 
     def _settings(self):
         return (self.style_combo.value, self.style_labels_combo.value, self.method.value, self.device.value,
-                int(self.seed.value))
+                int(self.seed.value), self.checkpoint.value)
 
     def run(self, live: bool = False) -> None:
         """Start rendering the chosen labels layer in a worker; the image arrives in a layer when it is done."""
@@ -225,7 +256,7 @@ class RenderWidget(Container):
         if getattr(style_layer, "multiscale", False) or getattr(labels_layer, "multiscale", False):
             self.status.value = "Multiscale layers are not supported: give a single-resolution tile."
             return
-        style_labels_layer, method, device, seed = self._settings()[1:]
+        style_labels_layer, method, device, seed, checkpoint = self._settings()[1:]
         labels = np.array(labels_layer.data, copy=True)
         if live:
             settings = self._settings()
@@ -256,7 +287,7 @@ class RenderWidget(Container):
         def work():
             try:
                 return render(labels, style, method=method, style_labels=style_labels, seed=seed, device=device,
-                              progress=progress, should_stop=lambda: job.cancelled)
+                              checkpoint=checkpoint, progress=progress, should_stop=lambda: job.cancelled)
             finally:
                 _release_gpu_memory()
 

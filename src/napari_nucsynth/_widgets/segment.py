@@ -22,7 +22,6 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
-    FileEdit,
     FloatSlider,
     Label,
     ProgressBar,
@@ -32,13 +31,12 @@ from magicgui.widgets import (
 from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
-from ..models import checkpoint_dir, list_checkpoints, load_checkpoint
 from ..segment import get_segmenter, segmenters
+from ._checkpoints import CheckpointPicker
 from .render import _CloseWatcher, _release_gpu_memory
 
 #: Milliseconds of quiet after a parameter change before post-processing starts (a slider drag is one re-run).
 PARAM_DEBOUNCE_MS = 60
-_DEFAULT = "(default)"
 _MARK = "nucsynth_segmentation_of"  # metadata key that marks the widget's output layers
 
 
@@ -61,21 +59,6 @@ class _Job:
 
 def _has_split(seg) -> bool:
     return callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))
-
-
-def _list_checkpoints(kind: str, folder: Path) -> list[Path]:
-    """``list_checkpoints(kind)``, but a file that breaks it (torch raises more than ``ValueError`` on some
-    corrupt files) only drops that file: a dropdown refresh must never fail."""
-    try:
-        return list_checkpoints(kind=kind, folders=[folder])
-    except Exception:  # noqa: BLE001 - then look at the files one by one
-        found = []
-    for p in sorted(folder.glob("*.pt")):
-        try:
-            found.append((load_checkpoint(p, kind=kind).get("created", ""), p))
-        except Exception:  # noqa: BLE001, S112 - not a readable checkpoint of this kind: not listed
-            continue
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 def _param_specs(seg) -> dict:
@@ -114,8 +97,6 @@ class SegmentWidget(Container):
         self._dirty = False  # parameters changed while a job ran: post-process again when it ends
         self._cache: tuple[tuple, np.ndarray] | None = None  # (key, maps) of the last predict_maps
         self._last_key: tuple | None = None  # settings key of the last full run whose labels are shown
-        self._ckpt_lists: dict = {}  # (method, folder) -> (folder listing signature, checkpoint paths)
-        self._browsed: dict[str, list[Path]] = {}  # method -> checkpoint files picked by hand
         self._param_values: dict[str, dict] = {}  # method -> {param: value}, kept across method switches
         self._param_widgets: dict = {}
         self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # image layer -> {method: labels}
@@ -125,8 +106,8 @@ class SegmentWidget(Container):
         self.method = ComboBox(label="Method", choices=lambda _=None: segmenters())  # refreshed with the layers
         if "watershed" in self.method.choices:
             self.method.value = "watershed"
-        self.checkpoint = ComboBox(label="Checkpoint", choices=self._checkpoint_choices)
-        self.browse = FileEdit(label="Checkpoint file", mode="r", filter="*.pt")
+        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg))
+        self.checkpoint, self.browse = self._ckpt.combo, self._ckpt.browse
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
         self.segment_btn = PushButton(text="Segment")
@@ -143,7 +124,6 @@ class SegmentWidget(Container):
 
         self.segment_btn.changed.connect(self._on_button)
         self.method.changed.connect(self._on_method)
-        self.browse.changed.connect(self._on_browse)
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
@@ -172,36 +152,15 @@ class SegmentWidget(Container):
                 raise
             return None
 
-    def _saved_checkpoints(self, method: str) -> list[Path]:
-        """``list_checkpoints(kind=method)``, re-read only when the folder's listing changed: napari refreshes the
-        dropdowns on every layer change, and reading a checkpoint loads the whole file."""
-        folder = checkpoint_dir()
-        try:
-            sig = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.pt")))
-        except OSError:
-            sig = ()
-        cached = self._ckpt_lists.get((method, str(folder)))
-        if cached is None or cached[0] != sig:
-            cached = (sig, _list_checkpoints(method, folder) if sig else [])
-            self._ckpt_lists[(method, str(folder))] = cached
-        return cached[1]
-
-    def _checkpoint_choices(self, _=None):
-        out: list[tuple[str, Path | None]] = [(_DEFAULT, None)]
-        method = self.method.value
-        seg = self._segmenter(method)
-        if seg is None or not getattr(seg, "needs_checkpoint", False):
-            return out
-        saved = self._saved_checkpoints(method)
-        out += [(p.name, p) for p in saved]
-        out += [(str(p), p) for p in self._browsed.get(method, []) if p not in saved]
-        return out
+    def _method_needs(self) -> tuple[str | None, bool]:
+        seg = self._segmenter()
+        return self.method.value, seg is not None and bool(getattr(seg, "needs_checkpoint", False))
 
     def _reset(self, _=None):
         """Refresh the dropdowns (a choice that still exists stays chosen); drop what belonged to a removed image."""
         self.image_combo.reset_choices()
         self.method.reset_choices()  # a segmenter registered since (e.g. by another plugin) appears
-        self.checkpoint.reset_choices()
+        self._ckpt.refresh()
         layers = self.viewer.layers
         if self._cache is not None and self._cache[0][0] not in layers:
             self._cache = None  # the maps of a removed image: free the memory
@@ -212,25 +171,8 @@ class SegmentWidget(Container):
             self.cancel(f"'{job.image_layer.name}' was removed: its segmentation was cancelled.")
 
     def _on_method(self, _=None):
-        seg = self._segmenter()
-        uses_model = seg is not None and bool(getattr(seg, "needs_checkpoint", False))
-        self.checkpoint.reset_choices()
-        self.checkpoint.enabled = uses_model
-        self.browse.enabled = uses_model
-        self._build_params(seg)
-
-    def _on_browse(self, _=None):
-        path = self.browse.value
-        if not isinstance(path, Path) or path.suffix != ".pt" or not path.is_file() or not self.checkpoint.enabled:
-            return
-        method = self.method.value
-        path = path.resolve()
-        picked = self._browsed.setdefault(method, [])
-        if path not in picked:
-            picked.append(path)
-        self.checkpoint.reset_choices()
-        self.checkpoint.value = next(p for p in self.checkpoint.choices if p is not None and p.resolve() == path)
-        self.status.value = f"Checkpoint {path.name} chosen for {method}."
+        self._ckpt.refresh()
+        self._build_params(self._segmenter())
 
     # ---- post-processing parameters ----------------------------------------------------------------------------
     def _build_params(self, seg) -> None:

@@ -67,6 +67,8 @@ class ModelSpec:
     preview: Callable[..., Any] | None = None
     #: ``collate(samples, device) -> batch`` (default: stack the images and every target array).
     collate: Callable[..., dict] | None = None
+    #: the learning rate :func:`napari_nucsynth.train.train` uses when given none (GANs want less than segmenters)
+    default_lr: float = 1e-3
 
 
 _MODELS: dict[str, ModelSpec] = {}
