@@ -52,13 +52,16 @@ def test_sample_data():
 
 CORE = ["napari_nucsynth", "napari_nucsynth.masks", "napari_nucsynth.points", "napari_nucsynth.io",
         "napari_nucsynth.metrics", "napari_nucsynth.stain", "napari_nucsynth.render", "napari_nucsynth.devices",
-        "napari_nucsynth.cli", "napari_nucsynth._checks"]
+        "napari_nucsynth.cli", "napari_nucsynth._checks", "napari_nucsynth.segment", "napari_nucsynth.models",
+        "napari_nucsynth.train"]
 
 
 def test_core_modules_import_no_qt_napari_or_torch():
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in CORE)
+        # listing the methods imports every registered renderer and segmenter module (the widgets do it at start)
+        + "napari_nucsynth.render.renderers(); napari_nucsynth.segment.segmenters()\n"
         + "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui', 'torch', 'vispy'))\n"
         "print(','.join(bad))\n"

@@ -104,16 +104,22 @@ def load_vgg19(weights="auto", layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1
     an error if unreadable), or "random" (the fallback: torchvision's initialisation from ``seed``). The encoder's
     ``source`` says which was used.
     """
-    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
 
+    bad = [name for name in layers if name not in LAYERS]
+    if bad or not layers:
+        raise ValueError(f"unknown VGG layer(s) {bad or list(layers)}; known: {list(LAYERS)}")
     if weights == "random":
         path = None
     else:
         path = find_vgg19_weights(weights)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        net = torchvision.models.vgg19(weights=None)
-    features = net.features[: LAYERS[layers[-1]]]
+    with torch.random.fork_rng(devices=[]):  # only the convolutional part (torchvision's whole VGG-19 would
+        torch.manual_seed(int(seed))          # draw 140 M classifier weights first)
+        features = make_layers(cfgs["E"], batch_norm=False)[: LAYERS[layers[-1]]]
+        for m in features.modules():  # torchvision's VGG initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
     source = f"random:seed{int(seed)}"
     if path is not None:
         try:

@@ -22,7 +22,9 @@ class Renderer(Protocol):
     name: str
     description: str
 
-    needs_checkpoint: bool  # True for learned generators (they may still ship a default)
+    needs_checkpoint: bool  # True for learned generators
+    # learned generators also give ``default_checkpoint``: the path of the model used when ``checkpoint`` is None
+    # (it may not exist: then rendering without a checkpoint is a ValueError that says how to train one)
 
     def __call__(self, labels: np.ndarray, style: np.ndarray, *, style_labels=None, seed: SeedLike = None,
                  device: str = "auto", checkpoint=None, progress=None, should_stop=None) -> np.ndarray: ...

@@ -1,0 +1,91 @@
+"""The ``sian`` renderer: a trained SIAN generator (:mod:`napari_nucsynth.models.sian`) renders instance masks in
+the style encoded from a reference tile.
+
+Without ``checkpoint`` it runs the model shipped with the package (``data/models/sian_monuseg.pt``) when there is
+one; otherwise it says how to train one. Loaded models are cached per (path, modification time, device), so a live
+re-render only runs the network. torch is imported when a render runs, not when this module is imported (the
+renderer list is built when the plugin starts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._checks import SeedLike, as_labels, as_rgb
+from . import register
+
+__all__ = ["SIANRenderer", "default_checkpoint", "load_model"]
+
+_MODELS: dict = {}
+
+TRAIN_HINT = "nucsynth train --model sian --images DIR --labels DIR --steps N --out CKPT"
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint's path (absent until a trained model is shipped)."""
+    return Path(__file__).resolve().parents[1] / "data" / "models" / "sian_monuseg.pt"
+
+
+def load_model(checkpoint, device):
+    """The SIAN model of a checkpoint on ``device`` in eval mode, cached per (path, modification time, device).
+    A checkpoint whose discriminator was stripped (for shipping) loads too: rendering does not use it."""
+    from ..models import get_model, load_checkpoint
+
+    path = Path(checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
+    if key not in _MODELS:
+        ck = load_checkpoint(path, kind="sian")
+        model = get_model("sian").build(dict(ck["config"]))
+        missing, unexpected = model.load_state_dict(ck["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith("discriminator.")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match its SIAN config (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); retrain it with {TRAIN_HINT}")
+        model.to(device).eval()
+        _MODELS.clear()  # one model at a time
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+@register("sian")
+class SIANRenderer:
+    """SIAN (Wang et al., ISBI 2023): a GAN whose normalisations are modulated by the masks' semantic, direction and
+    distance maps and by a style vector encoded from the reference."""
+
+    name = "sian"
+    description = ("SIAN generator (style-guided instance-adaptive normalisation): needs a trained checkpoint; "
+                   "the style is encoded from the reference image")
+    needs_checkpoint = True
+    default_checkpoint = default_checkpoint()  # the shipped model's path (the widget checks whether it exists)
+
+    def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
+                 checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
+        """Render ``labels`` in the style of ``style``; see :func:`napari_nucsynth.render.render`.
+
+        ``style_labels`` are checked (same shape as ``style``) but not used: SIAN encodes the style from the image
+        alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
+        trains one.
+        """
+        lab = as_labels(labels, "labels")
+        if lab.size == 0:
+            raise ValueError(f"labels is empty (shape {lab.shape})")
+        sty = as_rgb(style, "style")
+        if style_labels is not None:
+            sl = as_labels(style_labels, "style_labels")
+            if sl.shape != sty.shape[:2]:
+                raise ValueError(f"style_labels must have the style image's shape {sty.shape[:2]}, got {sl.shape}")
+        if checkpoint is None:
+            ckpt = default_checkpoint()
+            if not ckpt.exists():
+                raise ValueError("the sian renderer needs a trained model, and none is shipped with this version "
+                                 f"({ckpt} is missing). Train one with `{TRAIN_HINT}` and pass its file as "
+                                 "checkpoint= (--checkpoint in `nucsynth render`, the checkpoint box in the widget)")
+        else:
+            ckpt = Path(checkpoint)
+        from ..devices import resolve_device
+        from ..models.sian import render
+
+        model = load_model(ckpt, resolve_device(device))
+        return render(model, lab, sty, seed=seed, progress=progress, should_stop=should_stop)
