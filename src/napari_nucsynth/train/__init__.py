@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checks import SeedLike, as_labels, as_rgb, as_rng
+from .._checks import SeedLike, as_labels, as_rgb, as_rng
 
 __all__ = ["TrainResult", "TrainUpdate", "load_pairs", "train"]
 
@@ -48,7 +48,7 @@ class TrainResult:
 def load_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Pairs from two folders (files matched by stem) or two sequences of arrays; returns images (RGB uint8),
     labels (uint32) and names."""
-    from .io import read_image, read_labels
+    from ..io import read_image, read_labels
 
     if isinstance(images, (str, Path)) or isinstance(labels, (str, Path)):
         idir, ldir = Path(images), Path(labels)
@@ -94,7 +94,7 @@ def _augment(img: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generat
 def _stain_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05) -> np.ndarray:
     """Tellez et al.'s HED augmentation: each stain density scaled by 1 + N(0, sigma) and shifted by N(0, sigma)
     times a small bias; brightness and contrast left as the scanner gave them."""
-    from .stain import hed_to_rgb, rgb_to_hed
+    from ..stain import hed_to_rgb, rgb_to_hed
 
     hed = rgb_to_hed(img)
     a = rng.normal(1.0, sigma, 3).astype(np.float32)
@@ -151,9 +151,9 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     """
     import torch
 
-    from .devices import resolve_device
-    from .metrics import instance_metrics
-    from .models import get_model, load_checkpoint, save_checkpoint
+    from ..devices import resolve_device
+    from ..metrics import instance_metrics
+    from ..models import get_model, load_checkpoint, save_checkpoint
 
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
