@@ -7,14 +7,25 @@
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
-                   [--device D] [--seed N]
+                   [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX] [--save-every N]
+    nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
+                   --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
+    torchrun --nproc_per_node=N -m napari_nucsynth.cli train ...      the same, data-parallel (docs/distributed.md)
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
+
+``nucsynth train`` shows a progress bar (step, loss, it/s, ETA) on a terminal and a line every 10 s otherwise (logs).
+Ctrl-C or SIGTERM stops after the current step, saves the checkpoint and prints how to resume (exit status 130 or
+143); a second Ctrl-C aborts at once (the last saved checkpoint stays intact). ``--resume`` continues with the
+same step count, optimiser and random state.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -28,7 +39,7 @@ def _sample_masks(args) -> int:
         prior = ShapePrior.fit(read_labels(args.prior), seed=args.seed if args.seed is not None else 0)
     labels = sample_masks(points, tuple(args.shape), classes=classes, prior=prior, seed=args.seed)
     out = write_labels(args.out, labels)
-    n = int(len(set(labels[labels > 0].tolist()))) if labels.any() else 0
+    n = len(set(labels[labels > 0].tolist())) if labels.any() else 0
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {n} nuclei from {len(points)} points)")
     return 0
 
@@ -85,30 +96,227 @@ def _segment(args) -> int:
     return 0
 
 
+def _json_config(text: str | None) -> dict | None:
+    """``--config``: a JSON object, or the path of a file that holds one."""
+    import json
+
+    if text is None:
+        return None
+    src = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--config must be a JSON object or a JSON file; {text!r} is neither")
+        src = path.read_text()
+    try:
+        cfg = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(  # noqa: TRY004 - the command reports ValueErrors as messages
+            f"--config must be a JSON object ({{\"key\": value, ...}}), got {type(cfg).__name__}")
+    return cfg
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop: it finishes the step, saves and returns. A second
+    SIGINT raises ``KeyboardInterrupt`` at once. Used as ``should_stop``; handlers are installed for the ``with``
+    block (in the main thread only) and restored after it."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._old: dict = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if self.announce:  # os.write: safe in a handler (print may be in the middle of writing)
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving the checkpoint"
+                        f"{' (Ctrl-C again to abort at once)' if signum == signal.SIGINT else ''}\n".encode())
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _terminal_width() -> int:
+    """Columns of the terminal on stdout; 0 when stdout is not a terminal (a log file, a pipe) or has no size."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class _TrainReport:
+    """The ``on_update`` of ``nucsynth train``: a tqdm bar (step/steps, loss, it/s, ETA) when stdout is a terminal
+    and tqdm is installed, else a line every ``every`` seconds and at the last step (readable in logs)."""
+
+    def __init__(self, every: float = 10.0, bar: bool | None = None) -> None:
+        self.every = every
+        self.bar = None
+        self._want_bar = _terminal_width() > 0 if bar is None else bar
+        self._first: tuple[int, float] | None = None  # (step, time) of the first step of this session
+        self._last = 0.0
+
+    def _rate(self, step: int) -> float | None:
+        if self._first is None or step <= self._first[0]:
+            return None
+        dt = time.monotonic() - self._first[1]
+        return (step - self._first[0]) / dt if dt > 0 else None
+
+    def __call__(self, e) -> None:
+        if e.kind == "step":
+            loss = e.losses.get("loss")
+            if self._first is None:
+                self._first = (e.step, time.monotonic())
+                if self._want_bar:
+                    try:
+                        from tqdm import tqdm
+                    except ImportError:
+                        self._want_bar = False
+                    else:  # it/s and ETA from this session's steps (a resumed run starts at its step)
+                        self.bar = tqdm(total=e.steps, initial=e.step - 1, unit="step", dynamic_ncols=True,
+                                        file=sys.stdout, smoothing=0.1)
+            if self.bar is not None:
+                if loss is not None:
+                    self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+                self.bar.update(e.step - self.bar.n)
+                return
+            now = time.monotonic()
+            if now - self._last >= self.every or e.step == e.steps:
+                self._last = now
+                rate = self._rate(e.step)
+                msg = f"step {e.step}/{e.steps}"
+                if loss is not None:
+                    msg += f", loss {loss:.4f}"
+                if rate:
+                    msg += f", {rate:.2f} it/s, ETA {_duration((e.steps - e.step) / rate)}"
+                print(msg, flush=True)
+        elif e.kind == "validation":
+            val = ", ".join(f"{k} {v:.3f}" for k, v in e.metrics.items()
+                            if k != "val_step" and isinstance(v, (int, float)))
+            self.write(f"step {e.step}: validation {val}")
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _resume_command(argv: list[str], out: Path) -> str:
+    """The command that continues this run: the same arguments with ``--resume OUT``."""
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    world = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    prefix = (["torchrun", f"--nproc_per_node={world}", "-m", "napari_nucsynth.cli"]
+              if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ["nucsynth"])
+    return shlex.join([*prefix, *args, "--resume", str(out)])
+
+
 def _train(args) -> int:
-    from .train import train
+    from .train.distributed import world_from_env
 
     out = Path(args.out)
     if out.suffix != ".pt":
         raise ValueError(f"the checkpoint file must end in .pt, got {out.name}")
-    last = [0.0]
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    config = _json_config(args.config)
+    world, rank, _ = world_from_env()
+    main = rank == 0  # under torchrun, rank 0 alone reports
+    report = _TrainReport()
+    kw = {"steps": args.steps, "out": out, "resume": args.resume, "device": args.device, "seed": args.seed,
+          "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "save_every": args.save_every,
+          "on_update": report if main else None}
+    with _StopOnSignal(announce=main) as stop:
+        try:
+            if args.model == "joint":
+                res = _train_joint(args, config, world, stop, kw)
+            else:
+                if args.generator or args.segmenter:
+                    raise ValueError("--generator and --segmenter are for --model joint")
+                from .train import train
 
-    def progress(step: int, steps: int, msg: str) -> None:
-        import time
-
-        now = time.monotonic()
-        if now - last[0] >= 10 or step == steps:  # a line every 10 s
-            last[0] = now
-            print(msg, flush=True)
-
-    res = train(args.model, args.images, args.labels, steps=args.steps, out=out, resume=args.resume,
-                device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                val_fraction=args.val_fraction, progress=progress)
+                res = train(args.model, args.images, args.labels, config=config, val_fraction=args.val_fraction,
+                            should_stop=stop, **kw)
+        except KeyboardInterrupt:
+            report.close()
+            if main:
+                saved = f"the last checkpoint saved is {out}" if out.is_file() else "no checkpoint was saved"
+                print(f"\nnucsynth train: aborted; {saved}", file=sys.stderr)
+            return 130
+        finally:
+            report.close()
+    code = 128 + stop.signum if stop.signum else 0  # 130 (SIGINT) or 143 (SIGTERM): stopped, but saved
+    if not main:
+        return code
     val = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items()
                     if k != "val_step" and isinstance(v, (int, float)))
     print(f"wrote {res.path} (step {res.step}{', stopped' if res.stopped else ''}"
-          + (f"; validation {val}" if val else "") + f"; {res.seconds:.0f} s)")
-    return 0
+          + (f"; validation {val}" if val else "") + f"; {res.seconds:.0f} s)", flush=True)
+    if res.stopped and res.step < args.steps:
+        print(f"stopped at step {res.step} of {args.steps}; to continue:\n  {_resume_command(args.argv, res.path)}",
+              flush=True)
+    return code
+
+
+def _train_joint(args, config, world, stop, kw):
+    """``--model joint``: :func:`napari_nucsynth.train.joint.train_joint` (Gong et al.'s G-D-S loop)."""
+    if not args.generator or not args.segmenter:
+        raise ValueError("--model joint needs --generator (adain or sian) and --segmenter (hovernet or maskrcnn)")
+    if world > 1:
+        raise ValueError("--model joint trains in one process; launch it without torchrun")
+    try:
+        from .train.joint import train_joint
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.train.joint":
+            raise
+        raise ValueError("--model joint needs napari_nucsynth.train.joint, which this installation lacks; "
+                         "update napari-nucsynth") from None
+    extra = {}
+    if config:  # {"generator": {...}, "segmenter": {...}}: the networks' configurations
+        unknown = set(config) - {"generator", "segmenter"}
+        if unknown:
+            raise ValueError("--config of --model joint takes the keys 'generator' and 'segmenter', not "
+                             + ", ".join(sorted(unknown)))
+        extra = {f"{k}_config": v for k, v in config.items()}
+    return train_joint(args.generator, args.segmenter, args.images, args.labels, adversarial=args.adversarial,
+                       should_stop=stop, **extra, **kw)
 
 
 _LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
@@ -234,19 +442,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) or generator (adain, sian) on pairs")
-    p.add_argument("--model", required=True, help="the model kind: hovernet, maskrcnn, adain or sian")
+    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) or generator (adain, sian) on pairs",
+                       description="Train a model on pairs of images and instance labels. Ctrl-C or SIGTERM stops "
+                       "after the current step and saves (a second Ctrl-C aborts); --resume continues. Under "
+                       "torchrun it trains data-parallel (docs/distributed.md).")
+    p.add_argument("--model", required=True,
+                   help="the model kind: hovernet, maskrcnn, adain, sian, or joint (a generator and a segmenter "
+                   "trained together: --generator, --segmenter)")
     p.add_argument("--images", required=True, help="folder of H&E images")
     p.add_argument("--labels", required=True, help="folder of instance label maps (same file names as the images)")
     p.add_argument("--steps", type=int, required=True, help="total optimisation steps")
-    p.add_argument("--out", required=True, help="the checkpoint to write (.pt), saved every 200 steps")
-    p.add_argument("--resume", help="continue a stopped run from this checkpoint")
+    p.add_argument("--out", required=True, help="the checkpoint to write (.pt), saved every --save-every steps")
+    p.add_argument("--resume", help="continue a stopped run from this checkpoint (same step count, optimiser and "
+                   "random state; its configuration is used)")
+    p.add_argument("--config", help="model configuration merged into the kind's defaults: a JSON object or a JSON "
+                   "file (for --model joint: {\"generator\": {...}, \"segmenter\": {...}})")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
+    p.add_argument("--generator", help="--model joint: the generator kind (adain or sian)")
+    p.add_argument("--segmenter", help="--model joint: the segmenter kind (hovernet or maskrcnn)")
+    p.add_argument("--adversarial", choices=("reverse", "acgan"), default="reverse",
+                   help="--model joint: the generator ascends (reverse, the paper) or descends (acgan) the "
+                   "segmenter's loss")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
@@ -257,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except ValueError as e:

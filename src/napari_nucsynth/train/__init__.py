@@ -5,6 +5,10 @@ targets are made after the geometric augmentation, from the augmented labels), a
 image, progress and cancel callbacks, typed :class:`TrainUpdate` events for loss plots, and checkpoints in the
 one format (:func:`napari_nucsynth.models.save_checkpoint`) with the optimiser and random state, so a run stopped
 at any point resumes where it stopped (``resume=``). Stopping (``should_stop``) saves before returning.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the same call trains data-parallel: every rank
+draws its own samples, the optimisers average the gradients over the ranks before each step, and rank 0 alone
+reports, validates and saves (:mod:`napari_nucsynth.train.distributed`, ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -148,19 +152,49 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         checkpoint is saved); ``on_update(TrainUpdate)`` for loss plots.
     train_data : dict, optional
         What to record about the data in the checkpoint (defaults to the image names and counts).
-    """
-    import torch
 
-    from ..devices import resolve_device
-    from ..metrics import instance_metrics
-    from ..models import get_model, load_checkpoint, save_checkpoint
+    Notes
+    -----
+    Under ``torchrun`` with more than one process, each rank trains on ``batch_size`` samples a step (the
+    effective batch is ``batch_size`` times the number of processes) drawn with its own random stream; the weights
+    start from rank 0's and stay equal; ``device`` "auto"/"cuda" means ``cuda:LOCAL_RANK`` (NCCL), "cpu" gloo.
+    Only rank 0 calls ``progress`` and ``on_update``, validates and writes ``out``; ``should_stop`` is asked on
+    every rank and the run stops on all ranks after the step where any rank said stop. The checkpoint holds every
+    rank's random state, so a resumed run with the same number of processes continues exactly.
+    """
+    from ..models import get_model
+    from .distributed import setup
 
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     spec = get_model(kind)
     lr = spec.default_lr if lr is None else float(lr)
     imgs, labs, names = load_pairs(images, labels)
-    dev = resolve_device(device)
+    dctx, dev = setup(device)  # (None, the device) unless launched by torchrun with more than one process
+    try:
+        return _train(spec, kind, imgs, labs, names, dctx=dctx, dev=dev, steps=steps, out=out, resume=resume,
+                      init=init, config=config, seed=seed, batch_size=batch_size, crop=crop, lr=lr,
+                      val_fraction=val_fraction, val_images=val_images, val_labels=val_labels,
+                      eval_every=eval_every, save_every=save_every, preview_every=preview_every, progress=progress,
+                      should_stop=should_stop, on_update=on_update, train_data=train_data)
+    finally:
+        if dctx is not None:
+            dctx.close()
+
+
+def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init, config, seed, batch_size, crop,
+           lr, val_fraction, val_images, val_labels, eval_every, save_every, preview_every, progress, should_stop,
+           on_update, train_data) -> TrainResult:
+    """The loop of :func:`train` on one process (one rank of a torchrun launch when ``dctx`` is given)."""
+    import torch
+
+    from ..metrics import instance_metrics
+    from ..models import load_checkpoint, save_checkpoint
+
+    main = dctx is None or dctx.is_main
+    if not main:  # only rank 0 reports
+        progress = on_update = None
+    rank = 0 if dctx is None else dctx.rank
     rng = as_rng(seed)
     split_seed = int(seed) if isinstance(seed, (int, np.integer)) else 0
     if val_images is not None:
@@ -191,7 +225,12 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     else:
         cfg = {**spec.default_config(), **(config or {})}
         model = spec.build(cfg)
+    if rank > 0 and resume is None:  # same initial weights, but this rank's own samples and torch random stream
+        rng = np.random.default_rng([int(rng.integers(2**62)), rank])
+        torch.manual_seed(int(rng.integers(2**31)))
     model.to(dev)
+    if dctx is not None:
+        dctx.broadcast_module(model)  # equal weights even when the seed is not (seed=None, a Generator)
     if spec.optimizers is not None:
         opts = dict(spec.optimizers(model, lr))
     else:
@@ -200,6 +239,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     for o in opts.values():
         for g in o.param_groups:
             g.setdefault("base_lr", g["lr"])
+        if dctx is not None:  # every optimiser averages its gradients over the ranks before it steps
+            dctx.sync_gradients_before_step(o)
     warm = max(1, min(200, int(steps) // 20))
 
     def lr_at(i: int) -> float:
@@ -216,22 +257,34 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
             if name in ck.get("optimizer", {}):
                 o.load_state_dict(ck["optimizer"][name])
         if "rng" in ck:
-            rng.bit_generator.state = ck["rng"]["numpy"]
-            torch.set_rng_state(ck["rng"]["torch"])
+            world = 1 if dctx is None else dctx.world_size
+            ranks = ck["rng"].get("ranks") or [ck["rng"]]
+            own = ranks[rank] if len(ranks) == world else ranks[0]
+            rng.bit_generator.state = own["numpy"]
+            torch.set_rng_state(own["torch"])
+            if rank > 0 and len(ranks) != world:  # another number of processes: derive this rank's streams
+                rng = np.random.default_rng([int(rng.integers(2**62)), rank])
+                torch.manual_seed(int(rng.integers(2**31)))
         metrics = dict(ck.get("metrics", {}))
     collate = spec.collate or _default_collate
 
     def save(step: int) -> Path:
+        """Write the checkpoint (rank 0; under torchrun a collective that gathers every rank's random state)."""
+        rng_state = _rng_state(rng)
+        if dctx is not None:
+            rng_state = {**rng_state, "ranks": dctx.gather(rng_state)}
+        if not main:
+            return Path(out)
         p = save_checkpoint(out, kind=kind, config=cfg, state_dict={k: v.detach().cpu() for k, v in
                                                                      model.state_dict().items()},
                             step=step, metrics=metrics, train_data=data,
-                            optimizer={n: o.state_dict() for n, o in opts.items()}, rng=_rng_state(rng))
+                            optimizer={n: o.state_dict() for n, o in opts.items()}, rng=rng_state)
         if on_update:
             on_update(TrainUpdate("checkpoint", step, steps, path=str(p), seconds=time.perf_counter() - t0))
         return p
 
     def validate(step: int) -> None:
-        if not v_imgs:
+        if not v_imgs or not main:
             return
         model.eval()
         if spec.validate is not None:
@@ -258,7 +311,10 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     model.train()
     step, stopped = start, False
     while step < steps:
-        if should_stop and should_stop():
+        stop = bool(should_stop and should_stop())
+        if dctx is not None:
+            stop = dctx.any(stop)  # every rank stops after the same step
+        if stop:
             stopped = True
             break
         samples = []
@@ -278,6 +334,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
             opts["opt"].zero_grad(set_to_none=True)
             loss.backward()
             opts["opt"].step()
+        if dctx is not None:
+            dctx.broadcast_module(model, buffers_only=True)  # BatchNorm statistics: rank 0's, as DDP does
         step += 1
         if on_update:
             on_update(TrainUpdate("step", step, steps, losses=logs, seconds=time.perf_counter() - t0))
@@ -290,6 +348,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         if step % save_every == 0 and step < steps:
             save(step)
     path = save(step)
+    if dctx is not None:
+        dctx.barrier()  # no rank returns before the checkpoint is written
     return TrainResult(path=path, step=step, stopped=stopped, metrics=dict(metrics), seconds=time.perf_counter() - t0)
 
 

@@ -1,0 +1,172 @@
+"""``nucsynth train`` as a command: Ctrl-C / SIGTERM save and say how to resume, the resumed run ends where an
+uninterrupted one ends, progress output, ``--config``, ``--model joint``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_nucsynth.cli import _StopOnSignal, _TrainReport, main
+from napari_nucsynth.models import load_checkpoint
+from napari_nucsynth.train import TrainResult, TrainUpdate
+
+TILE = "TCGA-A7-A13F-01Z-00-DX1"
+TINY = {"backbone": "resnet18", "width": 8, "pretrained": None}
+STEPS = 8
+
+
+@pytest.fixture
+def pairs(load_tile, tmp_path):
+    import imageio.v3 as iio
+
+    from napari_nucsynth.io import write_labels
+
+    img, lab = load_tile(TILE)
+    for d in ("im", "lb"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
+        write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
+    return tmp_path / "im", tmp_path / "lb"
+
+
+def _args(pairs, out, *extra) -> list[str]:
+    return ["train", "--model", "hovernet", "--images", str(pairs[0]), "--labels", str(pairs[1]), "--steps",
+            str(STEPS), "--out", str(out), "--batch-size", "1", "--crop", "64", "--val-fraction", "0", "--device",
+            "cpu", "--seed", "1", "--config", json.dumps(TINY), *extra]
+
+
+def _popen(args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "napari_nucsynth.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_signal_saves_and_resume_ends_like_an_uninterrupted_run(pairs, tmp_path):
+    full = _popen(_args(pairs, tmp_path / "full.pt"))
+    # checkpoints every step, so the first file tells that a step is done; then Ctrl-C (and SIGTERM to another)
+    runs = {sig: (_popen(_args(pairs, tmp_path / f"{sig.name}.pt", "--save-every", "1")), tmp_path / f"{sig.name}.pt")
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    pending, t0 = dict(runs), time.monotonic()
+    while pending and time.monotonic() - t0 < 120:
+        for sig, (proc, ck) in list(pending.items()):
+            if ck.exists():
+                proc.send_signal(sig)
+                del pending[sig]
+            assert proc.poll() is None or sig not in pending, proc.communicate()
+        time.sleep(0.02)
+    assert not pending, "no checkpoint appeared"
+    out_full = full.communicate(timeout=120)
+    assert full.returncode == 0, out_full[1][-2000:]
+    ref = load_checkpoint(tmp_path / "full.pt")["state_dict"]
+    resumed = {}
+    for sig, (proc, ck) in runs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, stderr[-2000:]  # 130 for SIGINT, 143 for SIGTERM: stopped and saved
+        assert f"{sig.name}: stopping after this step" in stderr
+        step = load_checkpoint(ck)["step"]
+        assert 1 <= step < STEPS and f"stopped at step {step} of {STEPS}" in stdout
+        resume = stdout.strip().splitlines()[-1].strip()  # the printed command that continues the run
+        assert resume.startswith("nucsynth train") and resume.endswith(f"--resume {ck}")
+        resumed[sig] = _popen(shlex.split(resume)[1:])
+    for sig, proc in resumed.items():
+        ck = runs[sig][1]
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert f"step {STEPS}/{STEPS}" in stdout  # the log line of the last step (stdout is not a terminal)
+        got = load_checkpoint(ck)
+        assert got["step"] == STEPS
+        assert all(torch.equal(ref[k], got["state_dict"][k]) for k in ref), sig.name
+
+
+def test_stop_on_signal_handlers():
+    old = signal.getsignal(signal.SIGINT)
+    with _StopOnSignal(announce=False) as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop() and stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):  # but a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is old
+
+
+def test_report_lines_and_bar(capsys):
+    rep = _TrainReport(every=0, bar=False)
+    for i in (3, 4, 5):  # a resumed run: it/s and ETA from this session's steps
+        rep(TrainUpdate("step", i, 10, losses={"loss": 0.5}))
+    rep(TrainUpdate("validation", 5, 10, metrics={"aji": 0.25, "val_step": 5}))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step 3/10, loss 0.5000"
+    assert lines[2].startswith("step 5/10, loss 0.5000, ") and "it/s, ETA 0:" in lines[2]
+    assert lines[3] == "step 5: validation aji 0.250"
+    pytest.importorskip("tqdm")
+    bar = _TrainReport(bar=True)
+    for i in (1, 2):
+        bar(TrainUpdate("step", i, 4, losses={"loss": 1.25}))
+    bar.close()
+    out = capsys.readouterr().out
+    assert "2/4" in out and "loss 1.2500" in out and "step/s" in out
+
+
+def test_config_option_errors(pairs, tmp_path, capsys):
+    base = ["train", "--model", "hovernet", "--images", str(pairs[0]), "--labels", str(pairs[1]), "--steps", "1",
+            "--out", str(tmp_path / "m.pt")]
+    for cfg, msg in (("[1, 2]", "neither"), ("{bad", "not valid JSON"), (str(tmp_path / "none.json"), "neither")):
+        assert main([*base, "--config", cfg]) == 2
+        assert msg in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1]")
+    assert main([*base, "--config", str(tmp_path / "list.json")]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_model_joint_wiring(pairs, tmp_path, monkeypatch, capsys):
+    base = ["train", "--images", str(pairs[0]), "--labels", str(pairs[1]), "--steps", "3", "--out",
+            str(tmp_path / "j.pt")]
+    assert main([*base, "--model", "joint", "--generator", "adain"]) == 2
+    assert "--segmenter" in capsys.readouterr().err
+    assert main([*base, "--model", "hovernet", "--generator", "adain"]) == 2
+    assert "for --model joint" in capsys.readouterr().err
+    calls = []
+
+    def fake(generator, segmenter, images, labels, **kw):
+        calls.append((generator, segmenter, kw))
+        return TrainResult(path=kw["out"], step=kw["steps"], stopped=False, metrics={}, seconds=0.0)
+
+    from napari_nucsynth.train import joint
+
+    monkeypatch.setattr(joint, "train_joint", fake)
+    cfg = json.dumps({"generator": {"width": 4}, "segmenter": TINY})
+    assert main([*base, "--model", "joint", "--generator", "sian", "--segmenter", "hovernet", "--adversarial", "acgan",
+                 "--config", cfg, "--save-every", "5"]) == 0
+    (g, s, kw), = calls
+    assert (g, s, kw["adversarial"], kw["steps"], kw["save_every"]) == ("sian", "hovernet", "acgan", 3, 5)
+    assert kw["generator_config"] == {"width": 4} and kw["segmenter_config"] == TINY and callable(kw["should_stop"])
+    assert "wrote" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "napari_nucsynth.train.joint", None)  # an installation without the module
+    assert main([*base, "--model", "joint", "--generator", "sian", "--segmenter", "hovernet"]) == 2
+    assert "lacks" in capsys.readouterr().err
+
+
+def test_resume_command_keeps_arguments():
+    from pathlib import Path
+
+    from napari_nucsynth.cli import _resume_command
+
+    cmd = _resume_command(["train", "--model", "hovernet", "--resume", "old.pt", "--out", "a b.pt"], Path("a b.pt"))
+    assert cmd == "nucsynth train --model hovernet --out 'a b.pt' --resume 'a b.pt'"
+    assert np.array_equal(shlex.split(cmd)[-2:], ["--resume", "a b.pt"])
