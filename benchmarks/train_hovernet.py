@@ -48,6 +48,12 @@ def main() -> None:
     if args.split == "bench":
         tiles = [t for t in tiles if t not in SEGMENT_HELDOUT]
     imgs, labs = [load_image(t) for t in tiles], [load_labels(t) for t in tiles]
+    init_data = None
+    if args.init:  # record how the starting weights were made too: the shipped model's provenance is both runs
+        from napari_nucsynth.models import load_checkpoint as _load
+
+        ck0 = _load(args.init, kind="hovernet")
+        init_data = {**ck0["train_data"], "step": ck0["step"]}
     t0 = time.perf_counter()
 
     def on_update(u):
@@ -61,7 +67,7 @@ def main() -> None:
                 val_fraction=0, save_every=200, on_update=on_update,
                 train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
                             "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                            "init": args.init, "batch_size": args.batch_size, "crop": args.crop,
+                            "init": args.init, "init_train_data": init_data, "batch_size": args.batch_size, "crop": args.crop,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     if args.strip:
         from napari_nucsynth.models import load_checkpoint, save_checkpoint
