@@ -1,0 +1,267 @@
+"""Qt tests of the Train widget: a tiny HoVer-Net on a small synthetic tile (crop 64, batch 1), a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_nucsynth._widgets.segment import SegmentWidget
+from napari_nucsynth._widgets.train import (
+    JOINT,
+    TrainWidget,
+    joint_available,
+    synthetic_pairs,
+)
+from napari_nucsynth.devices import available_devices
+from napari_nucsynth.models import load_checkpoint, model_kinds
+from napari_nucsynth.train import TrainResult, TrainUpdate
+
+TIMEOUT = 30000  # ms
+TINY = {"backbone": "resnet18", "width": 8, "pretrained": None}  # as tests/test_hovernet.py
+
+
+def _tile(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Dark discs (nuclei) on a pink background, and their instance labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n]
+    lab = np.zeros((n, n), np.uint32)
+    for i, (r, c) in enumerate(rng.integers(8, n - 8, (14, 2)), 1):
+        lab[((yy - r) ** 2 + (xx - c) ** 2 <= 36) & (lab == 0)] = i
+    img = np.empty((n, n, 3), np.uint8)
+    img[:] = (235, 200, 220)
+    img[lab > 0] = (80, 50, 140)
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    return img, lab
+
+
+@pytest.fixture
+def setup(make_napari_viewer, monkeypatch, tmp_path):
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path / "models"))
+    viewer = make_napari_viewer()
+    img, lab = _tile()
+    image = viewer.add_image(img, name="H&E", rgb=True)
+    labels = viewer.add_labels(lab, name="nuclei")
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train")
+    widget.model.value = "hovernet"
+    widget.config.value = json.dumps(TINY)
+    widget.steps.value = 400
+    widget.batch.value = 1
+    widget.crop.value = 64
+    widget.device.value = "cpu"
+    widget.val_fraction.value = 0.0
+    widget.save_every.value = 1000
+    return viewer, image, labels, widget
+
+
+def _hidden(w) -> bool:
+    return w.native.isHidden()  # `visible` is False for every widget of a viewer that is not shown
+
+
+def _wait_idle(widget, qtbot):
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def _wait_step(widget, qtbot, n: int):
+    qtbot.waitUntil(lambda: widget._job is not None and widget._job.step >= n, timeout=TIMEOUT)
+
+
+def test_dropdowns_list_the_registry_and_pairs(setup):
+    viewer, image, labels, widget = setup
+    kinds = model_kinds() + ([JOINT] if joint_available() else [])
+    assert list(widget.model.choices) == kinds
+    assert {"hovernet", "maskrcnn", "adain", "sian"} <= set(kinds)
+    assert list(widget.device.choices) == available_devices()
+    assert widget.pairs.value == [(image, labels)]  # the one pair of the same size, chosen by default
+    viewer.add_labels(np.zeros((50, 50), np.uint32), name="other size")
+    assert len(widget.pairs.choices) == 1  # only layers of the same height and width pair up
+    assert _hidden(widget.generator) and not _hidden(widget.config)
+    widget.source.value = "folder"
+    assert not _hidden(widget.images_dir) and _hidden(widget.pairs) and _hidden(widget.styles)
+
+
+def test_start_stop_resume_cycle(setup, qtbot, tmp_path):
+    viewer, _, _, widget = setup
+    segment = SegmentWidget(viewer)  # open before the run: it must list the checkpoint once saved
+    viewer.window.add_dock_widget(segment, name="Segment")
+    segment.method.value = "hovernet"
+    assert list(segment.checkpoint.choices) == [None]
+    widget.start_btn.native.click()
+    assert widget.running and widget.start_btn.text == "Stop"
+    _wait_step(widget, qtbot, 3)
+    qtbot.waitUntil(lambda: widget.plot.points >= 3, timeout=TIMEOUT)  # the loss plot gets the steps
+    assert {"loss"} <= set(widget.plot.series)
+    qtbot.waitUntil(lambda: "steps/s" in widget.live_text and "left" in widget.live_text, timeout=TIMEOUT)
+    widget.plot.grab()  # paints (also when the viewer is hidden)
+    assert widget.plot.redraws >= 1
+    widget.start_btn.native.click()  # the button reads Stop
+    _wait_idle(widget, qtbot)
+    res = widget.result
+    assert isinstance(res, TrainResult) and res.stopped and 3 <= res.step < 400
+    assert res.path.parent == tmp_path / "models" and res.path.name.startswith("hovernet-")
+    assert load_checkpoint(res.path, kind="hovernet")["step"] == res.step
+    assert "stopped" in widget.status.value and widget.start_btn.text == "Start"
+    assert res.path in segment.checkpoint.choices  # listed at once for the Segment widget
+    # resume the last run: it continues in the same file up to the new step count
+    assert widget.resume.choices[1] == res.path
+    widget.resume.value = res.path
+    widget.steps.value = res.step + 2
+    xs = widget.plot.series["loss"][0]
+    n_points = len(xs)
+    widget.start()
+    _wait_idle(widget, qtbot)
+    res2 = widget.result
+    assert not res2.stopped and res2.step == res.step + 2 and res2.path == res.path
+    assert len(xs) == n_points + 2 and xs[-1] == res2.step  # the plot continues the curve
+    assert load_checkpoint(res.path)["step"] == res.step + 2 and "finished" in widget.status.value
+
+
+def test_pause_blocks_and_resume_continues(setup, qtbot):
+    _, _, _, widget = setup
+    widget.start()
+    _wait_step(widget, qtbot, 1)
+    widget.pause_btn.native.click()
+    assert widget.paused and widget.pause_btn.text == "Resume"
+    qtbot.wait(400)  # the step in flight ends; then the thread waits
+    widget._drain()
+    step = widget._job.step
+    qtbot.wait(600)
+    widget._drain()
+    assert widget._job.step == step and widget.running  # no progress while paused
+    widget.pause_btn.native.click()
+    assert not widget.paused and widget.pause_btn.text == "Pause"
+    _wait_step(widget, qtbot, step + 2)
+    # Stop while paused still stops, and saves
+    widget.pause()
+    widget.stop()
+    _wait_idle(widget, qtbot)
+    assert widget.result.stopped and load_checkpoint(widget.result.path)["step"] == widget.result.step
+
+
+def test_closing_the_widget_stops_and_saves(setup, qtbot):
+    viewer, _, _, widget = setup
+    widget.start()
+    _wait_step(widget, qtbot, 1)
+    worker = widget._worker
+    viewer.window.remove_dock_widget(widget.native)  # the dock's close button
+    assert widget._job.stop
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT)
+    _wait_idle(widget, qtbot)
+    assert widget.result.stopped and widget.result.path.is_file()
+    assert "closed" in widget.status.value
+
+
+def test_bad_input_is_a_message(setup, qtbot, tmp_path):
+    _, _, _, widget = setup
+    widget.source.value = "folder"
+    widget.images_dir.value = tmp_path / "nope"
+    widget.labels_dir.value = tmp_path
+    widget.start()
+    assert not widget.running and "does not exist" in widget.status.value
+    (tmp_path / "imgs").mkdir()
+    widget.images_dir.value = tmp_path / "imgs"  # exists, but holds no pairs: the loader says so
+    widget.start()
+    _wait_idle(widget, qtbot)
+    assert widget.status.value.startswith("Cannot train:") and "no image" in widget.status.value
+    assert widget.start_btn.text == "Start" and widget.start_btn.enabled
+    widget.source.value = "layers"
+    widget.lr.value = "fast"
+    widget.start()
+    assert not widget.running and "Learning rate" in widget.status.value
+    widget.lr.value = ""
+    widget.config.value = "{width: 8"
+    widget.start()
+    assert not widget.running and "JSON" in widget.status.value
+
+
+def test_error_in_training_is_notified_and_the_checkpoint_kept(setup, qtbot, monkeypatch, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    import napari_nucsynth.train as train_mod
+
+    errors = []
+    monkeypatch.setattr(notification_manager, "receive_error", lambda *a, **k: errors.append(a))
+
+    def broken(kind, images, labels, *, steps, out, on_update=None, **kw):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"saved")
+        on_update(TrainUpdate("step", 1, steps, losses={"loss": 1.0}))
+        on_update(TrainUpdate("checkpoint", 1, steps, path=str(out)))
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(train_mod, "train", broken)
+    widget = setup[3]
+    widget.start()
+    _wait_idle(widget, qtbot)
+    assert len(errors) == 1 and errors[0][0] is RuntimeError
+    assert "Training failed" in widget.status.value and "is kept" in widget.status.value
+    assert widget.start_btn.text == "Start"
+
+
+def test_synthetic_pairs_are_generated_then_trained(setup, qtbot):
+    _, image, labels, widget = setup
+    imgs, labs = synthetic_pairs(2, 64, [image.data], fit_labels=labels.data, seed=0)
+    assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3) and labs[0].dtype == np.uint32 and labs[0].max() > 0
+    widget.source.value = "synthetic"
+    assert widget.styles.value == [image]
+    widget.n_synth.value, widget.synth_size.value, widget.steps.value = 2, 64, 2
+    widget.start()
+    assert "synthesising 2 pairs" in widget.status.value
+    _wait_idle(widget, qtbot)
+    res = widget.result
+    assert res is not None and res.step == 2 and not res.stopped, widget.status.value
+    assert load_checkpoint(res.path)["train_data"]["source"] == "synthetic"
+
+
+def test_generator_preview_layer(setup, qtbot):
+    viewer, _, _, widget = setup
+    widget.model.value = "adain"
+    widget.config.value = json.dumps({"width": 0.125, "pretrained": "random"})  # as tests/test_adain.py
+    widget.steps.value, widget.preview_every.value = 2, 1
+    widget.start()
+    _wait_idle(widget, qtbot)
+    assert widget.result is not None and widget.result.step == 2, widget.status.value
+    layer = viewer.layers["train preview: adain"]
+    assert layer.rgb and layer.data.dtype == np.uint8 and layer.metadata["step"] == 2
+    assert widget.pairs.choices == ((setup[1], setup[2]),)  # the preview is never offered as training data
+
+
+
+def test_joint_is_listed_when_installed(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """With a (fake) ``napari_nucsynth.train.joint`` installed, "joint" is a choice with generator and segmenter
+    dropdowns, and Start calls ``train_joint`` with them."""
+    import importlib.machinery
+    import sys
+    import types
+
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))
+    calls = []
+
+    def train_joint(generator, segmenter, images, labels, *, steps, out, on_update=None, should_stop=None, **kw):
+        calls.append((generator, segmenter, kw["adversarial"], len(images)))
+        on_update(TrainUpdate("step", 1, steps, losses={"loss": 1.0, "adv": 0.5}))
+        on_update(TrainUpdate("preview", 1, steps, image=np.zeros((8, 8, 3), np.uint8)))
+        return TrainResult(path=out, step=1, stopped=False, metrics={}, seconds=0.1)
+
+    fake = types.ModuleType("napari_nucsynth.train.joint")
+    fake.__spec__ = importlib.machinery.ModuleSpec("napari_nucsynth.train.joint", None)
+    fake.train_joint = train_joint
+    monkeypatch.setitem(sys.modules, "napari_nucsynth.train.joint", fake)
+    assert joint_available()
+    viewer = make_napari_viewer()
+    img, lab = _tile()
+    viewer.add_image(img, name="H&E", rgb=True)
+    viewer.add_labels(lab, name="nuclei")
+    widget = TrainWidget(viewer)
+    assert JOINT in widget.model.choices
+    widget.model.value = JOINT
+    assert not _hidden(widget.generator) and not _hidden(widget.segmenter) and _hidden(widget.config)
+    assert "adain" in widget.generator.choices and "hovernet" in widget.segmenter.choices
+    widget.generator.value, widget.segmenter.value, widget.adversarial.value = "sian", "hovernet", "acgan"
+    widget.steps.value = 1
+    widget.start()
+    _wait_idle(widget, qtbot)
+    assert calls == [("sian", "hovernet", "acgan", 1)]
+    assert widget.result.path.name.startswith("joint-") and "train preview: joint" in viewer.layers
