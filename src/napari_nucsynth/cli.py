@@ -11,12 +11,19 @@
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
                    --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
     torchrun --nproc_per_node=N -m napari_nucsynth.cli train ...      the same, data-parallel (docs/distributed.md)
+    nucsynth generate --n N --styles DIR --out DATASET [--points-from DIR] [--random-points] [--no-transforms]
+                      [--method M] [--checkpoint C] [--size H W] [--format hovernet|coco|cellpose|stardist|png]
+                      [--seed N] [--workers K] [--domains K] [--resume]
+    nucsynth regenerate DATASET ID [--out FILE_PREFIX]   make one pair again and compare it with the stored one
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 
 ``nucsynth train`` shows a progress bar (step, loss, it/s, ETA) on a terminal and a line every 10 s otherwise (logs).
 Ctrl-C or SIGTERM stops after the current step, saves the checkpoint and prints how to resume (exit status 130 or
 143); a second Ctrl-C aborts at once (the last saved checkpoint stays intact). ``--resume`` continues with the
 same step count, optimiser and random state.
+
+``nucsynth generate`` shows a progress bar on a terminal (a line every 5 s otherwise); an interrupted run (Ctrl-C,
+``kill -9``) continues with the same command plus ``--resume`` (docs/generate.md).
 """
 
 from __future__ import annotations
@@ -367,6 +374,76 @@ def _evaluate(args) -> int:
     return 0
 
 
+class _GenerateReport:
+    """``progress`` of ``nucsynth generate``: tqdm on a terminal, else a line every ``every`` seconds and at the end."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every, self.bar, self._last, self._t0, self._first = every, None, 0.0, time.monotonic(), None
+        self._want_bar = _terminal_width() > 0
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if self._first is None:
+            self._first = done - 1
+            if self._want_bar:
+                try:
+                    from tqdm import tqdm
+                except ImportError:
+                    self._want_bar = False
+                else:
+                    self.bar = tqdm(total=total, initial=done - 1, unit="pair", dynamic_ncols=True, file=sys.stdout)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every or done == total:
+            self._last = now
+            rate = (done - self._first) / max(now - self._t0, 1e-9)
+            eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
+            print(f"{done}/{total} pairs, {rate:.2f} pairs/s{eta}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _generate(args) -> int:
+    from .generate import generate
+
+    report = _GenerateReport()
+    with _StopOnSignal(announce=False) as stop:
+        try:
+            m = generate(args.n, args.styles, args.out, points_from=args.points_from, random_points=args.random_points,
+                         library_transforms=not args.no_transforms, method=args.method, checkpoint=args.checkpoint,
+                         size=tuple(args.size), fmt=args.format, seed=args.seed, workers=args.workers,
+                         domains=args.domains, resume=args.resume, device=args.device, progress=report,
+                         should_stop=stop)
+        except FileExistsError as e:
+            raise ValueError(str(e)) from None
+        finally:
+            report.close()
+    n_done = len(m["pairs"])
+    print(f"wrote {args.out} ({n_done} of {args.n} pairs, format {args.format}"
+          + ("" if m["complete"] else ", incomplete") + ")", flush=True)
+    if not m["complete"]:
+        print("to continue: the same command with --resume", flush=True)
+        return 128 + stop.signum if stop.signum else 1
+    return 0
+
+
+def _regenerate(args) -> int:
+    import numpy as np
+
+    from .generate import read_pair, regenerate
+
+    image, labels = regenerate(args.dataset, args.id, out=args.out, device="cpu")
+    simg, slab = read_pair(args.dataset, args.id)
+    same = np.array_equal(image, simg) and np.array_equal(labels, slab)
+    where = f"; wrote {args.out}_image.png and {args.out}_labels.tif" if args.out else ""
+    print(f"{args.id}: {'identical to' if same else 'DIFFERS from'} the stored pair{where}")
+    return 0 if same else 1
+
+
 def _napari(args) -> int:
     import napari
 
@@ -470,6 +547,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model joint: the generator ascends (reverse, the paper) or descends (acgan) the "
                    "segmenter's loss")
     p.set_defaults(func=_train)
+
+    from .io.export import FORMATS
+
+    p = sub.add_parser("generate", help="a dataset of synthetic (image, labels) pairs: layouts, masks, renders",
+                       description="Generate N synthetic pairs (docs/generate.md). Each pair is reproducible from its "
+                       "manifest entry (nucsynth regenerate); an interrupted run continues with --resume.")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--styles", required=True, help="folder of reference H&E tiles (labels in labels/ or same-stem "
+                   "files, optional)")
+    p.add_argument("--out", required=True, help="the dataset folder (must not hold a dataset unless --resume)")
+    p.add_argument("--points-from", help="folder of label maps or napari points CSV files (the real layouts)")
+    p.add_argument("--random-points", action="store_true",
+                   help="layouts from point processes fitted to real tissue (the layouts of --points-from, else the "
+                   "style tiles' labels, else the MoNuSeg default)")
+    p.add_argument("--no-transforms", action="store_true",
+                   help="with --points-from: use the real layouts as they are (cropped), without the point-library "
+                   "transforms")
+    p.add_argument("--method", default="classic", choices=renderers())
+    p.add_argument("--checkpoint", help="trained model of a learned renderer (default: the shipped one, if any)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (learned renderers)")
+    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    p.add_argument("--format", default="png", choices=FORMATS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    p.add_argument("--domains", type=int, default=None,
+                   help="cluster the style tiles into K stain domains and sample them evenly")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("regenerate", help="make one pair of a generated dataset again, compare with the stored one")
+    p.add_argument("dataset", help="the dataset folder")
+    p.add_argument("id", help="the pair id (e.g. syn_000003)")
+    p.add_argument("--out", help="file prefix: write <prefix>_image.png and <prefix>_labels.tif")
+    p.set_defaults(func=_regenerate)
 
     p = sub.add_parser("napari", help="open napari with the sample data and the Points to masks widget")
     p.add_argument("--no-sample", action="store_true", help="do not open the sample data")

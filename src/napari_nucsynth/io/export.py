@@ -34,7 +34,7 @@ from .._checks import as_rgb
 from ._files import _atomic
 from .formats import Sample, _counts_to_string, _runs, _to_types, _to_uint32
 
-__all__ = ["FORMATS", "MANIFEST", "export_pairs", "read_manifest", "write_manifest"]
+__all__ = ["FORMATS", "MANIFEST", "PairAppender", "export_pairs", "read_manifest", "write_manifest"]
 
 FORMATS = ("hovernet", "coco", "cellpose", "stardist", "png")
 MANIFEST = "manifest.json"
@@ -315,31 +315,8 @@ def export_pairs(
             if pid in seen:
                 raise ValueError(f"pair id {pid!r} appears twice: ids must be unique (they become file names)")
             seen.add(pid)
-            img = as_rgb(image, f"image of pair {pid}")
-            lab = _to_uint32(labels, f"labels of pair {pid}")
-            if lab.ndim != 2 or lab.shape != img.shape[:2]:
-                raise ValueError(f"pair {pid}: labels {lab.shape} and image {img.shape[:2]} differ in shape")
-            tmap = None
-            if types is not None:
-                tmap = _to_types(types, f"type map of pair {pid}")
-                if tmap.shape != lab.shape:
-                    raise ValueError(f"pair {pid}: type map {tmap.shape} and labels {lab.shape} differ in shape")
-            writer.created = []
-            try:
-                files = _write_pair(fmt, writer, pid, img, lab, tmap, coco, len(manifest["pairs"]) + 1)
-            except BaseException:
-                writer.undo()  # no half-written pair: remove the files of this pair created so far
-                raise
-            ids = np.unique(lab)
-            manifest["pairs"].append({
-                "id": pid,
-                "files": files,
-                "shape": [int(s) for s in lab.shape],
-                "n_instances": int(ids.size - (ids[0] == 0 if ids.size else 0)),
-                "max_id": int(lab.max()) if lab.size else 0,
-                "has_types": tmap is not None,
-                "meta": json.loads(json.dumps(dict(meta or {}), default=_jsonable)),
-            })
+            manifest["pairs"].append(_checked_pair_entry(fmt, writer, pid, image, labels, types, meta, coco,
+                                                         len(manifest["pairs"]) + 1))
             if progress is not None:
                 progress(i + 1, total, f"exported {pid}")
         manifest["complete"] = not stopped
@@ -350,6 +327,36 @@ def export_pairs(
                 manifest["annotations"] = COCO_JSON
             write_manifest(out_dir, manifest)
     return manifest
+
+
+def _checked_pair_entry(fmt, writer: _Writer, pid: str, image, labels, types, meta, coco, image_id: int) -> dict:
+    """Check one pair, write its files (removing them again if any write fails: no half-written pair) and return
+    its manifest entry."""
+    img = as_rgb(image, f"image of pair {pid}")
+    lab = _to_uint32(labels, f"labels of pair {pid}")
+    if lab.ndim != 2 or lab.shape != img.shape[:2]:
+        raise ValueError(f"pair {pid}: labels {lab.shape} and image {img.shape[:2]} differ in shape")
+    tmap = None
+    if types is not None:
+        tmap = _to_types(types, f"type map of pair {pid}")
+        if tmap.shape != lab.shape:
+            raise ValueError(f"pair {pid}: type map {tmap.shape} and labels {lab.shape} differ in shape")
+    writer.created = []
+    try:
+        files = _write_pair(fmt, writer, pid, img, lab, tmap, coco, image_id)
+    except BaseException:
+        writer.undo()
+        raise
+    ids = np.unique(lab)
+    return {
+        "id": pid,
+        "files": files,
+        "shape": [int(v) for v in lab.shape],
+        "n_instances": int(ids.size - (ids[0] == 0 if ids.size else 0)),
+        "max_id": int(lab.max()) if lab.size else 0,
+        "has_types": tmap is not None,
+        "meta": json.loads(json.dumps(dict(meta or {}), default=_jsonable)),
+    }
 
 
 def _write_pair(fmt, writer: _Writer, pid, img, lab, tmap, coco, image_id) -> dict[str, str]:
@@ -431,3 +438,136 @@ def _write_coco_json(out_dir: Path, coco: dict, names: dict[int, str], version: 
             os.fsync(fh.fileno())
 
     _atomic(out_dir / COCO_JSON, _write)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# appending pairs one at a time (batch generation, resumable)
+
+#: Files of each layout that belong to pairs (relative glob patterns): :meth:`PairAppender.remove_strays` removes
+#: those no listed pair owns.
+_PAIR_PATTERNS = {
+    "hovernet": ("*.npy",),
+    "coco": ("images/*.png",),
+    "cellpose": ("*_img.png", "*_masks.tif", "types/*.tif"),
+    "stardist": ("images/*.tif", "masks/*.tif", "types/*.tif"),
+    "png": ("images/*.png", "labels/*.png", "types/*.png"),
+}
+
+
+class PairAppender:
+    """Add pairs to a dataset one at a time, so that an interrupted run (even ``kill -9``) can be resumed.
+
+    The layout and manifest are those of :func:`export_pairs` (``docs/formats.md``). Each pair's files are written
+    atomically by :meth:`add`; :meth:`flush` then writes ``annotations.json`` (COCO) and ``manifest.json``
+    atomically, in that order. So the manifest only ever lists pairs whose files are complete; files of pairs
+    written after the last flush are strays that :meth:`remove_strays` deletes on resume.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The dataset folder (created when missing).
+    fmt : str
+        One of :data:`FORMATS`.
+    resume : bool
+        False: the folder must not hold a manifest (``FileExistsError``). True: continue the dataset whose manifest
+        is there (its format must be ``fmt``); the pairs it lists are kept. A folder without manifest starts anew.
+    class_names : dict, optional
+        As in :func:`export_pairs`.
+    extra : dict, optional
+        Top-level fields added to a new manifest (e.g. the generation settings); kept from the old manifest on
+        resume.
+    """
+
+    def __init__(self, out_dir, fmt: str, *, resume: bool = False, class_names: dict[int, str] | None = None,
+                 extra: dict | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"out_dir {out_dir} is a file, not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.fmt = out_dir, fmt
+        self.writer = _Writer(out_dir, overwrite=False)
+        self.coco: dict[str, Any] = {"images": [], "annotations": [], "cat_ids": set(), "typed": None}
+        from .. import __version__ as version
+
+        self.version = version
+        path = out_dir / MANIFEST
+        if path.exists():
+            if not resume:
+                raise FileExistsError(f"{out_dir} already holds a dataset ({MANIFEST}); resume it or choose a new "
+                                      "folder")
+            self.manifest = read_manifest(out_dir)
+            if self.manifest.get("format") != fmt:
+                raise ValueError(f"{out_dir} holds a {self.manifest.get('format')!r} dataset, not {fmt!r}")
+            if fmt == "coco":
+                self._load_coco()
+        else:
+            self.manifest = {
+                "format": fmt,
+                "format_version": 1,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "nucsynth_version": version,
+                "complete": False,
+                "class_names": {int(k): str(v) for k, v in (class_names or {}).items()},
+                **(extra or {}),
+                "pairs": [],
+            }
+        self.ids = {p["id"] for p in self.manifest["pairs"]}
+
+    def _load_coco(self) -> None:
+        listed = {p["id"]: i + 1 for i, p in enumerate(self.manifest["pairs"])}
+        path = self.out_dir / COCO_JSON
+        if not path.is_file():
+            if listed:
+                raise ValueError(f"{path} is missing although the manifest lists {len(listed)} pairs")
+            return
+        doc = json.loads(path.read_text())
+        keep = {im["id"] for im in doc.get("images", []) if im.get("nucsynth_id") in listed}
+        self.coco["images"] = [im for im in doc.get("images", []) if im["id"] in keep]
+        self.coco["annotations"] = [a for a in doc.get("annotations", []) if a["image_id"] in keep]
+        self.coco["cat_ids"] = {a["category_id"] for a in self.coco["annotations"]}
+        if self.manifest["pairs"]:
+            self.coco["typed"] = bool(self.manifest["pairs"][0].get("has_types"))
+
+    def __contains__(self, pid) -> bool:
+        return str(pid) in self.ids
+
+    def __len__(self) -> int:
+        return len(self.manifest["pairs"])
+
+    def remove_strays(self) -> list[Path]:
+        """Delete the pair files no listed pair owns (and leftover temporary files); returns them."""
+        owned = {str((self.out_dir / f).resolve()) for p in self.manifest["pairs"] for f in p.get("files", {}).values()}
+        removed = []
+        cands = [q for pat in _PAIR_PATTERNS[self.fmt] for q in self.out_dir.glob(pat)]
+        cands += [q for q in self.out_dir.rglob(".*.tmp*") if q.is_file()]
+        for q in sorted(set(cands)):
+            if q.is_file() and str(q.resolve()) not in owned:
+                q.unlink()
+                removed.append(q)
+        return removed
+
+    def add(self, pid, image, labels, types=None, meta: dict | None = None) -> dict:
+        """Write one pair's files atomically (refusing existing files) and list it in the in-memory manifest.
+
+        The manifest on disk changes only at the next :meth:`flush`. Returns the pair's manifest entry."""
+        pid = _safe_id(pid)
+        if pid in self.ids:
+            raise ValueError(f"pair id {pid!r} is already in the dataset: ids must be unique")
+        entry = _checked_pair_entry(self.fmt, self.writer, pid, image, labels, types, meta, self.coco,
+                                    len(self.manifest["pairs"]) + 1)
+        self.manifest["pairs"].append(entry)
+        self.ids.add(pid)
+        return entry
+
+    def flush(self, complete: bool | None = None) -> dict:
+        """Write ``annotations.json`` (COCO) and then ``manifest.json``, each atomically; returns the manifest."""
+        if complete is not None:
+            self.manifest["complete"] = bool(complete)
+        if self.fmt == "coco":
+            names = {int(k): str(v) for k, v in self.manifest.get("class_names", {}).items()}
+            _write_coco_json(self.out_dir, self.coco, names, self.version, self.manifest["created"])
+            self.manifest["annotations"] = COCO_JSON
+        write_manifest(self.out_dir, self.manifest)
+        return self.manifest

@@ -1,0 +1,704 @@
+"""Batch generation of synthetic (image, labels) datasets, reproducible pair by pair and resumable (Qt-free).
+
+:func:`generate` draws ``n`` nucleus layouts (real centroids, fitted random point processes or DAFF-GAN's
+point-library transforms), samples masks for them (:func:`~napari_nucsynth.masks.sample_masks`), renders each in the
+style of a reference tile of a style bank (:func:`~napari_nucsynth.render.render`), optionally balanced across
+stain/modality domains (:func:`~napari_nucsynth.stain.stain_domains`), and writes the pairs with
+:class:`~napari_nucsynth.io.export.PairAppender` in one of the export layouts. Every pair's manifest entry records
+what made it (point source, style file and sha256, domain, renderer, checkpoint sha256, per-pair seed, parameters,
+version), so :func:`regenerate` reproduces it bit for bit on the CPU. See ``docs/generate.md``.
+
+Pair ``i`` depends only on the run seed and ``i`` (its seed is ``SeedSequence([seed, i])``), never on how the
+pairs were spread over worker processes, so ``workers=2`` writes the same dataset as ``workers=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "POINT_MODES",
+    "generate",
+    "load_point_sources",
+    "load_style_bank",
+    "pair_id",
+    "read_pair",
+    "regenerate",
+    "verify",
+]
+
+IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+LABEL_EXT = (".png", ".tif", ".tiff", ".npy")
+#: How layouts are made: real centroids (cropped), fitted random processes, or point-library transforms.
+POINT_MODES = ("real", "process", "library")
+_LABEL_DIRS = ("labels", "masks")
+_STYLE_CACHE_SIZE = 64
+
+
+def pair_id(index: int) -> str:
+    """The id (file stem) of pair ``index``: ``syn_000000``, ``syn_000001``, ..."""
+    return f"syn_{int(index):06d}"
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path, exts) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs: style bank and point sources
+
+
+def load_style_bank(folder) -> list[dict]:
+    """The reference tiles of a style bank folder, with their labels where present.
+
+    Images are the image files of ``folder`` (``.png``, ``.tif``, ``.jpg``...). A tile's labels are taken from a
+    ``labels/`` (or ``masks/``) subfolder file of the same stem, or from a same-stem file beside it that is a 2-D
+    label map (e.g. ``a.png`` the tile, ``a.tif`` its labels). Returns ``[{"file", "sha256", "labels",
+    "labels_sha256"}]`` sorted by file name (``labels`` None where there are none).
+
+    Raises
+    ------
+    ValueError
+        Not a folder, no image in it, or labels whose shape differs from their tile's.
+    """
+    from .io import read_image, read_labels
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"styles must be a folder of reference H&E tiles, got {folder}")
+    by_stem: dict[str, list[Path]] = {}
+    for p in _files(folder, IMAGE_EXT + LABEL_EXT):
+        by_stem.setdefault(p.stem, []).append(p)
+    label_dir = {}
+    for d in _LABEL_DIRS:
+        if (folder / d).is_dir():
+            for p in _files(folder / d, LABEL_EXT):
+                label_dir.setdefault(p.stem, p)
+    bank = []
+    for stem, paths in sorted(by_stem.items()):
+        image, labels = None, label_dir.get(stem)
+        if len(paths) == 1:
+            image = paths[0]
+            if image.suffix.lower() == ".npy":
+                continue
+        else:  # same-stem files: the colour one is the tile, a 2-D integer one its labels
+            for p in paths:
+                arr = np.load(p) if p.suffix.lower() == ".npy" else read_image(p)
+                if arr.ndim == 3 and arr.shape[-1] in (3, 4) and image is None:
+                    image = p
+                elif arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer) and labels is None:
+                    labels = p
+            if image is None:
+                continue
+        bank.append({"file": str(image.resolve()), "labels": str(labels.resolve()) if labels else None})
+    if not bank:
+        raise ValueError(f"no reference image (.png, .tif, .jpg) in the style folder {folder}")
+    for t in bank:
+        t["sha256"] = _sha256(t["file"])
+        t["labels_sha256"] = _sha256(t["labels"]) if t["labels"] else None
+        if t["labels"]:
+            shape_i = read_image(t["file"]).shape[:2]
+            shape_l = read_labels(t["labels"]).shape
+            if shape_i != shape_l:
+                raise ValueError(f"style labels {t['labels']} have shape {shape_l}, their tile {t['file']} {shape_i}")
+    return bank
+
+
+def _read_source(path: Path, size) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], str]:
+    """(points, classes, extent, kind) of a label map or napari points CSV."""
+    from .io import read_labels, read_points_csv
+    from .points import centroids
+
+    if path.suffix.lower() == ".csv":
+        pts, cls = read_points_csv(path)
+        ext = [int(size[0]), int(size[1])]
+        if len(pts):
+            ext = [max(ext[0], int(np.ceil(pts[:, 0].max() + 0.5))), max(ext[1], int(np.ceil(pts[:, 1].max() + 0.5)))]
+        if len(pts) and pts.min() < -0.5:
+            raise ValueError(f"{path.name}: points with negative coordinates; napari's image covers [-0.5, H - 0.5]")
+        return pts, cls, (ext[0], ext[1]), "csv"
+    lab = read_labels(path)
+    return centroids(lab), None, tuple(int(s) for s in lab.shape), "labels"
+
+
+def load_point_sources(folder, size=(256, 256)) -> tuple[list[dict], list[tuple[np.ndarray, np.ndarray | None]]]:
+    """The layouts of a ``points_from`` folder: label maps (their centroids) and napari points CSV files.
+
+    Returns ``(sources, points)``: ``sources[i] = {"file", "sha256", "kind", "extent"}`` (``extent`` the label
+    map's shape, or for a CSV the bounding size of its points, at least ``size``) and ``points[i] = (points,
+    classes or None)``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"points_from must be a folder of label maps or napari points CSV files, got {folder}")
+    files = _files(folder, LABEL_EXT + (".csv",))
+    if not files:
+        raise ValueError(f"no label map (.png, .tif, .npy) or points CSV in {folder}")
+    sources, points = [], []
+    for f in files:
+        pts, cls, extent, kind = _read_source(f, size)
+        sources.append({"file": str(f.resolve()), "sha256": _sha256(f), "kind": kind, "extent": list(extent)})
+        points.append((pts, cls))
+    return sources, points
+
+
+def _fits(sources, points, bank) -> list[dict]:
+    """Point processes fitted to real tissue: each point source, else each style tile with labels, else the default."""
+    from .io import read_labels
+    from .points import default_point_process, fit_point_process
+
+    fits = []
+    for src, (pts, _) in zip(sources, points):
+        if len(pts) >= 2:
+            p = fit_point_process(pts, tuple(src["extent"])) if src["kind"] == "csv" else \
+                fit_point_process(read_labels(src["file"]))
+            fits.append({"fitted_on": src["file"], "sha256": src["sha256"], "params": p.to_dict()})
+    if not fits and not sources:
+        for t in bank:
+            if t["labels"]:
+                lab = read_labels(t["labels"])
+                if int((np.unique(lab) > 0).sum()) >= 2:
+                    fits.append({"fitted_on": t["labels"], "sha256": t["labels_sha256"],
+                                 "params": fit_point_process(lab).to_dict()})
+    if not fits:
+        if sources:
+            raise ValueError("no point source holds 2 or more points: a point process cannot be fitted to them")
+        fits.append({"fitted_on": "default (MoNuSeg training tiles)", "sha256": None,
+                     "params": default_point_process().to_dict()})
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one pair: the plan (cheap, in the parent) and its making (in a worker)
+
+
+def _pair_seed(run_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(run_seed), int(index)]).generate_state(1)[0])
+
+
+def _plan(cfg: dict, index: int) -> dict:
+    """Everything random about pair ``index`` that the manifest records; a pure function of (cfg, index)."""
+    seed = _pair_seed(cfg["seed"], index)
+    rng = np.random.default_rng([seed, 1])
+    styles = cfg["styles"]
+    if cfg["domains"]:
+        domain = index % int(cfg["domains"])
+        members = [j for j, t in enumerate(styles) if t["domain"] == domain]
+        style = members[int(rng.integers(len(members)))]
+    else:
+        style = int(rng.integers(len(styles)))
+        domain = styles[style]["domain"]
+    h, w = cfg["size"]
+    mode = cfg["mode"]
+    if mode == "real":
+        j = int(rng.integers(len(cfg["sources"])))
+        src = cfg["sources"][j]
+        r0 = int(rng.integers(0, max(src["extent"][0] - h, 0) + 1))
+        c0 = int(rng.integers(0, max(src["extent"][1] - w, 0) + 1))
+        points = {"source": src["kind"], "index": j, "file": src["file"], "sha256": src["sha256"],
+                  "crop": [r0, c0, h, w]}
+    elif mode == "process":
+        j = int(rng.integers(len(cfg["fits"])))
+        fit = cfg["fits"][j]
+        points = {"source": "process", "index": j, "process": cfg["process"], "params": fit["params"],
+                  "fitted_on": fit["fitted_on"], "sha256": fit["sha256"]}
+    else:
+        points = {"source": "library", "n_sources": len(cfg["sources"]), "n_transforms": cfg["n_transforms"],
+                  "crops": "one random crop of each source, then PointLibrary.augment (pair seed)"}
+    t = styles[style]
+    return {
+        "index": int(index),
+        "seed": seed,
+        "run_seed": int(cfg["seed"]),
+        "points": points,
+        "style": {"index": style, "file": t["file"], "sha256": t["sha256"], "labels": t["labels"],
+                  "labels_sha256": t["labels_sha256"]},
+        "domain": domain,
+        "renderer": cfg["method"],
+        "checkpoint": cfg["checkpoint"],
+        "checkpoint_sha256": cfg["checkpoint_sha256"],
+        "device": cfg["device"],
+        "params": {"size": list(cfg["size"]), "prior": "default", "relabel": "sequential"},
+        "nucsynth_version": cfg["version"],
+    }
+
+
+def _crop_points(pts, cls, r0, c0, h, w):
+    q = pts - np.array([r0, c0], dtype=float)
+    keep = (q[:, 0] >= -0.5) & (q[:, 0] <= h - 0.5) & (q[:, 1] >= -0.5) & (q[:, 1] <= w - 0.5)
+    return q[keep], (cls[keep] if cls is not None else None)
+
+
+def _layout(cfg: dict, points_data, plan: dict, seed: int):
+    from .points import PointLibrary, PointProcessParams, PointSet, random_points
+
+    h, w = cfg["size"]
+    spec = plan["points"]
+    if spec["source"] in ("labels", "csv"):
+        pts, cls = points_data[spec["index"]]
+        return _crop_points(pts, cls, *spec["crop"])
+    if spec["source"] == "process":
+        params = PointProcessParams.from_dict(spec["params"])
+        return random_points((h, w), process=spec["process"], params=params, seed=seed), None
+    rng = np.random.default_rng(seed)
+    sets = []
+    for src, (pts, cls) in zip(cfg["sources"], points_data):
+        r0 = int(rng.integers(0, max(src["extent"][0] - h, 0) + 1))
+        c0 = int(rng.integers(0, max(src["extent"][1] - w, 0) + 1))
+        q, c = _crop_points(pts, cls, r0, c0, h, w)
+        sets.append(PointSet(q, (h, w), c))
+    ps = PointLibrary(sets).augment(rng, int(spec["n_transforms"]))
+    if tuple(ps.shape) != (h, w):  # an odd number of quarter turns of a non-square layout
+        ps = ps.rot90(1)
+    return ps.points, (ps.classes if np.any(ps.classes) else None)
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(cfg: dict, points_data) -> None:
+    _STATE.clear()
+    _STATE.update(cfg=cfg, points=points_data, styles=OrderedDict())
+
+
+def _init_pool_worker(cfg: dict, points_data) -> None:
+    """A pool worker ignores Ctrl-C (the parent stops cleanly after the current pair and shuts the pool down)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(cfg, points_data)
+
+
+def _style(cfg: dict, i: int):
+    from .io import read_image, read_labels
+
+    cache = _STATE.setdefault("styles", OrderedDict())
+    if i not in cache:
+        t = cfg["styles"][i]
+        cache[i] = (read_image(t["file"]), read_labels(t["labels"]) if t["labels"] else None)
+        while len(cache) > _STYLE_CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(i)
+    return cache[i]
+
+
+def _make(cfg: dict, points_data, plan: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pair of ``plan``: (image RGB uint8, labels uint32, number of points)."""
+    from skimage.segmentation import relabel_sequential
+
+    from .masks import sample_masks
+    from .render import render
+
+    s_points, s_masks, s_render = (int(v) for v in np.random.SeedSequence(plan["seed"]).generate_state(3))
+    pts, cls = _layout(cfg, points_data, plan, s_points)
+    labels = sample_masks(pts, tuple(cfg["size"]), classes=cls, seed=s_masks)
+    labels = relabel_sequential(labels)[0].astype(np.uint32)
+    style, style_labels = _style(cfg, plan["style"]["index"])
+    image = render(labels, style, method=cfg["method"], style_labels=style_labels, seed=s_render,
+                   device=cfg["device"], checkpoint=cfg["checkpoint"])
+    return np.asarray(image, dtype=np.uint8), labels, len(pts)
+
+
+def _work(plan: dict):
+    """Worker entry point (spawn-safe: a module-level function over the state set by :func:`_init_worker`)."""
+    image, labels, n_points = _make(_STATE["cfg"], _STATE["points"], plan)
+    return plan["index"], image, labels, n_points
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _config(n, styles, *, points_from, random_points, library_transforms, method, checkpoint, size, fmt, seed,
+            domains, device, process, n_transforms):
+    from . import __version__
+    from .io.export import FORMATS
+    from .points import PROCESSES
+    from .render import get_renderer
+    from .stain import stain_domains
+
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    from ._checks import as_shape
+
+    size = list(as_shape(size, "size"))
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if process not in PROCESSES:
+        raise ValueError(f"process must be one of {PROCESSES}, got {process!r}")
+    renderer = get_renderer(method)  # ValueError naming the available methods
+    if random_points:
+        mode = "process"
+    elif points_from is not None:
+        mode = "library" if library_transforms else "real"
+    else:
+        raise ValueError("say where the nucleus layouts come from: points_from (a folder of label maps or points CSV "
+                         "files) or random_points=True (processes fitted to real tissue)")
+    ck, ck_sha = None, None
+    if checkpoint is not None:
+        if not getattr(renderer, "needs_checkpoint", False):
+            raise ValueError(f"the {method!r} renderer takes no checkpoint")
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"checkpoint file not found: {checkpoint}")
+        ck = str(Path(checkpoint).resolve())
+    elif getattr(renderer, "needs_checkpoint", False):
+        default = getattr(renderer, "default_checkpoint", None)
+        if default is None or not Path(default).is_file():
+            raise ValueError(f"the {method!r} renderer needs a checkpoint (train one with `nucsynth train`)")
+        ck = str(Path(default).resolve())
+    if ck:
+        ck_sha = _sha256(ck)
+    bank = load_style_bank(styles)
+    if domains is not None:
+        k = _check_int("domains", domains, 1)
+        if k > len(bank):
+            raise ValueError(f"domains={k} needs at least {k} style tiles; {styles} holds {len(bank)}")
+        from .io import read_image
+
+        dom = stain_domains([read_image(t["file"]) for t in bank], k, seed=seed)
+        for t, d in zip(bank, dom.tolist()):
+            t["domain"] = int(d)
+    else:
+        for t in bank:
+            t["domain"] = None
+    sources, points = load_point_sources(points_from, size) if points_from is not None else ([], [])
+    fits = _fits(sources, points, bank) if mode == "process" else []
+    cfg = {
+        "seed": int(seed), "size": size, "method": method, "checkpoint": ck, "checkpoint_sha256": ck_sha,
+        "device": device, "mode": mode, "process": process, "n_transforms": _check_int("n_transforms", n_transforms, 0),
+        "domains": domains, "styles": bank, "sources": sources, "fits": fits, "version": __version__,
+    }
+    return cfg, points
+
+
+#: Settings a resumed run must share with the run it continues (n may grow).
+_SAME_ON_RESUME = ("seed", "size", "method", "checkpoint_sha256", "mode", "process", "n_transforms", "domains")
+
+
+def _check_resume(old: dict | None, cfg: dict, out: Path) -> None:
+    if old is None:
+        raise ValueError(f"{out} holds a dataset that `generate` did not write (no 'generate' section in its manifest)")
+    diff = [k for k in _SAME_ON_RESUME if json.dumps(old.get(k)) != json.dumps(cfg[k])]
+    if [(t["sha256"], t["labels_sha256"], t["domain"]) for t in old.get("styles", [])] != \
+            [(t["sha256"], t["labels_sha256"], t["domain"]) for t in cfg["styles"]]:
+        diff.append("styles (files or their contents)")
+    if [s["sha256"] for s in old.get("sources", [])] != [s["sha256"] for s in cfg["sources"]]:
+        diff.append("points_from (files or their contents)")
+    if diff:
+        raise ValueError(f"cannot resume {out}: these settings differ from the run that wrote it: {', '.join(diff)}; "
+                         "use the same settings, or write a new dataset")
+
+
+def generate(
+    n: int,
+    styles,
+    out,
+    *,
+    points_from=None,
+    random_points: bool = False,
+    library_transforms: bool = True,
+    method: str = "classic",
+    checkpoint=None,
+    size=(256, 256),
+    fmt: str = "png",
+    seed: int = 0,
+    workers: int = 1,
+    domains: int | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    process: str = "cluster",
+    n_transforms: int = 3,
+    progress: Callable[[int, int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    flush_every: float = 1.0,
+) -> dict:
+    """Generate a dataset of ``n`` synthetic (H&E image, instance labels) pairs.
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs (ids ``syn_000000`` ... ``syn_{n-1}``, see :func:`pair_id`).
+    styles : folder
+        The style bank: reference H&E tiles, with their labels (passed to the renderer as ``style_labels``) in a
+        ``labels/`` subfolder or as same-stem label files beside them (:func:`load_style_bank`).
+    out : folder
+        The dataset; it must not hold a dataset already unless ``resume`` (nothing is overwritten).
+    points_from : folder, optional
+        Label maps (their centroids) and/or napari points CSV files: the real layouts.
+    random_points : bool
+        Draw layouts from ``process`` fitted (:func:`~napari_nucsynth.points.fit_point_process`) to each layout of
+        ``points_from``, else to the style tiles' labels, else the default MoNuSeg fit.
+    library_transforms : bool
+        With ``points_from`` and not ``random_points``: pass each layout through DAFF-GAN's point-library
+        transforms (flips, rotations, affine, random cover, combination; :class:`~napari_nucsynth.points.
+        PointLibrary`). False uses the real layouts as they are, cropped at random to ``size``.
+    method, checkpoint, device : str, path, str
+        The renderer (:func:`~napari_nucsynth.render.renderers`), its model (its sha256 is recorded) and device.
+        Bit-for-bit reproduction is promised on the CPU.
+    size : (int, int)
+        Height and width of each pair.
+    fmt : {"png", "hovernet", "coco", "cellpose", "stardist"}
+        The layout (``docs/formats.md``).
+    seed : int
+        The run seed; pair ``i`` uses ``SeedSequence([seed, i])``, whatever the worker count.
+    workers : int
+        Processes that render pairs (spawned; the calling process writes the files and the manifest).
+    domains : int, optional
+        Cluster the style bank into this many stain/modality domains (:func:`~napari_nucsynth.stain.
+        stain_domains`) and use them evenly: pair ``i`` takes a tile of domain ``i % domains``.
+    resume : bool
+        Continue an interrupted run of the same settings: the pairs its manifest lists are kept, files of pairs it
+        does not list are removed, and the missing pairs are made.
+    process, n_transforms :
+        The point process of ``random_points``; the number of library transforms per layout.
+    progress : callable, optional
+        ``progress(done, n, what)`` after each pair (``done`` counts kept pairs too).
+    should_stop : callable, optional
+        Checked before each pair is written; True stops cleanly (the manifest lists what was written).
+    flush_every : float
+        Seconds between manifest writes (the manifest is always written at the end and when stopping).
+
+    Returns
+    -------
+    dict
+        The manifest (also ``out/manifest.json``); ``"complete"`` is True when all ``n`` pairs are there, and
+        ``"generate"`` holds the run's settings.
+
+    Raises
+    ------
+    ValueError
+        Bad settings (with what to do), a resumed dataset whose settings differ, a renderer error.
+    FileExistsError
+        ``out`` holds a dataset (or other files) and ``resume`` is False.
+    """
+    from .io.export import MANIFEST, PairAppender
+
+    workers = _check_int("workers", workers, 1)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
+    has_manifest = (out / MANIFEST).is_file()
+    if not resume and out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise FileExistsError(f"{out} is not empty{' (it holds a dataset)' if has_manifest else ''}; pass resume=True "
+                              "(--resume) to continue it, or choose a new folder")
+    cfg, points_data = _config(n, styles, points_from=points_from, random_points=random_points,
+                               library_transforms=library_transforms, method=method, checkpoint=checkpoint, size=size,
+                               fmt=fmt, seed=seed, domains=domains, device=device, process=process,
+                               n_transforms=n_transforms)
+    section = {**cfg, "n": int(n), "styles_dir": str(Path(styles).resolve()),
+               "points_from": str(Path(points_from).resolve()) if points_from is not None else None, "format": fmt}
+    if has_manifest and resume:
+        from .io.export import read_manifest
+
+        _check_resume(read_manifest(out).get("generate"), cfg, out)
+    app = PairAppender(out, fmt, resume=resume, extra={"generate": section})
+    app.manifest["generate"] = {**app.manifest.get("generate", section), "n": int(n)}
+    app.remove_strays()
+    todo = [i for i in range(int(n)) if pair_id(i) not in app]
+    done = int(n) - len(todo)
+    app.flush(complete=not todo)
+    if not todo:
+        return app.manifest
+    stopped = False
+    last = time.monotonic()
+
+    def _write(index, image, labels, n_points, plan):
+        nonlocal done, last
+        app.add(pair_id(index), image, labels, None, {**plan, "n_points": n_points})
+        done += 1
+        if time.monotonic() - last >= flush_every:
+            app.flush()
+            last = time.monotonic()
+        if progress is not None:
+            progress(done, int(n), f"wrote {pair_id(index)}")
+
+    try:
+        if workers == 1:
+            _init_worker(cfg, points_data)
+            for i in todo:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                plan = _plan(cfg, i)
+                _, image, labels, n_points = _work(plan)
+                _write(i, image, labels, n_points, plan)
+        else:
+            stopped = _run_pool(cfg, points_data, todo, workers, _write, should_stop)
+    finally:
+        app.flush(complete=(not stopped) and all(pair_id(i) in app for i in range(int(n))))
+    return app.manifest
+
+
+def _run_pool(cfg, points_data, todo, workers, write, should_stop) -> bool:
+    """Render ``todo`` in ``workers`` spawned processes, writing results in index order; True when stopped."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    for k, v in env.items():  # one thread per worker process (inherited at spawn)
+        if v is None:
+            os.environ[k] = "1"
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
+                             initargs=(cfg, points_data))
+    stopped = False
+    try:
+        window = 4 * workers
+        plans = {i: _plan(cfg, i) for i in todo}
+        futures: dict[int, Any] = {}
+        queue = list(todo)
+        pos = 0
+        for i in queue[:window]:
+            futures[i] = ex.submit(_work, plans[i])
+        nxt = window
+        while pos < len(queue):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            i = queue[pos]
+            index, image, labels, n_points = futures.pop(i).result()
+            if nxt < len(queue):
+                futures[queue[nxt]] = ex.submit(_work, plans[queue[nxt]])
+                nxt += 1
+            write(index, image, labels, n_points, plans[i])
+            pos += 1
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+    return stopped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading back, regenerating, verifying
+
+
+def _entry(manifest: dict, pid: str) -> dict:
+    for p in manifest["pairs"]:
+        if p["id"] == pid:
+            return p
+    raise ValueError(f"no pair {pid!r} in the dataset ({len(manifest['pairs'])} pairs, e.g. "
+                     f"{', '.join(p['id'] for p in manifest['pairs'][:3])})")
+
+
+def read_pair(dataset, pid: str) -> tuple[np.ndarray, np.ndarray]:
+    """The stored (image RGB uint8, labels uint32) of pair ``pid`` of a dataset, in any export format."""
+    from .io import read_image, read_labels
+    from .io.export import read_manifest
+
+    dataset = Path(dataset)
+    manifest = read_manifest(dataset)
+    e = _entry(manifest, pid)
+    files = e["files"]
+    if "npy" in files:
+        arr = np.load(dataset / files["npy"], allow_pickle=False)
+        return arr[..., :3].astype(np.uint8), arr[..., 3].astype(np.uint32)
+    image = read_image(dataset / files["image"])[..., :3].astype(np.uint8)
+    if "labels" in files:
+        return image, read_labels(dataset / files["labels"])
+    from .io import rle_decode  # COCO: the label map from the RLEs
+
+    doc = json.loads((dataset / manifest.get("annotations", "annotations.json")).read_text())
+    img = next(im for im in doc["images"] if im.get("nucsynth_id") == pid)
+    labels = np.zeros((img["height"], img["width"]), dtype=np.uint32)
+    for a in doc["annotations"]:
+        if a["image_id"] == img["id"]:
+            labels[rle_decode(a["segmentation"])] = a["instance_id"]
+    return image, labels
+
+
+def _config_from_manifest(gen: dict, need: dict | None = None) -> tuple[dict, list]:
+    """The run settings stored in a manifest, with the files a pair needs checked against their sha256."""
+
+    def check(path, sha, what):
+        if path is None or sha is None:
+            return
+        if not Path(path).is_file():
+            raise ValueError(f"{what} {path} is gone: it is needed to regenerate the pair")
+        if _sha256(path) != sha:
+            raise ValueError(f"{what} {path} changed since the dataset was written (sha256 differs)")
+
+    check(gen.get("checkpoint"), gen.get("checkpoint_sha256"), "checkpoint")
+    if need is not None:
+        t = gen["styles"][need["style"]["index"]]
+        check(t["file"], t["sha256"], "style tile")
+        check(t["labels"], t["labels_sha256"], "style labels")
+    points: list = []
+    if gen["mode"] in ("real", "library"):
+        use = range(len(gen["sources"]))
+        if need is not None and gen["mode"] == "real":
+            use = [need["points"]["index"]]
+        points = [None] * len(gen["sources"])
+        for j in use:
+            src = gen["sources"][j]
+            check(src["file"], src["sha256"], "point source")
+            pts, cls, _, _ = _read_source(Path(src["file"]), gen["size"])
+            points[j] = (pts, cls)
+    return gen, points
+
+
+def regenerate(dataset, pid: str, *, out=None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Make pair ``pid`` of a generated dataset again from its manifest entry (bit for bit on the CPU).
+
+    The style tile, its labels, the point sources and the checkpoint are read from where the run found them and
+    checked against their recorded sha256. ``out`` (a file prefix) writes ``<out>_image.png`` and
+    ``<out>_labels.tif``. Returns ``(image, labels)``.
+    """
+    from .io.export import read_manifest
+
+    manifest = read_manifest(dataset)
+    gen = manifest.get("generate")
+    if not gen:
+        raise ValueError(f"{dataset} was not written by `generate` (its manifest has no 'generate' section)")
+    meta = _entry(manifest, pid)["meta"]
+    cfg, points = _config_from_manifest(gen, meta)
+    cfg = {**cfg, "device": device}
+    _init_worker(cfg, points)
+    image, labels, _ = _make(cfg, points, meta)
+    if out is not None:
+        import imageio.v3 as iio
+
+        from .io import write_labels
+        from .io._files import _atomic
+
+        prefix = Path(out)
+        _atomic(prefix.with_name(prefix.name + "_image.png"), lambda p: iio.imwrite(p, image, extension=".png"))
+        write_labels(prefix.with_name(prefix.name + "_labels.tif"), labels)
+    return image, labels
+
+
+def verify(dataset, ids=None, *, device: str = "cpu") -> list[str]:
+    """Regenerate pairs (all by default) and return the ids whose stored files differ from the regenerated pair."""
+    from .io.export import read_manifest
+
+    manifest = read_manifest(dataset)
+    bad = []
+    for pid in (ids if ids is not None else [p["id"] for p in manifest["pairs"]]):
+        img, lab = regenerate(dataset, pid, device=device)
+        simg, slab = read_pair(dataset, pid)
+        if not (np.array_equal(img, simg) and np.array_equal(lab, slab)):
+            bad.append(pid)
+    return bad

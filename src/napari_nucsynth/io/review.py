@@ -1,0 +1,411 @@
+"""Review of a dataset's (image, labels) pairs: the queue, the loader and the persistent review state (Qt-free).
+
+A *dataset* is a folder written by :func:`~.export.export_pairs` (or ``nucsynth generate``), described by its
+``manifest.json``, or a plain folder of image + label files (paired by stem, as :func:`~.formats.read_pair_folder`
+pairs them). :func:`build_queue` turns either into a list of entries ``{"id", "files": {...}}`` (the manifest's
+own entries, or entries made from the files found); :func:`load_pair` reads one entry's image and labels.
+
+The review state lives beside the data, in ``<dataset>/review.json``::
+
+    {"format": "nucsynth-review", "format_version": 1, "source": "manifest" | "folder", "updated": "...",
+     "pairs": {"<id>": {"decision": "accepted" | "rejected" | "skipped" | null, "time": "...",
+                        "edited": true, "labels": "reviewed/<id>.tif"}}}
+
+Corrected labels are stored as uint32 TIFF in ``<dataset>/reviewed/<id>.tif``; the dataset's own files are never
+modified. Every write is atomic (temporary file, then ``os.replace``). "Skipped" pairs count as undecided: the
+review resumes at the first pair that is neither accepted nor rejected. See ``docs/review.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._files import _atomic, read_labels, write_labels
+from .export import COCO_JSON, MANIFEST, _safe_id, read_manifest
+from .formats import (
+    _IMAGE_EXT,
+    _IMAGE_SUFFIXES,
+    _LABEL_SUFFIXES,
+    _U32_MAX,
+    _hovernet_array,
+    _read_rgb,
+    _rle_runs,
+    _strip,
+    _to_uint32,
+)
+
+__all__ = [
+    "DECISIONS",
+    "REVIEW_DIR",
+    "REVIEW_FILE",
+    "AcceptedPairs",
+    "build_queue",
+    "counts",
+    "first_undecided",
+    "is_decided",
+    "load_pair",
+    "load_review_labels",
+    "new_state",
+    "next_undecided",
+    "read_review",
+    "record",
+    "scan_pair_folder",
+    "write_review",
+]
+
+REVIEW_FILE = "review.json"
+REVIEW_DIR = "reviewed"
+REVIEW_FORMAT = "nucsynth-review"
+DECISIONS = ("accepted", "rejected", "skipped")
+_FINAL = ("accepted", "rejected")
+_LABEL_EXT = (".png", ".tif", ".tiff", ".npy")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the queue
+
+
+def scan_pair_folder(folder) -> list[dict]:
+    """Entries ``{"id", "files": {"image", "labels"}}`` of a plain folder of pairs, without reading any pixel.
+
+    Pairs as :func:`~.formats.read_pair_folder` does: ``folder/images`` with ``folder/labels`` or
+    ``folder/masks``, or one folder of ``<stem>_img.*``/``<stem>.*`` images and ``<stem>_masks.*`` (``_mask``,
+    ``_labels``, ``_label``, ``_inst``, ``_seg``) label maps. Paths are relative to ``folder``. A label map
+    without an image has no ``"image"`` file; images without a label map are left out.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"folder not found: {root}")
+    img_dir = lab_dir = root
+    for sub in ("labels", "masks"):
+        if (root / "images").is_dir() and (root / sub).is_dir():
+            img_dir, lab_dir = root / "images", root / sub
+            break
+    same = img_dir == lab_dir
+    labs: dict[str, Path] = {}
+    for p in sorted(lab_dir.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in _LABEL_EXT or p.name.startswith("."):
+            continue
+        stem = _strip(p.stem, _LABEL_SUFFIXES)
+        if same and stem == p.stem:
+            continue  # in one shared folder only suffixed files are label maps
+        labs.setdefault(stem, p)
+    imgs: dict[str, Path] = {}
+    for p in sorted(img_dir.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in _IMAGE_EXT or p.name.startswith("."):
+            continue
+        if same and _strip(p.stem, _LABEL_SUFFIXES) != p.stem:
+            continue
+        imgs.setdefault(_strip(p.stem, _IMAGE_SUFFIXES), p)
+    if not labs:
+        raise ValueError(
+            f"no label maps found in {lab_dir}: open a dataset with a manifest.json, a folder with images/ and "
+            "labels/ (or masks/), or one folder of <name>_img.png + <name>_masks.tif files"
+        )
+    out = []
+    for stem, lp in sorted(labs.items()):
+        files = {"labels": lp.relative_to(root).as_posix()}
+        if stem in imgs:
+            files["image"] = imgs[stem].relative_to(root).as_posix()
+        out.append({"id": stem, "files": files})
+    return out
+
+
+def build_queue(dataset) -> tuple[list[dict], str]:
+    """The review queue of a dataset folder: ``(entries, source)``.
+
+    With a ``manifest.json`` the entries are the manifest's pairs, in its order (``source="manifest"``; for COCO
+    exports each entry gets ``"annotations"``, the JSON holding its masks); otherwise the folder is scanned with
+    :func:`scan_pair_folder` (``source="folder"``). Ids must be unique.
+    """
+    root = Path(dataset)
+    if not root.is_dir():
+        raise ValueError(f"dataset folder not found: {root}")
+    if (root / MANIFEST).is_file():
+        manifest = read_manifest(root)
+        fmt = manifest.get("format")
+        entries = []
+        for p in manifest["pairs"]:
+            e = dict(p)
+            e["files"] = dict(p.get("files") or {})
+            if fmt == "coco" or ("labels" not in e["files"] and "npy" not in e["files"]):
+                e.setdefault("annotations", manifest.get("annotations", COCO_JSON))
+            entries.append(e)
+        source = "manifest"
+    else:
+        entries, source = scan_pair_folder(root), "folder"
+    seen: set[str] = set()
+    for e in entries:
+        pid = str(e["id"])
+        if pid in seen:
+            raise ValueError(f"pair id {pid!r} appears twice in {root}: ids must be unique")
+        seen.add(pid)
+    return entries, source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading one pair
+
+
+_COCO_CACHE: dict[str, tuple[int, dict]] = {}
+
+
+def _coco_doc(path: Path) -> dict:
+    """The parsed COCO JSON with annotations grouped by image, cached by path and modification time."""
+    if not path.is_file():
+        raise ValueError(f"COCO annotations not found: {path}")
+    mtime = path.stat().st_mtime_ns
+    hit = _COCO_CACHE.get(str(path))
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path.name} is not valid JSON ({e})") from None
+    by_image: dict[Any, list[dict]] = {}
+    for ann in doc.get("annotations", []):
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    images = {}
+    for im in doc.get("images", []):
+        images[str(im.get("nucsynth_id", Path(im["file_name"]).stem))] = im
+    parsed = {"images": images, "by_image": by_image}
+    _COCO_CACHE.clear()  # one document at a time
+    _COCO_CACHE[str(path)] = (mtime, parsed)
+    return parsed
+
+
+def _coco_labels(path: Path, pid: str) -> np.ndarray:
+    from skimage.draw import polygon
+
+    doc = _coco_doc(path)
+    im = doc["images"].get(pid)
+    if im is None:
+        raise ValueError(f"{path.name} has no image for pair {pid!r}")
+    h, w = int(im["height"]), int(im["width"])
+    anns = doc["by_image"].get(im["id"], [])
+    use_ids = bool(anns) and all("instance_id" in a for a in anns)
+    labels = np.zeros((h, w), dtype=np.uint32, order="F")
+    flat = labels.reshape(-1, order="F")
+    for k, ann in enumerate(anns, start=1):
+        lid = int(ann["instance_id"]) if use_ids else k
+        if not 0 < lid <= _U32_MAX:
+            raise ValueError(f"{path.name}: instance_id {lid} out of range")
+        seg = ann["segmentation"]
+        if isinstance(seg, dict):
+            _, starts, ends = _rle_runs(seg)
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                flat[s:e] = lid
+        else:
+            for poly in seg:
+                xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+                rr, cc = polygon(xy[:, 1], xy[:, 0], (h, w))
+                labels[rr, cc] = lid
+    return np.ascontiguousarray(labels)
+
+
+def load_pair(dataset, entry: dict) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read one queue entry: ``(image RGB uint8 or None, labels uint32)`` from the dataset's own files.
+
+    ``entry["files"]`` gives paths relative to ``dataset``: ``image`` + ``labels`` (png, stardist, cellpose exports
+    and plain folders), ``npy`` (HoVer-Net stacks) or ``image`` with the masks in the COCO JSON named by
+    ``entry["annotations"]`` (default ``annotations.json``). Other keys (types, fields a newer writer adds) are
+    ignored. The image is None where there is none.
+    """
+    root = Path(dataset)
+    if not isinstance(entry, dict) or "id" not in entry:
+        raise ValueError("entry must be a dict with an 'id' and 'files', as in manifest.json")
+    pid = str(entry["id"])
+    files = entry.get("files") or {}
+    if "npy" in files:
+        path = root / files["npy"]
+        if not path.is_file():
+            raise ValueError(f"pair {pid}: file not found: {path}")
+        s = _hovernet_array(np.load(path, allow_pickle=False), pid, str(path))
+        return s.image, s.labels
+    image = None
+    if files.get("image"):
+        ip = root / files["image"]
+        if not ip.is_file():
+            raise ValueError(f"pair {pid}: image file not found: {ip}")
+        image = _read_rgb(ip)
+    if files.get("labels"):
+        labels = read_labels(root / files["labels"])
+    else:
+        labels = _coco_labels(root / entry.get("annotations", COCO_JSON), pid)
+    if image is not None and image.shape[:2] != labels.shape:
+        raise ValueError(f"pair {pid}: image {image.shape[:2]} and labels {labels.shape} differ in shape")
+    return image, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# review state
+
+
+def new_state(source: str = "manifest") -> dict:
+    """An empty review state."""
+    return {"format": REVIEW_FORMAT, "format_version": 1, "source": source, "updated": _now(), "pairs": {}}
+
+
+def read_review(dataset, source: str = "manifest") -> dict:
+    """The review state of ``dataset`` (``review.json``), or a new empty one when there is none.
+
+    Raises ``ValueError`` when the file exists but is not a review state.
+    """
+    path = Path(dataset) / REVIEW_FILE
+    if not path.is_file():
+        return new_state(source)
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away to start the review afresh") from None
+    if not isinstance(state, dict) or not isinstance(state.get("pairs"), dict):
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError (GUIDE)
+            f"{path} is not a nucsynth review state (needs a 'pairs' dict)"
+        )
+    for pid, rec in state["pairs"].items():
+        if not isinstance(rec, dict) or rec.get("decision") not in (*DECISIONS, None):
+            raise ValueError(f"{path}: pair {pid!r} has no valid decision (one of {', '.join(DECISIONS)} or null)")
+    return state
+
+
+def write_review(dataset, state: dict) -> Path:
+    """Write ``state`` to ``dataset/review.json`` atomically (temporary file, then ``os.replace``)."""
+    if not isinstance(state, dict) or not isinstance(state.get("pairs"), dict):
+        raise ValueError("state must be a dict with a 'pairs' dict (see new_state)")  # noqa: TRY004
+    state["updated"] = _now()
+    text = json.dumps(state, indent=1, sort_keys=False) + "\n"
+    path = Path(dataset) / REVIEW_FILE
+
+    def _write(p):
+        Path(p).write_text(text)
+
+    _atomic(path, _write)
+    return path
+
+
+def record(dataset, state: dict, pid, decision: str | None, labels=None, *, original=None) -> dict:
+    """Record a decision (and corrected labels) for pair ``pid``, then write ``review.json``.
+
+    Parameters
+    ----------
+    decision : {"accepted", "rejected", "skipped"} or None
+        None keeps the pair's decision (e.g. an edit saved when leaving a pair without deciding).
+    labels : array, optional
+        The labels as reviewed. When given and different from ``original`` (or when ``original`` is None), they
+        are written to ``reviewed/<id>.tif`` (uint32, atomic) and the pair is marked ``"edited"``; when equal to
+        ``original`` an earlier correction is dropped (its file removed).
+    original : array, optional
+        The dataset's own labels of the pair.
+
+    Returns the updated state (also modified in place).
+    """
+    if decision is not None and decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)} or None, got {decision!r}")
+    pid = _safe_id(pid)
+    rec = dict(state["pairs"].get(pid) or {"decision": None})
+    if decision is not None:
+        rec["decision"] = decision
+    rec["time"] = _now()
+    root = Path(dataset)
+    if labels is not None:
+        lab = _to_uint32(labels, f"labels of pair {pid}")
+        rel = f"{REVIEW_DIR}/{pid}.tif"
+        if original is not None and np.array_equal(lab, np.asarray(original)):
+            if rec.pop("edited", None):
+                (root / rel).unlink(missing_ok=True)
+            rec.pop("labels", None)
+        else:
+            (root / REVIEW_DIR).mkdir(parents=True, exist_ok=True)
+            write_labels(root / rel, lab)
+            rec["edited"], rec["labels"] = True, rel
+    state["pairs"][pid] = rec
+    write_review(root, state)
+    return state
+
+
+def load_review_labels(dataset, state: dict, pid) -> np.ndarray | None:
+    """The corrected labels of ``pid`` (``reviewed/<id>.tif``), or None when the pair was not edited."""
+    rec = state["pairs"].get(str(pid)) or {}
+    if not rec.get("edited") or not rec.get("labels"):
+        return None
+    path = Path(dataset) / rec["labels"]
+    if not path.is_file():
+        raise ValueError(f"review.json lists corrected labels for {pid} at {path}, but the file is missing")
+    return read_labels(path)
+
+
+def decision(state: dict, pid) -> str | None:
+    """The recorded decision of ``pid`` (None when none)."""
+    return (state["pairs"].get(str(pid)) or {}).get("decision")
+
+
+def is_decided(state: dict, pid) -> bool:
+    """Accepted or rejected (skipped pairs count as undecided)."""
+    return decision(state, pid) in _FINAL
+
+
+def first_undecided(queue: list[dict], state: dict) -> int | None:
+    """Index of the first entry neither accepted nor rejected; None when every pair is decided."""
+    return next((i for i, e in enumerate(queue) if not is_decided(state, e["id"])), None)
+
+
+def next_undecided(queue: list[dict], state: dict, after: int) -> int | None:
+    """The next undecided index after ``after`` (wrapping round; ``after`` itself last); None when none."""
+    n = len(queue)
+    for k in range(1, n + 1):
+        i = (after + k) % n
+        if not is_decided(state, queue[i]["id"]):
+            return i
+    return None
+
+
+def counts(queue: list[dict], state: dict) -> dict[str, int]:
+    """``{"accepted", "rejected", "skipped", "remaining", "edited", "total"}`` over the queue's pairs."""
+    out = {"accepted": 0, "rejected": 0, "skipped": 0, "edited": 0, "total": len(queue)}
+    for e in queue:
+        rec = state["pairs"].get(str(e["id"])) or {}
+        if rec.get("decision") in DECISIONS:
+            out[rec["decision"]] += 1
+        out["edited"] += bool(rec.get("edited"))
+    out["remaining"] = out["total"] - out["accepted"] - out["rejected"]
+    return out
+
+
+class AcceptedPairs:
+    """The accepted pairs of a review, for :func:`~.export.export_pairs`: ``(id, image, labels, None, meta)``.
+
+    Has a length (so the export reports ``done / total``) and reads one pair at a time; labels are the corrected
+    ones where the pair was edited. Type maps are not carried (an edit would leave them stale). ``meta`` holds
+    the manifest's ``meta`` of the pair and ``"review"``: decision time, whether it was edited, the source.
+    """
+
+    def __init__(self, dataset, queue: list[dict], state: dict):
+        self.dataset = Path(dataset)
+        self.state = json.loads(json.dumps(state))  # a snapshot: later decisions do not change this export
+        self.entries = [e for e in queue if decision(self.state, e["id"]) == "accepted"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for e in self.entries:
+            pid = str(e["id"])
+            image, labels = load_pair(self.dataset, e)
+            if image is None:
+                raise ValueError(f"pair {pid} has no image in {self.dataset}: it cannot be exported")
+            edited = load_review_labels(self.dataset, self.state, pid)
+            rec = self.state["pairs"][pid]
+            meta = dict(e.get("meta") or {})
+            meta["review"] = {"decision": "accepted", "time": rec.get("time"), "edited": edited is not None,
+                              "source": str(self.dataset)}
+            yield pid, image, labels if edited is None else edited, None, meta

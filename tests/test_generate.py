@@ -1,0 +1,199 @@
+"""Batch generation: reproducibility, worker independence, resume, domain balance, errors (napari_nucsynth.generate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_nucsynth.generate import generate, pair_id, read_pair, regenerate, verify
+from napari_nucsynth.io import (
+    read_image,
+    read_labels,
+    read_manifest,
+    write_labels,
+    write_manifest,
+)
+from napari_nucsynth.stain import clahe, stain_domains
+
+MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train"
+SIZE = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory) -> Path:
+    """Four 160 x 160 crops of MoNuSeg tiles (and their labels in labels/) in a temporary folder."""
+    if not (MONUSEG / "images").is_dir():
+        pytest.skip("MoNuSeg training tiles not found")
+    import imageio.v3 as iio
+
+    root = tmp_path_factory.mktemp("bank")
+    (root / "labels").mkdir()
+    for f in sorted((MONUSEG / "images").glob("*.png"))[:4]:
+        img = read_image(f)[:160, :160, :3]
+        lab = read_labels(MONUSEG / "labels" / f.name)[:160, :160]
+        iio.imwrite(root / f.name, img)
+        write_labels(root / "labels" / (f.stem + ".tif"), lab)
+    return root
+
+
+def _pairs(ds):
+    m = read_manifest(ds)
+    return {p["id"]: read_pair(ds, p["id"]) for p in m["pairs"]}
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][1], b[k][1])
+                                        for k in a)
+
+
+def test_regenerate_reproduces_pairs_bit_for_bit(bank, tmp_path):
+    m = generate(3, bank, tmp_path / "ds", random_points=True, size=SIZE, seed=5)
+    assert m["complete"] and [p["id"] for p in m["pairs"]] == [pair_id(i) for i in range(3)]
+    meta = m["pairs"][0]["meta"]
+    for key in ("index", "seed", "run_seed", "points", "style", "domain", "renderer", "checkpoint_sha256", "params",
+                "nucsynth_version"):
+        assert key in meta
+    assert meta["points"]["source"] == "process" and "intensity" in meta["points"]["params"]
+    assert len(meta["style"]["sha256"]) == 64
+    assert verify(tmp_path / "ds") == []
+    img, lab = regenerate(tmp_path / "ds", "syn_000002", out=tmp_path / "again")
+    simg, slab = read_pair(tmp_path / "ds", "syn_000002")
+    assert np.array_equal(img, simg) and np.array_equal(lab, slab) and lab.dtype == np.uint32
+    assert np.array_equal(read_labels(tmp_path / "again_labels.tif"), slab)
+    assert np.array_equal(read_image(tmp_path / "again_image.png"), simg)
+    # pairs differ from each other (per-pair seeds)
+    assert not np.array_equal(read_pair(tmp_path / "ds", "syn_000000")[1], read_pair(tmp_path / "ds", "syn_000001")[1])
+
+
+def test_two_workers_equal_one(bank, tmp_path):
+    kw = {"points_from": bank / "labels", "size": SIZE, "seed": 2, "fmt": "stardist"}
+    m1 = generate(4, bank, tmp_path / "w1", workers=1, **kw)
+    m2 = generate(4, bank, tmp_path / "w2", workers=2, **kw)
+    assert m1["complete"] and m2["complete"]
+    assert [p["meta"] for p in m1["pairs"]] == [p["meta"] for p in m2["pairs"]]
+    assert m1["pairs"][0]["meta"]["points"]["source"] == "library"
+    assert _same(_pairs(tmp_path / "w1"), _pairs(tmp_path / "w2"))
+
+
+def test_real_layouts_record_their_crop(bank, tmp_path):
+    m = generate(2, bank, tmp_path / "ds", points_from=bank / "labels", library_transforms=False, size=SIZE,
+                 fmt="hovernet")
+    pts = m["pairs"][0]["meta"]["points"]
+    assert pts["source"] == "labels" and pts["file"].endswith(".tif") and len(pts["crop"]) == 4
+    assert pts["crop"][2:] == list(SIZE) and 0 <= pts["crop"][0] <= 160 - 128
+    assert verify(tmp_path / "ds") == []
+
+
+def test_resume_after_stop_and_after_lost_manifest_entry(bank, tmp_path):
+    kw = {"random_points": True, "size": SIZE, "seed": 9, "fmt": "coco"}
+    ref = tmp_path / "ref"
+    generate(4, bank, ref, **kw)
+    # 1. stopped by should_stop after two pairs
+    calls = []
+    ds = tmp_path / "ds"
+    m = generate(4, bank, ds, should_stop=lambda: len(calls) >= 2, progress=lambda d, t, w: calls.append(d), **kw)
+    assert not m["complete"] and len(m["pairs"]) == 2
+    with pytest.raises(FileExistsError, match="resume"):
+        generate(4, bank, ds, **kw)
+    with pytest.raises(ValueError, match="seed"):
+        generate(4, bank, ds, resume=True, **{**kw, "seed": 10})
+    m = generate(4, bank, ds, resume=True, **kw)
+    assert m["complete"] and len(m["pairs"]) == 4
+    assert _same(_pairs(ds), _pairs(ref))
+    # 2. killed between writing a pair's files and listing it: drop the last entry, leave its files (and a temp file)
+    man = read_manifest(ds)
+    last = man["pairs"].pop()
+    man["complete"] = False
+    write_manifest(ds, man)
+    stray = ds / last["files"]["image"]
+    assert stray.is_file()
+    (ds / "images" / ".syn_000009.png.tmp123.png").write_bytes(b"half")
+    m = generate(4, bank, ds, resume=True, **kw)
+    assert m["complete"] and len(m["pairs"]) == 4 and not list((ds / "images").glob(".*"))
+    doc = json.loads((ds / "annotations.json").read_text())
+    assert sorted(im["nucsynth_id"] for im in doc["images"]) == [pair_id(i) for i in range(4)]
+    assert _same(_pairs(ds), _pairs(ref))
+    assert verify(ds, [last["id"]]) == []
+    # 3. resuming a complete dataset does nothing; a larger n extends it
+    assert generate(4, bank, ds, resume=True, **kw)["complete"]
+    m = generate(5, bank, ds, resume=True, **kw)
+    assert m["complete"] and len(m["pairs"]) == 5
+
+
+def test_domains_balance_sampling(bank, tmp_path):
+    rng = np.random.default_rng(0)
+    pink = [np.clip(rng.normal([230, 150, 200], 8, (40, 40, 3)), 0, 255).astype(np.uint8) for _ in range(3)]
+    blue = [np.clip(rng.normal([90, 80, 170], 8, (40, 40, 3)), 0, 255).astype(np.uint8) for _ in range(3)]
+    dom = stain_domains(pink + blue, 2, seed=0)
+    assert dom.tolist() == [0, 0, 0, 1, 1, 1]
+    assert clahe(pink[0]).dtype == np.uint8 and clahe(pink[0]).shape == (40, 40, 3)
+    m = generate(6, bank, tmp_path / "ds", random_points=True, size=SIZE, domains=2, seed=1, fmt="cellpose")
+    styles = m["generate"]["styles"]
+    assert sorted({t["domain"] for t in styles}) == [0, 1]
+    domains = [p["meta"]["domain"] for p in m["pairs"]]
+    assert domains.count(0) == domains.count(1) == 3
+    for p in m["pairs"]:
+        assert styles[p["meta"]["style"]["index"]]["domain"] == p["meta"]["domain"]
+
+
+def test_bad_inputs_give_clear_errors(bank, tmp_path):
+    ok = {"random_points": True, "size": SIZE}
+    with pytest.raises(ValueError, match="n must be"):
+        generate(0, bank, tmp_path / "a", **ok)
+    with pytest.raises(ValueError, match="styles must be a folder"):
+        generate(2, tmp_path / "missing", tmp_path / "a", **ok)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no reference image"):
+        generate(2, tmp_path / "empty", tmp_path / "a", **ok)
+    with pytest.raises(ValueError, match="points_from"):
+        generate(2, bank, tmp_path / "a", size=SIZE)
+    with pytest.raises(ValueError, match="fmt must be"):
+        generate(2, bank, tmp_path / "a", fmt="jpeg", **ok)
+    with pytest.raises(ValueError, match="unknown render method"):
+        generate(2, bank, tmp_path / "a", method="nope", **ok)
+    with pytest.raises(ValueError, match="domains=9"):
+        generate(2, bank, tmp_path / "a", domains=9, **ok)
+    with pytest.raises(ValueError, match="takes no checkpoint"):
+        generate(2, bank, tmp_path / "a", checkpoint=bank / "labels", **ok)
+    assert not (tmp_path / "a").exists()  # nothing created by refused settings
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate(2, bank, tmp_path / "full", **ok)
+    ds = tmp_path / "ds"
+    generate(1, bank, ds, **ok)
+    with pytest.raises(ValueError, match="no pair"):
+        regenerate(ds, "syn_999999")
+    # a style tile changed since: refused, not silently different
+    import shutil
+
+    tile = Path(read_manifest(ds)["pairs"][0]["meta"]["style"]["file"])
+    copy = tmp_path / "bank2"
+    shutil.copytree(bank, copy)
+    m = read_manifest(ds)
+    for t in m["generate"]["styles"]:
+        t["file"] = str(copy / Path(t["file"]).name)
+    write_manifest(ds, m)
+    (copy / tile.name).write_bytes(b"changed")
+    with pytest.raises(ValueError, match="changed since"):
+        regenerate(ds, "syn_000000")
+
+
+def test_cli_generate_and_regenerate(bank, tmp_path, capsys):
+    from napari_nucsynth.cli import main
+
+    out = tmp_path / "ds"
+    argv = ["generate", "--n", "2", "--styles", str(bank), "--out", str(out), "--random-points", "--size", "128",
+            "128", "--format", "png"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert main(["regenerate", str(out), "syn_000001"]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert main(["generate", "--n", "2", "--styles", str(bank), "--out", str(tmp_path / "b")]) == 2
+    assert "points_from" in capsys.readouterr().err
