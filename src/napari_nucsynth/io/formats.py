@@ -690,24 +690,17 @@ def _strip(stem: str, suffixes) -> str:
     return stem
 
 
-def read_pair_folder(images, labels=None) -> list[Sample]:
-    """Pair images with label maps by file stem.
-
-    ``read_pair_folder(images_dir, labels_dir)`` pairs the two folders (a label stem may end in ``_masks``,
-    ``_mask``, ``_labels``, ``_label``...; an image stem in ``_img``/``_image``). ``read_pair_folder(root)``
-    takes ``root/images`` with ``root/labels`` or ``root/masks`` (nucsynth's png and stardist exports), or one
-    folder of ``*_img.*`` + ``*_masks.*`` files (cellpose). Labels are read as uint32 (TIFF, PNG or .npy).
-    Images without a label map are skipped; label maps without an image become Samples with ``image=None``.
-    A type map of the same stem in a ``types/`` folder beside the label folder (inside it, for cellpose's single
-    folder) becomes ``types``.
-    """
+def pair_files(images, labels=None) -> tuple[dict[str, Path], dict[str, Path], Path, bool]:
+    """The file matching of :func:`read_pair_folder`, without reading any pixel: ``(label files by stem, image
+    files by stem, label folder, whether images and labels share one folder)``. Raises ``ValueError`` when a
+    folder is missing or holds no label map."""
     root = Path(images)
     if not root.is_dir():
         raise ValueError(f"folder not found: {root}")
     if labels is None:
         for sub in ("labels", "masks"):
             if (root / "images").is_dir() and (root / sub).is_dir():
-                return read_pair_folder(root / "images", root / sub)
+                return pair_files(root / "images", root / sub)
         img_dir = lab_dir = root
     else:
         img_dir, lab_dir = root, Path(labels)
@@ -731,6 +724,21 @@ def read_pair_folder(images, labels=None) -> list[Sample]:
         img_files.setdefault(_strip(p.stem, _IMAGE_SUFFIXES), p)
     if not lab_files:
         raise ValueError(f"no label maps found in {lab_dir}")
+    return lab_files, img_files, lab_dir, same
+
+
+def read_pair_folder(images, labels=None) -> list[Sample]:
+    """Pair images with label maps by file stem.
+
+    ``read_pair_folder(images_dir, labels_dir)`` pairs the two folders (a label stem may end in ``_masks``,
+    ``_mask``, ``_labels``, ``_label``...; an image stem in ``_img``/``_image``). ``read_pair_folder(root)``
+    takes ``root/images`` with ``root/labels`` or ``root/masks`` (nucsynth's png and stardist exports), or one
+    folder of ``*_img.*`` + ``*_masks.*`` files (cellpose). Labels are read as uint32 (TIFF, PNG or .npy).
+    Images without a label map are skipped; label maps without an image become Samples with ``image=None``.
+    A type map of the same stem in a ``types/`` folder beside the label folder (inside it, for cellpose's single
+    folder) becomes ``types``.
+    """
+    lab_files, img_files, lab_dir, same = pair_files(images, labels)
     types_dir = (lab_dir if same else lab_dir.parent) / "types"
     out = []
     for stem, lp in sorted(lab_files.items()):

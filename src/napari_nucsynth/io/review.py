@@ -29,15 +29,12 @@ import numpy as np
 from ._files import _atomic, read_labels, write_labels
 from .export import COCO_JSON, MANIFEST, _safe_id, read_manifest
 from .formats import (
-    _IMAGE_EXT,
-    _IMAGE_SUFFIXES,
-    _LABEL_SUFFIXES,
     _U32_MAX,
     _hovernet_array,
     _read_rgb,
     _rle_runs,
-    _strip,
     _to_uint32,
+    pair_files,
 )
 
 __all__ = [
@@ -64,7 +61,6 @@ REVIEW_DIR = "reviewed"
 REVIEW_FORMAT = "nucsynth-review"
 DECISIONS = ("accepted", "rejected", "skipped")
 _FINAL = ("accepted", "rejected")
-_LABEL_EXT = (".png", ".tif", ".tiff", ".npy")
 
 
 def _now() -> str:
@@ -84,34 +80,15 @@ def scan_pair_folder(folder) -> list[dict]:
     without an image has no ``"image"`` file; images without a label map are left out.
     """
     root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"folder not found: {root}")
-    img_dir = lab_dir = root
-    for sub in ("labels", "masks"):
-        if (root / "images").is_dir() and (root / sub).is_dir():
-            img_dir, lab_dir = root / "images", root / sub
-            break
-    same = img_dir == lab_dir
-    labs: dict[str, Path] = {}
-    for p in sorted(lab_dir.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in _LABEL_EXT or p.name.startswith("."):
-            continue
-        stem = _strip(p.stem, _LABEL_SUFFIXES)
-        if same and stem == p.stem:
-            continue  # in one shared folder only suffixed files are label maps
-        labs.setdefault(stem, p)
-    imgs: dict[str, Path] = {}
-    for p in sorted(img_dir.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in _IMAGE_EXT or p.name.startswith("."):
-            continue
-        if same and _strip(p.stem, _LABEL_SUFFIXES) != p.stem:
-            continue
-        imgs.setdefault(_strip(p.stem, _IMAGE_SUFFIXES), p)
-    if not labs:
+    try:
+        labs, imgs, _, _ = pair_files(root)
+    except ValueError as exc:
+        if not root.is_dir():
+            raise
         raise ValueError(
-            f"no label maps found in {lab_dir}: open a dataset with a manifest.json, a folder with images/ and "
-            "labels/ (or masks/), or one folder of <name>_img.png + <name>_masks.tif files"
-        )
+            f"{exc}: open a dataset with a manifest.json, a folder with images/ and labels/ (or masks/), or one "
+            "folder of <name>_img.png + <name>_masks.tif files"
+        ) from None
     out = []
     for stem, lp in sorted(labs.items()):
         files = {"labels": lp.relative_to(root).as_posix()}
