@@ -14,8 +14,11 @@ from napari_nucsynth.io.review import (
     build_queue,
     counts,
     first_undecided,
+    instance_types,
     load_pair,
     load_review_labels,
+    load_review_types,
+    load_sample,
     next_undecided,
     read_review,
     record,
@@ -153,3 +156,82 @@ def test_bad_state_and_decision(tmp_path):
         record(tmp_path, state, "a", "maybe")
     with pytest.raises(ValueError, match="file name"):
         record(tmp_path, state, "../x", "accepted")
+
+
+def _typed_pairs(n=2):
+    out = []
+    for pid, img, lab, _, meta in _pairs(n):
+        lab = np.where(lab > 65535, 9, lab).astype(np.uint32)
+        types = np.zeros(lab.shape, np.int32)
+        types[lab == 3] = 2
+        types[(lab != 3) & (lab > 0)] = 1
+        out.append((pid, img, lab, types, meta))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_sample_reads_classes_in_every_format(tmp_path, fmt):
+    typed = _typed_pairs()
+    export_pairs(typed, tmp_path / "typed", fmt, class_names={1: "epithelial", 2: "lymphocyte"})
+    export_pairs([(p, i, lab, None, m) for p, i, lab, _, m in _typed_pairs(1)], tmp_path / "plain", fmt)
+    queue, _ = build_queue(tmp_path / "typed")
+    for e, (_, _, lab, types, _) in zip(queue, typed):
+        s = load_sample(tmp_path / "typed", e)
+        assert np.array_equal(s.labels, lab) and s.types is not None and np.array_equal(s.types, types)
+    q2, _ = build_queue(tmp_path / "plain")
+    assert load_sample(tmp_path / "plain", q2[0]).types is None  # no classes: none invented (nor hovernet's fg)
+
+
+def test_instance_types_follow_edited_instances():
+    lab = np.zeros((6, 8), np.uint32)
+    lab[0:3, 0:4], lab[3:6, 4:8], lab[0:2, 6:8] = 1, 2, 3
+    types = np.zeros_like(lab, dtype=np.int32)
+    types[0:3, 0:4] = 5
+    types[0, 0] = 1  # a minority of instance 1's pixels
+    types[3:6, 4:8] = 2
+    types[5, 4:8] = 0  # unclassed pixels do not vote
+    # nucleus 2 grown into background, nucleus 3 drawn on background, nucleus 1 split in two
+    edited = lab.copy()
+    edited[2, 4:8] = 2
+    edited[0:3, 2:4] = 7
+    out, untyped = instance_types(edited, types)
+    assert out.dtype == np.int32 and untyped == 1
+    assert (out[edited == 1] == 5).all() and (out[edited == 7] == 5).all()
+    assert (out[edited == 2] == 2).all() and (out[edited == 3] == 0).all() and (out[edited == 0] == 0).all()
+    tie = np.array([[1, 1]], np.uint32), np.array([[4, 3]], np.int32)
+    assert instance_types(*tie)[0].tolist() == [[3, 3]]  # a tie goes to the smaller class
+    with pytest.raises(ValueError, match="differ in shape"):
+        instance_types(lab, types[:2])
+
+
+def test_edited_classes_persist_and_export(tmp_path):
+    typed = _typed_pairs()
+    ds, out = tmp_path / "ds", tmp_path / "out"
+    export_pairs(typed, ds, "hovernet", class_names={1: "epithelial", 2: "lymphocyte"})
+    queue, _ = build_queue(ds)
+    state = read_review(ds)
+    pid, _, lab, types, _ = typed[0]
+    # t0: one nucleus re-classed (types edited), one new nucleus painted on background without a class
+    new_types = types.copy()
+    new_types[lab == 3] = 1
+    new_lab = lab.copy()
+    new_lab[15:19, 0:4] = 11
+    record(ds, state, pid, "accepted", new_lab, original=lab, types=new_types, original_types=types)
+    rec = read_review(ds)["pairs"][pid]
+    assert rec["types_edited"] and rec["types"] == "reviewed/types/t0.tif"
+    assert np.array_equal(load_review_types(ds, state, pid), new_types)
+    # t1: classes untouched (equal to the dataset's): no correction file
+    record(ds, state, "t1", "accepted", None, types=typed[1][3], original_types=typed[1][3])
+    assert load_review_types(ds, state, "t1") is None and not (ds / "reviewed/types/t1.tif").exists()
+    acc = AcceptedPairs(ds, queue, state)
+    assert acc.class_names == {1: "epithelial", 2: "lymphocyte"}
+    manifest = export_pairs(acc, out, "coco", class_names=acc.class_names)
+    assert [p["has_types"] for p in manifest["pairs"]] == [True, True]
+    assert manifest["pairs"][0]["meta"]["review"]["untyped"] == 1
+    q_out, _ = build_queue(out)
+    back = {e["id"]: load_sample(out, e) for e in q_out}
+    assert np.array_equal(back["t0"].labels, new_lab)
+    assert (back["t0"].types[new_lab == 3] == 1).all() and (back["t0"].types[new_lab == 11] == 0).all()
+    assert np.array_equal(back["t1"].types, typed[1][3])
+    cats = json.loads((out / "annotations.json").read_text())["categories"]
+    assert {c["id"]: c["name"] for c in cats}[2] == "lymphocyte"

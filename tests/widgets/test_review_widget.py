@@ -7,9 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from napari_nucsynth._widgets.review import LABELS_NAME, SHORTCUTS, ReviewWidget
+from napari_nucsynth._widgets.review import (
+    LABELS_NAME,
+    SHORTCUTS,
+    TYPES_NAME,
+    ReviewWidget,
+)
 from napari_nucsynth.io import export_pairs, read_pair_folder
-from napari_nucsynth.io.review import REVIEW_FILE
+from napari_nucsynth.io.review import REVIEW_FILE, build_queue, load_sample
 
 TIMEOUT = 20000  # ms
 N = 4
@@ -142,3 +147,41 @@ def test_plain_folder_import_and_export_guard(make_napari_viewer, tmp_path):
     assert not w.exporting and "another folder" in w.status.value
     assert not w.open(tmp_path / "nothing")
     assert "Cannot open" in w.status.value
+
+
+def test_classes_are_shown_edited_and_exported(make_napari_viewer, qtbot, tmp_path):
+    typed = []
+    for pid, img, lab, _, meta in _pairs(2):
+        typed.append((pid, img, lab, np.where(lab == 1, 2, np.where(lab > 0, 1, 0)).astype(np.int32), meta))
+    ds = tmp_path / "typed"
+    export_pairs(typed, ds, "hovernet", class_names={1: "epithelial", 2: "lymphocyte"})
+    viewer, w = _widget(make_napari_viewer, ds)
+    types_layer = viewer.layers[TYPES_NAME]
+    assert np.array_equal(types_layer.data, typed[0][3])
+    assert viewer.layers.index(types_layer) < viewer.layers.index(LABELS_NAME)  # instance outlines on top
+    assert viewer.layers.selection.active is viewer.layers[LABELS_NAME]
+    # re-class nucleus 2 (types layer) and paint a new nucleus on background without a class
+    with types_layer.block_history():
+        types_layer.data_setitem(np.nonzero(typed[0][2] == 2), 2)
+    labels_layer = viewer.layers[LABELS_NAME]
+    with labels_layer.block_history():
+        labels_layer.data_setitem((np.array([22, 22, 23]), np.array([0, 1, 0])), 5)
+    w.accept()
+    assert "1 nuclei have no class" in w.status.value
+    rec = _state(ds)["pairs"]["p0"]
+    assert rec["edited"] and rec["types_edited"] and rec["types"] == "reviewed/types/p0.tif"
+    w.accept()  # p1 unedited
+
+    out = tmp_path / "export"
+    w.out.value = out
+    w.fmt.value = "coco"
+    w.export()
+    qtbot.waitUntil(lambda: not w.exporting, timeout=TIMEOUT)
+    assert "Exported 2" in w.status.value, w.status.value
+    queue, _ = build_queue(out)
+    back = {e["id"]: load_sample(out, e) for e in queue}
+    lab0 = back["p0"].labels
+    assert (back["p0"].types[lab0 == 2] == 2).all() and (back["p0"].types[lab0 == 5] == 0).all()
+    assert np.array_equal(back["p1"].types, typed[1][3])
+    cats = {c["id"]: c["name"] for c in json.loads((out / "annotations.json").read_text())["categories"]}
+    assert cats[1] == "epithelial" and cats[2] == "lymphocyte"

@@ -26,11 +26,14 @@ from ..io.export import FORMATS, MANIFEST, export_pairs
 from ..io.review import (
     AcceptedPairs,
     build_queue,
+    class_names,
     counts,
     decision,
     first_undecided,
-    load_pair,
+    instance_types,
     load_review_labels,
+    load_review_types,
+    load_sample,
     next_undecided,
     read_review,
     record,
@@ -42,6 +45,7 @@ from .render import _CloseWatcher
 SHORTCUTS = {"Shift-A": "accept", "Shift-R": "reject", "Shift-S": "skip", "Shift-B": "back"}
 IMAGE_NAME = "review: image"
 LABELS_NAME = "review: labels"
+TYPES_NAME = "review: types"
 _MARK = "nucsynth_review"
 
 
@@ -56,7 +60,8 @@ class ReviewWidget(Container):
     Opening it loads ``review.json`` when there is one and shows the first pair that is neither accepted nor
     rejected. The pair is shown in two layers, ``"review: image"`` and ``"review: labels"`` (re-used from pair to
     pair; the labels' undo history is cleared when another pair is loaded, so undo never reaches into the
-    previous pair). Accept / Reject / Skip (Shift+A / Shift+R / Shift+S) record the decision, save corrected
+    previous pair). Pairs with classes (a type map) get a third layer, ``"review: types"``, to re-class nuclei
+    with the same tools; at export each nucleus takes the most common class painted under it. Accept / Reject / Skip (Shift+A / Shift+R / Shift+S) record the decision, save corrected
     labels when the mask differs from the dataset's, and move to the next undecided pair; Back (Shift+B) shows the
     previous pair (saving an edit of the current one first). Closing the widget, or napari, saves an unsaved edit
     of the shown pair.
@@ -76,8 +81,12 @@ class ReviewWidget(Container):
         self._baseline: np.ndarray | None = None  # what was loaded into the layer (original or saved correction)
         self._image_layer = None
         self._labels_layer = None
+        self._types_layer = None
+        self._original_types: np.ndarray | None = None  # the dataset's type map of the shown pair (None: no classes)
+        self._baseline_types: np.ndarray | None = None
         self._bound: dict[str, object] = {}  # key -> the binding it replaced (restored on close)
         self._export_job: dict | None = None
+        self._class_names: dict[int, str] = {}
         self._closed = False
 
         self.folder = FileEdit(label="Dataset", mode="d")
@@ -149,6 +158,10 @@ class ReviewWidget(Container):
             self.status.value = f"Cannot open: {exc}"
             return False
         self.dataset, self.queue, self.state = folder, queue, state
+        try:
+            self._class_names = class_names(folder)
+        except (ValueError, OSError):
+            self._class_names = {}
         if Path(self.folder.value or "") != folder:
             self.folder.value = folder
         self.index = None
@@ -168,33 +181,39 @@ class ReviewWidget(Container):
         entry = self.queue[index]
         pid = str(entry["id"])
         try:
-            image, labels = load_pair(self.dataset, entry)
+            sample = load_sample(self.dataset, entry)
             edited = load_review_labels(self.dataset, self.state, pid)
+            edited_types = load_review_types(self.dataset, self.state, pid) if sample.types is not None else None
         except (ValueError, OSError) as exc:
             self.index = index
-            self._original = self._baseline = None
+            self._original = self._baseline = self._original_types = self._baseline_types = None
             self.status.value = f"Cannot load pair {pid}: {exc} (reject or skip it)"
             self._update()
             return
         self.index = index
-        self._original = labels
-        shown = labels if edited is None else edited
+        self._original, self._original_types = sample.labels, sample.types
+        shown = sample.labels if edited is None else edited
+        shown_types = sample.types if edited_types is None else edited_types
         self._baseline = shown.copy()
-        self._put_layers(image, shown.copy())
+        self._baseline_types = None if shown_types is None else shown_types.copy()
+        self._put_layers(sample.image, shown.copy(), None if shown_types is None else shown_types.copy())
         self._update()
 
-    def _put_layers(self, image, labels) -> None:
+    def _find_layer(self, layer, kind, mark: str):
+        """``layer`` if still in the viewer, else one a previous Review widget left (reopening after closing)."""
+        if layer is not None and layer in self.viewer.layers:
+            return layer
+        return next((lyr for lyr in self.viewer.layers if isinstance(lyr, kind) and lyr.metadata.get(_MARK) == mark),
+                    None)
+
+    def _put_layers(self, image, labels, types=None) -> None:
         from napari.layers import Image, Labels
 
         layers = self.viewer.layers
         reset = True
-        # re-use the layers a previous Review widget left (reopening after closing the dock)
-        if self._image_layer is None or self._image_layer not in layers:
-            self._image_layer = next((lyr for lyr in layers if isinstance(lyr, Image)
-                                      and lyr.metadata.get(_MARK) == "image"), None)
-        if self._labels_layer is None or self._labels_layer not in layers:
-            self._labels_layer = next((lyr for lyr in layers if isinstance(lyr, Labels)
-                                       and lyr.metadata.get(_MARK) == "labels"), None)
+        self._image_layer = self._find_layer(self._image_layer, Image, "image")
+        self._labels_layer = self._find_layer(self._labels_layer, Labels, "labels")
+        self._types_layer = self._find_layer(self._types_layer, Labels, "types")
         if image is not None:
             if self._image_layer is None or getattr(self._image_layer, "rgb", True) is False:
                 self._image_layer = self.viewer.add_image(image, name=IMAGE_NAME, rgb=True,
@@ -205,12 +224,29 @@ class ReviewWidget(Container):
                 self._image_layer.visible = True
         elif self._image_layer is not None and self._image_layer in layers:
             self._image_layer.visible = False
+        outline = False
+        if types is not None:
+            if self._types_layer is None:  # below the instances, whose outlines stay on top
+                self._types_layer = self.viewer.add_labels(types, name=TYPES_NAME, metadata={_MARK: "types"},
+                                                           opacity=0.5)
+                outline = True
+            else:
+                self._types_layer.data = types
+                self._types_layer.visible = True
+                self._clear_history(self._types_layer)
+        elif self._types_layer is not None:
+            self._types_layer.visible = False
         if self._labels_layer is None:
             self._labels_layer = self.viewer.add_labels(labels, name=LABELS_NAME, metadata={_MARK: "labels"},
                                                         opacity=0.5)
         else:
             self._labels_layer.data = labels
             self._clear_history(self._labels_layer)
+        if outline:  # classes as fill, instances as outlines (the layer's contour control turns this back)
+            self._labels_layer.contour = 2
+            self._labels_layer.opacity = 1.0
+        if self._types_layer is not None and layers.index(self._types_layer) > layers.index(self._labels_layer):
+            layers.move(layers.index(self._types_layer), layers.index(self._labels_layer))
         self.viewer.layers.selection.active = self._labels_layer  # the label tools act on it
         if reset:
             self.viewer.reset_view()
@@ -226,11 +262,16 @@ class ReviewWidget(Container):
                 getattr(layer, name, []).clear()
 
     def _current_labels(self) -> np.ndarray | None:
-        lyr = self._labels_layer
-        if lyr is None or self._baseline is None or lyr not in self.viewer.layers:
+        return self._layer_data(self._labels_layer, self._baseline)
+
+    def _current_types(self) -> np.ndarray | None:
+        return self._layer_data(self._types_layer, self._baseline_types)
+
+    def _layer_data(self, lyr, baseline) -> np.ndarray | None:
+        if lyr is None or baseline is None or lyr not in self.viewer.layers:
             return None
         data = np.asarray(lyr.data)
-        return data if data.shape == self._baseline.shape else None
+        return data if data.shape == baseline.shape else None
 
     @property
     def current_id(self) -> str | None:
@@ -249,7 +290,14 @@ class ReviewWidget(Container):
         what = rec.get("decision") or "undecided"
         if rec.get("edited"):
             what += ", corrected mask saved"
-        self.pair_info.value = f"Pair {self.index + 1} / {len(self.queue)}: {pid} ({what})"
+        if rec.get("types_edited"):
+            what += ", corrected classes saved"
+        info = f"Pair {self.index + 1} / {len(self.queue)}: {pid} ({what})"
+        if self._baseline_types is not None:
+            ids = sorted((set(self._class_names) | set(np.unique(self._baseline_types).tolist())) - {0})
+            info += "\nClasses (paint on 'review: types'): " + ", ".join(
+                f"{i} {self._class_names.get(i, '')}".strip() for i in ids)
+        self.pair_info.value = info
         c = counts(self.queue, self.state)
         self.counter.value = (f"accepted {c['accepted']} · rejected {c['rejected']} · remaining {c['remaining']}"
                               + (f" · edited {c['edited']}" if c["edited"] else ""))
@@ -257,39 +305,53 @@ class ReviewWidget(Container):
 
     # ---- decisions ---------------------------------------------------------------------------------------------
     def _save_current(self, decision_: str | None = None) -> bool:
-        """Record ``decision_`` for the shown pair, with its labels when they changed; False when it failed."""
+        """Record ``decision_`` for the shown pair, with its labels and classes when they changed; False when it
+        failed."""
         if self.index is None or self.state is None:
             return False
-        labels = self._current_labels()
+        labels, types = self._current_labels(), self._current_types()
         changed = labels is not None and not np.array_equal(labels, self._baseline)
-        if decision_ is None and not changed:
+        types_changed = types is not None and not np.array_equal(types, self._baseline_types)
+        if decision_ is None and not changed and not types_changed:
             return True
         try:
             record(self.dataset, self.state, self.current_id, decision_,
-                   labels if changed else None, original=self._original)
+                   labels if changed else None, original=self._original,
+                   types=types if types_changed else None, original_types=self._original_types)
         except (ValueError, OSError) as exc:
             self.status.value = f"Could not save the review of {self.current_id}: {exc}"
             return False
         if changed:
             self._baseline = np.array(labels, copy=True)
+        if types_changed:
+            self._baseline_types = np.array(types, copy=True)
         return True
+
+    def _untyped(self) -> int:
+        """Nuclei of the shown pair without a class under them (0 for pairs without classes)."""
+        labels, types = self._current_labels(), self._current_types()
+        if labels is None or types is None:
+            return 0
+        return instance_types(labels, types)[1]
 
     def _decide(self, decision_: str) -> None:
         if self.index is None or self._closed:
             return
         pid = self.current_id
+        untyped = self._untyped() if decision_ == "accepted" else 0
         if not self._save_current(decision_):
             return
+        note = (f" {untyped} nuclei have no class: go Back and paint them on '{TYPES_NAME}'." if untyped else "")
         nxt = next_undecided(self.queue, self.state, self.index)
         if nxt is None:
             self._update()
-            self.status.value = f"{pid}: {decision_}. Every pair is decided: export the accepted ones."
+            self.status.value = f"{pid}: {decision_}. Every pair is decided: export the accepted ones.{note}"
             return
         if nxt != self.index:
             self._show(nxt)
         else:
             self._update()
-        self.status.value = f"{pid}: {decision_}."
+        self.status.value = f"{pid}: {decision_}.{note}"
 
     def accept(self) -> None:
         """Accept the shown pair (with its corrected labels) and go to the next undecided one."""
@@ -353,7 +415,7 @@ class ReviewWidget(Container):
 
         def work():
             return export_pairs(pairs, out, fmt, overwrite=overwrite, progress=report,
-                                should_stop=lambda: job["cancelled"])
+                                should_stop=lambda: job["cancelled"], class_names=pairs.class_names)
 
         self._export_job = job
         self.export_btn.text = "Cancel export"

@@ -9,9 +9,11 @@ The review state lives beside the data, in ``<dataset>/review.json``::
 
     {"format": "nucsynth-review", "format_version": 1, "source": "manifest" | "folder", "updated": "...",
      "pairs": {"<id>": {"decision": "accepted" | "rejected" | "skipped" | null, "time": "...",
-                        "edited": true, "labels": "reviewed/<id>.tif"}}}
+                        "edited": true, "labels": "reviewed/<id>.tif",
+                        "types_edited": true, "types": "reviewed/types/<id>.tif"}}}
 
-Corrected labels are stored as uint32 TIFF in ``<dataset>/reviewed/<id>.tif``; the dataset's own files are never
+Corrected labels are stored as uint32 TIFF in ``<dataset>/reviewed/<id>.tif`` and corrected type maps (datasets
+with classes) as uint16 TIFF in ``<dataset>/reviewed/types/<id>.tif``; the dataset's own files are never
 modified. Every write is atomic (temporary file, then ``os.replace``). "Skipped" pairs count as undecided: the
 review resumes at the first pair that is neither accepted nor rejected. See ``docs/review.md``.
 """
@@ -27,12 +29,14 @@ from typing import Any
 import numpy as np
 
 from ._files import _atomic, read_labels, write_labels
-from .export import COCO_JSON, MANIFEST, _safe_id, read_manifest
+from .export import COCO_JSON, MANIFEST, _safe_id, _types_u16, read_manifest
 from .formats import (
     _U32_MAX,
+    Sample,
     _hovernet_array,
     _read_rgb,
     _rle_runs,
+    _to_types,
     _to_uint32,
     pair_files,
 )
@@ -43,11 +47,15 @@ __all__ = [
     "REVIEW_FILE",
     "AcceptedPairs",
     "build_queue",
+    "class_names",
     "counts",
     "first_undecided",
+    "instance_types",
     "is_decided",
     "load_pair",
     "load_review_labels",
+    "load_review_types",
+    "load_sample",
     "new_state",
     "next_undecided",
     "read_review",
@@ -58,6 +66,7 @@ __all__ = [
 
 REVIEW_FILE = "review.json"
 REVIEW_DIR = "reviewed"
+REVIEW_TYPES_DIR = "reviewed/types"
 REVIEW_FORMAT = "nucsynth-review"
 DECISIONS = ("accepted", "rejected", "skipped")
 _FINAL = ("accepted", "rejected")
@@ -161,7 +170,8 @@ def _coco_doc(path: Path) -> dict:
     return parsed
 
 
-def _coco_labels(path: Path, pid: str) -> np.ndarray:
+def _coco_labels(path: Path, pid: str, typed: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels of pair ``pid`` from a COCO JSON, with its ``category_id`` painted per pixel when ``typed``."""
     from skimage.draw import polygon
 
     doc = _coco_doc(path)
@@ -172,56 +182,117 @@ def _coco_labels(path: Path, pid: str) -> np.ndarray:
     anns = doc["by_image"].get(im["id"], [])
     use_ids = bool(anns) and all("instance_id" in a for a in anns)
     labels = np.zeros((h, w), dtype=np.uint32, order="F")
+    types = np.zeros((h, w), dtype=np.int32, order="F") if typed else None
     flat = labels.reshape(-1, order="F")
+    flat_t = types.reshape(-1, order="F") if typed else None
     for k, ann in enumerate(anns, start=1):
         lid = int(ann["instance_id"]) if use_ids else k
         if not 0 < lid <= _U32_MAX:
             raise ValueError(f"{path.name}: instance_id {lid} out of range")
+        cat = int(ann.get("category_id", 1))
         seg = ann["segmentation"]
         if isinstance(seg, dict):
             _, starts, ends = _rle_runs(seg)
             for s, e in zip(starts.tolist(), ends.tolist()):
                 flat[s:e] = lid
+                if typed:
+                    flat_t[s:e] = cat
         else:
             for poly in seg:
                 xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
                 rr, cc = polygon(xy[:, 1], xy[:, 0], (h, w))
                 labels[rr, cc] = lid
-    return np.ascontiguousarray(labels)
+                if typed:
+                    types[rr, cc] = cat
+    return np.ascontiguousarray(labels), (None if types is None else np.ascontiguousarray(types))
 
 
-def load_pair(dataset, entry: dict) -> tuple[np.ndarray | None, np.ndarray]:
-    """Read one queue entry: ``(image RGB uint8 or None, labels uint32)`` from the dataset's own files.
+def load_sample(dataset, entry: dict) -> Sample:
+    """Read one queue entry from the dataset's own files: a :class:`~.formats.Sample` with the image (RGB uint8
+    or None), labels (uint32) and type map (int32, or None where the pair has no classes).
 
     ``entry["files"]`` gives paths relative to ``dataset``: ``image`` + ``labels`` (png, stardist, cellpose exports
-    and plain folders), ``npy`` (HoVer-Net stacks) or ``image`` with the masks in the COCO JSON named by
-    ``entry["annotations"]`` (default ``annotations.json``). Other keys (types, fields a newer writer adds) are
-    ignored. The image is None where there is none.
+    and plain folders; a ``types`` file where the export had type maps), ``npy`` (HoVer-Net stacks: the type
+    channel counts as classes when the manifest says ``has_types``, or, for a stack without that field, when the
+    channel is not just the foreground) or ``image`` with the masks in the COCO JSON named by
+    ``entry["annotations"]`` (default ``annotations.json``; ``category_id`` is the class when ``has_types``).
+    Fields a newer writer adds are ignored.
     """
     root = Path(dataset)
     if not isinstance(entry, dict) or "id" not in entry:
         raise ValueError("entry must be a dict with an 'id' and 'files', as in manifest.json")
     pid = str(entry["id"])
     files = entry.get("files") or {}
+    has_types = entry.get("has_types")
     if "npy" in files:
         path = root / files["npy"]
         if not path.is_file():
             raise ValueError(f"pair {pid}: file not found: {path}")
         s = _hovernet_array(np.load(path, allow_pickle=False), pid, str(path))
-        return s.image, s.labels
+        types = s.types
+        if types is not None and (has_types is False or (has_types is None and np.array_equal(types, s.labels > 0))):
+            types = None  # the writer's foreground channel of an untyped pair, not classes
+        return Sample(pid, s.image, s.labels, types, {"source": str(path)})
     image = None
     if files.get("image"):
         ip = root / files["image"]
         if not ip.is_file():
             raise ValueError(f"pair {pid}: image file not found: {ip}")
         image = _read_rgb(ip)
+    types = None
     if files.get("labels"):
         labels = read_labels(root / files["labels"])
+        if files.get("types"):
+            tp = root / files["types"]
+            if not tp.is_file():
+                raise ValueError(f"pair {pid}: type map not found: {tp}")
+            types = _to_types(read_labels(tp), f"type map of pair {pid}")
+            if types.shape != labels.shape:
+                raise ValueError(f"pair {pid}: type map {types.shape} and labels {labels.shape} differ in shape")
     else:
-        labels = _coco_labels(root / entry.get("annotations", COCO_JSON), pid)
+        labels, types = _coco_labels(root / entry.get("annotations", COCO_JSON), pid, typed=bool(has_types))
     if image is not None and image.shape[:2] != labels.shape:
         raise ValueError(f"pair {pid}: image {image.shape[:2]} and labels {labels.shape} differ in shape")
-    return image, labels
+    return Sample(pid, image, labels, types, {"source": str(root)})
+
+
+def load_pair(dataset, entry: dict) -> tuple[np.ndarray | None, np.ndarray]:
+    """Read one queue entry: ``(image RGB uint8 or None, labels uint32)`` (:func:`load_sample` without classes)."""
+    s = load_sample(dataset, entry)
+    return s.image, s.labels
+
+
+def instance_types(labels, types) -> tuple[np.ndarray, int]:
+    """Make a type map agree with an instance map: each instance takes the most common non-zero class under it.
+
+    After an edit (a nucleus split, merged, grown or drawn anew) the per-pixel classes no longer follow the
+    instances; this gives every pixel of an instance its instance's class (ties go to the smaller class id) and
+    background 0. An instance with no classed pixel under it (one drawn on background) gets 0.
+
+    Returns ``(type map int32, number of instances left without a class)``.
+    """
+    lab = np.asarray(labels)
+    t = np.asarray(types)
+    if lab.shape != t.shape:
+        raise ValueError(f"type map {t.shape} and labels {lab.shape} differ in shape")
+    ids, inv = np.unique(lab, return_inverse=True)
+    inv = inv.reshape(-1)
+    tf = t.reshape(-1).astype(np.int64)
+    cls = np.zeros(ids.size, dtype=np.int64)
+    m = (tf > 0) & (lab.reshape(-1) > 0)
+    if m.any():
+        k = int(tf.max()) + 1
+        keys, n = np.unique(inv[m].astype(np.int64) * k + tf[m], return_counts=True)
+        inst, c = keys // k, keys % k
+        order = np.lexsort((c, -n, inst))  # per instance: most pixels first, then the smaller class
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = inst[order][1:] != inst[order][:-1]
+        cls[inst[order][first]] = c[order][first]
+    if ids.size and ids[0] == 0:
+        cls[0] = 0
+    out = cls[inv].reshape(lab.shape).astype(np.int32)
+    untyped = int(np.count_nonzero((ids > 0) & (cls == 0)))
+    return out, untyped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,8 +341,9 @@ def write_review(dataset, state: dict) -> Path:
     return path
 
 
-def record(dataset, state: dict, pid, decision: str | None, labels=None, *, original=None) -> dict:
-    """Record a decision (and corrected labels) for pair ``pid``, then write ``review.json``.
+def record(dataset, state: dict, pid, decision: str | None, labels=None, *, original=None, types=None,
+           original_types=None) -> dict:
+    """Record a decision (and corrected labels or classes) for pair ``pid``, then write ``review.json``.
 
     Parameters
     ----------
@@ -283,6 +355,9 @@ def record(dataset, state: dict, pid, decision: str | None, labels=None, *, orig
         ``original`` an earlier correction is dropped (its file removed).
     original : array, optional
         The dataset's own labels of the pair.
+    types, original_types : array, optional
+        The same for the pair's type map (datasets with classes): ``reviewed/types/<id>.tif`` (uint16) and
+        ``"types_edited"``.
 
     Returns the updated state (also modified in place).
     """
@@ -296,29 +371,56 @@ def record(dataset, state: dict, pid, decision: str | None, labels=None, *, orig
     root = Path(dataset)
     if labels is not None:
         lab = _to_uint32(labels, f"labels of pair {pid}")
-        rel = f"{REVIEW_DIR}/{pid}.tif"
-        if original is not None and np.array_equal(lab, np.asarray(original)):
-            if rec.pop("edited", None):
-                (root / rel).unlink(missing_ok=True)
-            rec.pop("labels", None)
-        else:
-            (root / REVIEW_DIR).mkdir(parents=True, exist_ok=True)
-            write_labels(root / rel, lab)
-            rec["edited"], rec["labels"] = True, rel
+        _store(root, rec, "edited", "labels", f"{REVIEW_DIR}/{pid}.tif", lab, original)
+    if types is not None:
+        t16 = _types_u16(_to_types(types, f"type map of pair {pid}"), pid)
+        _store(root, rec, "types_edited", "types", f"{REVIEW_TYPES_DIR}/{pid}.tif", t16, original_types)
     state["pairs"][pid] = rec
     write_review(root, state)
     return state
 
 
+def _store(root: Path, rec: dict, flag: str, key: str, rel: str, arr: np.ndarray, original) -> None:
+    """Write a correction (or drop an earlier one when ``arr`` equals ``original``) and note it in ``rec``."""
+    if original is not None and np.array_equal(arr, np.asarray(original)):
+        if rec.pop(flag, None):
+            (root / rel).unlink(missing_ok=True)
+        rec.pop(key, None)
+    else:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_labels(root / rel, arr)
+        rec[flag], rec[key] = True, rel
+
+
 def load_review_labels(dataset, state: dict, pid) -> np.ndarray | None:
     """The corrected labels of ``pid`` (``reviewed/<id>.tif``), or None when the pair was not edited."""
+    return _load_correction(dataset, state, pid, "edited", "labels")
+
+
+def load_review_types(dataset, state: dict, pid) -> np.ndarray | None:
+    """The corrected type map of ``pid`` (``reviewed/types/<id>.tif``, int32), or None when its classes were not
+    edited."""
+    t = _load_correction(dataset, state, pid, "types_edited", "types")
+    return None if t is None else t.astype(np.int32)
+
+
+def _load_correction(dataset, state: dict, pid, flag: str, key: str) -> np.ndarray | None:
     rec = state["pairs"].get(str(pid)) or {}
-    if not rec.get("edited") or not rec.get("labels"):
+    if not rec.get(flag) or not rec.get(key):
         return None
-    path = Path(dataset) / rec["labels"]
+    path = Path(dataset) / rec[key]
     if not path.is_file():
-        raise ValueError(f"review.json lists corrected labels for {pid} at {path}, but the file is missing")
+        raise ValueError(f"review.json lists corrected {key} for {pid} at {path}, but the file is missing")
     return read_labels(path)
+
+
+def class_names(dataset) -> dict[int, str]:
+    """Class id -> name from the dataset's manifest (``class_names``); empty without a manifest or names."""
+    root = Path(dataset)
+    if not (root / MANIFEST).is_file():
+        return {}
+    names = read_manifest(root).get("class_names") or {}
+    return {int(k): str(v) for k, v in names.items()}
 
 
 def decision(state: dict, pid) -> str | None:
@@ -353,23 +455,28 @@ def counts(queue: list[dict], state: dict) -> dict[str, int]:
         rec = state["pairs"].get(str(e["id"])) or {}
         if rec.get("decision") in DECISIONS:
             out[rec["decision"]] += 1
-        out["edited"] += bool(rec.get("edited"))
+        out["edited"] += bool(rec.get("edited") or rec.get("types_edited"))
     out["remaining"] = out["total"] - out["accepted"] - out["rejected"]
     return out
 
 
 class AcceptedPairs:
-    """The accepted pairs of a review, for :func:`~.export.export_pairs`: ``(id, image, labels, None, meta)``.
+    """The accepted pairs of a review, for :func:`~.export.export_pairs`: ``(id, image, labels, types, meta)``.
 
     Has a length (so the export reports ``done / total``) and reads one pair at a time; labels are the corrected
-    ones where the pair was edited. Type maps are not carried (an edit would leave them stale). ``meta`` holds
-    the manifest's ``meta`` of the pair and ``"review"``: decision time, whether it was edited, the source.
+    ones where the pair was edited. Pairs with classes keep them: the corrected type map where the classes were
+    edited, the dataset's otherwise, made to agree with the final instances by :func:`instance_types` whenever
+    anything was edited (so a split, merged or grown nucleus keeps one class). ``types`` is None for pairs
+    without classes. ``meta`` holds the manifest's ``meta`` of the pair and ``"review"``: decision time, whether
+    it was edited, the source, and ``"untyped"`` (instances left without a class) for pairs with classes.
+    :attr:`class_names` are the dataset manifest's, for ``export_pairs(class_names=...)``.
     """
 
     def __init__(self, dataset, queue: list[dict], state: dict):
         self.dataset = Path(dataset)
         self.state = json.loads(json.dumps(state))  # a snapshot: later decisions do not change this export
         self.entries = [e for e in queue if decision(self.state, e["id"]) == "accepted"]
+        self.class_names = class_names(self.dataset)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -377,12 +484,24 @@ class AcceptedPairs:
     def __iter__(self) -> Iterator[tuple]:
         for e in self.entries:
             pid = str(e["id"])
-            image, labels = load_pair(self.dataset, e)
-            if image is None:
+            s = load_sample(self.dataset, e)
+            if s.image is None:
                 raise ValueError(f"pair {pid} has no image in {self.dataset}: it cannot be exported")
             edited = load_review_labels(self.dataset, self.state, pid)
+            edited_types = load_review_types(self.dataset, self.state, pid)
+            labels = s.labels if edited is None else edited
+            types = s.types if edited_types is None else edited_types
             rec = self.state["pairs"][pid]
             meta = dict(e.get("meta") or {})
-            meta["review"] = {"decision": "accepted", "time": rec.get("time"), "edited": edited is not None,
-                              "source": str(self.dataset)}
-            yield pid, image, labels if edited is None else edited, None, meta
+            review = {"decision": "accepted", "time": rec.get("time"), "edited": edited is not None,
+                      "source": str(self.dataset)}
+            if types is not None:
+                if types.shape != labels.shape:
+                    raise ValueError(f"pair {pid}: type map {types.shape} and labels {labels.shape} differ in shape")
+                untyped = 0
+                if edited is not None or edited_types is not None:
+                    types, untyped = instance_types(labels, types)
+                review["types_edited"] = edited_types is not None
+                review["untyped"] = untyped
+            meta["review"] = review
+            yield pid, s.image, labels, types, meta
