@@ -8,7 +8,6 @@ thread, runs the renderer in a worker with progress and cancellation, and puts t
 
 from __future__ import annotations
 
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -18,18 +17,18 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     Label,
     ProgressBar,
     PushButton,
     SpinBox,
 )
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
 from ..models import checkpoint_dir
 from ..render import get_renderer, render, renderers
 from ._checkpoints import CheckpointPicker
+from ._worker import CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a labels edit before a live re-render starts (edits in between restart the wait).
 LIVE_DEBOUNCE_MS = 150
@@ -37,48 +36,7 @@ _DETECT = "(detect)"
 _MARK = "nucsynth_render_of"  # metadata key that marks the widget's output layers
 
 
-class _Cancelled(Exception):
-    """Raised inside the worker, at the renderer's next progress report, once the user has cancelled."""
-
-
-class _Job:
-    """One render in flight; ``cancelled`` is what the renderer's ``should_stop`` reads."""
-
-    def __init__(self, labels_layer):
-        self.labels_layer = labels_layer
-        self.cancelled = False
-        self.reason = "Cancelled."  # the status line once a cancelled job has stopped
-        self.started = time.perf_counter()
-
-
-class _CloseWatcher(QObject):
-    """Calls ``callback`` when ``widget``, once docked, loses its parent: napari's ``remove_dock_widget`` (the
-    dock's close button) reparents the inner widget to None rather than destroying it."""
-
-    def __init__(self, widget, callback):
-        super().__init__(widget)
-        self._callback = callback
-        self._docked = False
-        widget.installEventFilter(self)
-
-    def eventFilter(self, obj, event):
-        if event.type() == QEvent.Type.ParentChange:
-            if obj.parent() is not None:
-                self._docked = True
-            elif self._docked:
-                self._docked = False
-                self._callback()
-        return False
-
-
-def _release_gpu_memory() -> None:
-    """Give cached GPU memory back when a job ends (only where the renderer has already loaded torch)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-class RenderWidget(Container):
+class RenderWidget(WorkerWidget):
     """Render a Labels layer as a synthetic H&E image in the style of a reference Image layer.
 
     The result goes into an RGB Image layer named ``"render: <labels name>"`` with the labels layer's scale and
@@ -96,12 +54,12 @@ class RenderWidget(Container):
     rendered, cancels too.
     """
 
+    run_text, action, failure = "Render", "render", "Render"
+
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
-        self._job: _Job | None = None
-        self._worker = None
-        self._dirty = False  # an edit arrived while a render ran: render again when it ends
+        self._init_jobs()  # _job, _worker, _dirty (an edit arrived while a render ran: render again when it ends)
         self._live_layer = None
         self._last_live: tuple | None = None  # (labels copy, settings) of the last live render, to skip no-ops
         self._outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # labels layer -> its render layer
@@ -118,7 +76,7 @@ class RenderWidget(Container):
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.live = CheckBox(text="live (re-render when the labels change)", value=False)
-        self.render_btn = PushButton(text="Render")
+        self.render_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
@@ -139,7 +97,7 @@ class RenderWidget(Container):
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
-        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._close_watcher = CloseWatcher(self.native, self._on_closed)
         self._on_method()
         self._reset()
 
@@ -188,8 +146,8 @@ class RenderWidget(Container):
         if self._live_layer is not None and self._live_layer not in self.viewer.layers:
             self._connect_live()
         job = self._job
-        if job is not None and not job.cancelled and job.labels_layer not in self.viewer.layers:
-            self.cancel(f"'{job.labels_layer.name}' was removed: its render was cancelled.")
+        if job is not None and not job.cancelled and job.layer not in self.viewer.layers:
+            self.cancel(f"'{job.layer.name}' was removed: its render was cancelled.")
 
     # ---- live mode ---------------------------------------------------------------------------------------------
     def _connect_live(self, _=None):
@@ -229,17 +187,6 @@ class RenderWidget(Container):
         self.run(live=True)
 
     # ---- running -----------------------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        """Whether a render is in flight."""
-        return self._job is not None
-
-    def _on_button(self, _=None):
-        if self._job is not None:
-            self.cancel()
-        else:
-            self.run()
-
     def _settings(self):
         return (self.style_combo.value, self.style_labels_combo.value, self.method.value, self.device.value,
                 int(self.seed.value), self.checkpoint.value)
@@ -267,98 +214,36 @@ class RenderWidget(Container):
         style = np.array(style_layer.data, copy=True)
         style_labels = None if style_labels_layer is None else np.array(style_labels_layer.data, copy=True)
 
-        from napari.qt.threading import create_worker
-        from superqt.utils import ensure_main_thread
-
-        job = _Job(labels_layer)
-
-        @ensure_main_thread
-        def report(i: int, n: int, msg: str) -> None:
-            if job is self._job and not job.cancelled:
-                self.progress.max = max(int(n), 1)
-                self.progress.value = min(int(i), self.progress.max)
-                self.status.value = f"Rendering {labels_layer.name}: {msg}"
-
-        def progress(i: int, n: int, msg: str) -> None:
-            if job.cancelled:
-                raise _Cancelled
-            report(i, n, msg)
+        job = Job(labels_layer)
+        progress = self._progress(job, lambda msg: f"Rendering {labels_layer.name}: {msg}")
 
         def work():
             try:
                 return render(labels, style, method=method, style_labels=style_labels, seed=seed, device=device,
                               checkpoint=checkpoint, progress=progress, should_stop=lambda: job.cancelled)
             finally:
-                _release_gpu_memory()
+                release_gpu_memory()
 
-        self._job = job
-        self._dirty = False
-        self.render_btn.text = "Cancel"
-        self.progress.max, self.progress.value = 1, 0
-        self.status.value = f"Rendering {labels_layer.name} in the style of {style_layer.name}..."
-        worker = create_worker(work, _ignore_errors=True)  # errors go to the status line (see _on_error)
-        worker.returned.connect(lambda img: self._on_result(job, img))
-        worker.errored.connect(lambda exc: self._on_error(job, exc))
-        worker.finished.connect(lambda: self._on_finished(job))
-        self._worker = worker
-        worker.start()
+        self._start(job, work, lambda img: self._on_result(job, img),
+                    f"Rendering {labels_layer.name} in the style of {style_layer.name}...")
 
-    def cancel(self, reason: str = "Cancelled.") -> None:
-        """Stop the running render (at the renderer's next check) and drop its result."""
-        job = self._job
-        if job is None:
-            return
-        job.cancelled = True
-        job.reason = reason
-        self._dirty = False
+    def _on_cancel(self) -> None:
         self._last_live = None
-        self.render_btn.text = "Cancelling..."
-        self.render_btn.enabled = False
-        self.status.value = "Cancelling..."
+
+    def _on_failed(self) -> None:
+        self._last_live = None  # let the same state be tried again after the user fixes the input
 
     def _on_closed(self, _=None):
         """The widget left the viewer (its dock closed) or was destroyed: stop working."""
-        if self._job is not None:
-            self._job.cancelled = True
-        self._dirty = False
+        self._cancel_on_close()
         try:
-            self._timer.stop()
             self.live.value = False  # disconnects from the labels layer
         except RuntimeError:  # the Qt objects are already gone
             pass
 
-    def _on_error(self, job: _Job, exc: BaseException) -> None:
-        if job.cancelled or isinstance(exc, _Cancelled):
-            return
-        self._last_live = None  # let the same state be tried again after the user fixes the input
-        if isinstance(exc, ValueError):  # bad input: the message says what to change
-            self.status.value = f"Cannot render: {exc}"
-            return
-        self.status.value = f"Render failed: {type(exc).__name__}: {exc}"
-        from napari.utils.notifications import notification_manager
-
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)  # a bug: keep the traceback
-
-    def _on_finished(self, job: _Job) -> None:
-        if job is not self._job:
-            return
-        self._job = None
-        self._worker = None
-        self.render_btn.text = "Render"
-        self.render_btn.enabled = True
-        if job.cancelled:
-            self.progress.value = 0
-            self.status.value = job.reason
-            return
-        if self._dirty:
-            self._dirty = False
-            self._timer.start()
-
     # ---- output ------------------------------------------------------------------------------------------------
-    def _on_result(self, job: _Job, img: np.ndarray) -> None:
-        if job.cancelled or job is not self._job:
-            return
-        labels_layer = job.labels_layer
+    def _on_result(self, job: Job, img: np.ndarray) -> None:
+        labels_layer = job.layer
         self.result = img
         layer = self._output_layer(labels_layer, img)
         secs = time.perf_counter() - job.started

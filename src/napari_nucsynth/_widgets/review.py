@@ -38,7 +38,7 @@ from ..io.review import (
     read_review,
     record,
 )
-from .render import _CloseWatcher
+from ._worker import CloseWatcher
 
 #: Viewer shortcuts while the widget is open (none clashes with napari's Labels-layer keys: 1-7, E, P, F, L, Z,
 #: M, X, B, -, =, [, ], Escape, Enter).
@@ -47,10 +47,6 @@ IMAGE_NAME = "review: image"
 LABELS_NAME = "review: labels"
 TYPES_NAME = "review: types"
 _MARK = "nucsynth_review"
-
-
-class _Cancelled(Exception):
-    pass
 
 
 class ReviewWidget(Container):
@@ -121,7 +117,7 @@ class ReviewWidget(Container):
         self.export_btn.changed.connect(self._on_export_button)
         self._bind_keys()
         self.native.destroyed.connect(self._on_closed)
-        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._close_watcher = CloseWatcher(self.native, self._on_closed)
         self._update()
 
     # ---- keys --------------------------------------------------------------------------------------------------

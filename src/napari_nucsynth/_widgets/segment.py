@@ -21,7 +21,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FloatSlider,
     Label,
     ProgressBar,
@@ -33,28 +32,21 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..segment import get_segmenter, segmenters
 from ._checkpoints import CheckpointPicker
-from .render import _CloseWatcher, _release_gpu_memory
+from ._worker import Cancelled, CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a parameter change before post-processing starts (a slider drag is one re-run).
 PARAM_DEBOUNCE_MS = 60
 _MARK = "nucsynth_segmentation_of"  # metadata key that marks the widget's output layers
 
 
-class _Cancelled(Exception):
-    """Raised inside the worker, at the segmenter's next progress report, once the user has cancelled."""
-
-
-class _Job:
-    """One segmentation in flight; ``cancelled`` is what the segmenter's ``should_stop`` reads."""
+class _Job(Job):
+    """One segmentation in flight."""
 
     def __init__(self, image_layer, method: str, key: tuple, post_only: bool):
-        self.image_layer = image_layer
+        super().__init__(image_layer)
         self.method = method
         self.key = key  # the cache key of the settings it runs with
         self.post_only = post_only  # post-processing of cached maps (no network)
-        self.cancelled = False
-        self.reason = "Cancelled."
-        self.started = time.perf_counter()
 
 
 def _has_split(seg) -> bool:
@@ -65,7 +57,7 @@ def _param_specs(seg) -> dict:
     return dict(getattr(seg, "params", None) or {})
 
 
-class SegmentWidget(Container):
+class SegmentWidget(WorkerWidget):
     """Segment the nuclei of an Image layer with a registered segmenter.
 
     The result goes into a uint32 Labels layer named ``"segmentation: <image name> (<method>)"`` with the image
@@ -89,12 +81,12 @@ class SegmentWidget(Container):
     drops the result. Closing the widget, or removing the image being segmented, cancels too.
     """
 
+    run_text, action, failure = "Segment", "segment", "Segmentation"
+
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
-        self._job: _Job | None = None
-        self._worker = None
-        self._dirty = False  # parameters changed while a job ran: post-process again when it ends
+        self._init_jobs()  # _job, _worker, _dirty (parameters changed while a job ran: post-process at its end)
         self._cache: tuple[tuple, np.ndarray] | None = None  # (key, maps) of the last predict_maps
         self._last_key: tuple | None = None  # settings key of the last full run whose labels are shown
         self._param_values: dict[str, dict] = {}  # method -> {param: value}, kept across method switches
@@ -110,7 +102,7 @@ class SegmentWidget(Container):
         self.checkpoint, self.browse = self._ckpt.combo, self._ckpt.browse
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
-        self.segment_btn = PushButton(text="Segment")
+        self.segment_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
@@ -127,7 +119,7 @@ class SegmentWidget(Container):
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
-        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._close_watcher = CloseWatcher(self.native, self._on_closed)
         self._on_method()
         self._reset()
 
@@ -167,8 +159,8 @@ class SegmentWidget(Container):
         if self._last_key is not None and self._last_key[0] not in layers:
             self._last_key = None
         job = self._job
-        if job is not None and not job.cancelled and job.image_layer not in layers:
-            self.cancel(f"'{job.image_layer.name}' was removed: its segmentation was cancelled.")
+        if job is not None and not job.cancelled and job.layer not in layers:
+            self.cancel(f"'{job.layer.name}' was removed: its segmentation was cancelled.")
 
     def _on_method(self, _=None):
         self._ckpt.refresh()
@@ -214,17 +206,6 @@ class SegmentWidget(Container):
         self.run(auto=True)
 
     # ---- running -----------------------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        """Whether a segmentation (or a post-processing) is in flight."""
-        return self._job is not None
-
-    def _on_button(self, _=None):
-        if self._job is not None:
-            self.cancel()
-        else:
-            self.run()
-
     def _key(self, layer) -> tuple:
         """What the network outputs depend on: the image (layer and data), method, checkpoint, device and TTA."""
         ckpt = self.checkpoint.value
@@ -272,22 +253,8 @@ class SegmentWidget(Container):
         checkpoint, device, tta = self.checkpoint.value, self.device.value, bool(self.tta.value)
         image = None if maps is not None else np.array(layer.data, copy=True)
 
-        from napari.qt.threading import create_worker
-        from superqt.utils import ensure_main_thread
-
         job = _Job(layer, method, key, post_only=maps is not None)
-
-        @ensure_main_thread
-        def report(i: int, n: int, msg: str) -> None:
-            if job is self._job and not job.cancelled:
-                self.progress.max = max(int(n), 1)
-                self.progress.value = min(int(i), self.progress.max)
-                self.status.value = f"Segmenting {layer.name} ({method}): {msg}"
-
-        def progress(i: int, n: int, msg: str) -> None:
-            if job.cancelled:
-                raise _Cancelled
-            report(i, n, msg)
+        progress = self._progress(job, lambda msg: f"Segmenting {layer.name} ({method}): {msg}")
 
         def should_stop() -> bool:
             return job.cancelled
@@ -301,84 +268,26 @@ class SegmentWidget(Container):
                                                     progress=progress, should_stop=should_stop))
                     m.flags.writeable = False  # shared by later post-processing runs: nothing may edit it
                     if job.cancelled:
-                        raise _Cancelled
+                        raise Cancelled
                     return seg.postprocess(m, **params), m
                 return seg(image, checkpoint=checkpoint, device=device, tta=tta, progress=progress,
                            should_stop=should_stop, **params), None
             finally:
                 if maps is None:
-                    _release_gpu_memory()
+                    release_gpu_memory()
 
-        self._job = job
-        self._dirty = False
-        self.segment_btn.text = "Cancel"
-        self.progress.max, self.progress.value = 1, 0
-        self.status.value = (f"Post-processing {layer.name} ({method})..." if job.post_only
-                             else f"Segmenting {layer.name} with {method}...")
-        worker = create_worker(work, _ignore_errors=True)  # errors go to the status line (see _on_error)
-        worker.returned.connect(lambda out: self._on_result(job, *out))
-        worker.errored.connect(lambda exc: self._on_error(job, exc))
-        worker.finished.connect(lambda: self._on_finished(job))
-        self._worker = worker
-        worker.start()
-
-    def cancel(self, reason: str = "Cancelled.") -> None:
-        """Stop the running job (at the segmenter's next check) and drop its result."""
-        job = self._job
-        if job is None:
-            return
-        job.cancelled = True
-        job.reason = reason
-        self._dirty = False
-        self.segment_btn.text = "Cancelling..."
-        self.segment_btn.enabled = False
-        self.status.value = "Cancelling..."
+        self._start(job, work, lambda out: self._on_result(job, *out),
+                    f"Post-processing {layer.name} ({method})..." if job.post_only
+                    else f"Segmenting {layer.name} with {method}...")
 
     def _on_closed(self, _=None):
         """The widget left the viewer (its dock closed) or was destroyed: stop working, free the cached maps."""
-        if self._job is not None:
-            self._job.cancelled = True
-        self._dirty = False
+        self._cancel_on_close()
         self._cache = None
-        try:
-            self._timer.stop()
-        except RuntimeError:  # the Qt objects are already gone
-            pass
-
-    def _on_error(self, job: _Job, exc: BaseException) -> None:
-        if job.cancelled or isinstance(exc, _Cancelled):
-            return
-        if isinstance(exc, InterruptedError):  # the segmenter stopped by itself
-            job.cancelled = True
-            return
-        if isinstance(exc, ValueError):  # bad input: the message says what to change
-            self.status.value = f"Cannot segment: {exc}"
-            return
-        self.status.value = f"Segmentation failed: {type(exc).__name__}: {exc}"
-        from napari.utils.notifications import notification_manager
-
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)  # a bug: keep the traceback
-
-    def _on_finished(self, job: _Job) -> None:
-        if job is not self._job:
-            return
-        self._job = None
-        self._worker = None
-        self.segment_btn.text = "Segment"
-        self.segment_btn.enabled = True
-        if job.cancelled:
-            self.progress.value = 0
-            self.status.value = job.reason
-            return
-        if self._dirty:
-            self._dirty = False
-            self._timer.start()
 
     # ---- output ------------------------------------------------------------------------------------------------
     def _on_result(self, job: _Job, labels, maps) -> None:
-        if job.cancelled or job is not self._job:
-            return
-        layer = job.image_layer
+        layer = job.layer
         labels = np.asarray(labels)
         shape = tuple(np.shape(layer.data))
         if labels.ndim != 2 or labels.shape != shape[:2]:

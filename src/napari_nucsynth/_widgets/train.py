@@ -45,7 +45,7 @@ from ..devices import available_devices
 from ..models import checkpoint_dir, get_model, model_kinds
 from ._checkpoints import CheckpointPicker
 from ._lossplot import LossPlot
-from .render import _CloseWatcher, _release_gpu_memory
+from ._worker import CloseWatcher, release_gpu_memory
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class TrainWidget(Container):
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
-        self._close_watcher = _CloseWatcher(self.native, self._on_closed)
+        self._close_watcher = CloseWatcher(self.native, self._on_closed)
         self._on_model()
         self._on_source()
         self._reset()
@@ -479,7 +479,7 @@ class TrainWidget(Container):
                 return train(kind, images, labels, config=kw["config"], train_data=data, should_stop=job.should_stop,
                              on_update=job.on_update, **val, **common)
             finally:
-                _release_gpu_memory()
+                release_gpu_memory()
 
         from napari.qt.threading import create_worker
 
@@ -667,7 +667,7 @@ class TrainWidget(Container):
             self._resume.refresh()
         except RuntimeError:  # the Qt objects are gone (the widget was deleted)
             pass
-        _release_gpu_memory()
+        release_gpu_memory()
         self._refresh_checkpoint_lists()
 
     def _refresh_checkpoint_lists(self) -> None:
