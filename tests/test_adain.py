@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tiny import ADAIN
+from _tiny import synthetic_pair as _pair
 
 from napari_nucsynth.models import (
     get_model,
@@ -30,21 +32,7 @@ from napari_nucsynth.render import adain as adain_render
 from napari_nucsynth.render import get_renderer, render, renderers
 from napari_nucsynth.train import train
 
-TINY = {"width": 0.125, "pretrained": "random"}
-
-
-def _pair(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """An H&E-like tile (pink background, purple textured nuclei) and its instance labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    lab = np.zeros((size, size), np.uint32)
-    for i in range(1, 15):
-        r, c, rad = rng.uniform(6, size - 6), rng.uniform(6, size - 6), rng.uniform(3.5, 6.5)
-        lab[((yy - r) ** 2 + (xx - c) ** 2 <= rad**2) & (lab == 0)] = i
-    bg = np.array([235, 190, 215]) + rng.integers(-20, 20, 3)
-    fg = np.array([95, 60, 150]) + rng.integers(-20, 20, 3)
-    img = np.where((lab > 0)[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8), lab
+TINY = ADAIN
 
 
 def _batch(pairs) -> dict:

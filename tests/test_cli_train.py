@@ -14,13 +14,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from _tiny import HOVERNET
 
 from napari_nucsynth.cli import _StopOnSignal, _TrainReport, main
 from napari_nucsynth.models import load_checkpoint
 from napari_nucsynth.train import TrainResult, TrainUpdate
 
 TILE = "TCGA-A7-A13F-01Z-00-DX1"
-TINY = {"backbone": "resnet18", "width": 8, "pretrained": None}
+TINY = HOVERNET
 STEPS = 8
 
 

@@ -17,13 +17,11 @@ torch = pytest.importorskip("torch")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
+from _tiny import HOVERNET, SIAN
+
 from napari_nucsynth.models import load_checkpoint
 
 TILE = "TCGA-A7-A13F-01Z-00-DX1"
-TINY_HOVERNET = {"backbone": "resnet18", "width": 8, "pretrained": None}
-TINY_SIAN = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "noise_nc": 2, "style_dim": 8, "nef": 4,
-             "enc_layers": 3, "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random",
-             "vgg_layers": ["relu1_1", "relu2_1"], "tile": 128, "blend": 8}
 
 #: runs on every rank: trains probed copies of the registered kinds (the probe keeps the model and the batches)
 SCRIPT = textwrap.dedent('''
@@ -107,7 +105,7 @@ def test_two_processes_stay_in_sync_and_rank0_saves(load_tile, tmp_path):
     np.savez(tmp_path / "data.npz", i0=img[:128, :128], l0=lab[:128, :128], i1=img[128:256, :128],
              l1=lab[128:256, :128])
     (tmp_path / "run.py").write_text(SCRIPT)
-    cfg = json.dumps({"hovernet": TINY_HOVERNET, "sian": TINY_SIAN})
+    cfg = json.dumps({"hovernet": HOVERNET, "sian": SIAN})
     out = _torchrun(str(tmp_path / "run.py"), str(tmp_path), cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -143,7 +141,7 @@ def test_cli_is_a_torchrun_entry_point(load_tile, tmp_path):
     ck = tmp_path / "m.pt"
     out = _torchrun("-m", "napari_nucsynth.cli", "train", "--model", "hovernet", "--images", str(tmp_path / "im"),
                     "--labels", str(tmp_path / "lb"), "--steps", "2", "--out", str(ck), "--batch-size", "1",
-                    "--crop", "64", "--val-fraction", "0", "--device", "cpu", "--config", json.dumps(TINY_HOVERNET))
+                    "--crop", "64", "--val-fraction", "0", "--device", "cpu", "--config", json.dumps(HOVERNET))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("wrote ") == 1  # rank 0 alone reports
     ck = load_checkpoint(ck, kind="hovernet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import HOVERNET
 
 from napari_nucsynth.masks import hv_maps
 from napari_nucsynth.metrics import aji
@@ -18,7 +19,7 @@ from napari_nucsynth.models import (
 from napari_nucsynth.models.hovernet import postprocess, sobel21
 
 TILE = "TCGA-A7-A13F-01Z-00-DX1"
-TINY = {"backbone": "resnet18", "width": 8, "pretrained": None}
+TINY = HOVERNET
 
 
 def _touching_nuclei() -> np.ndarray:

@@ -12,6 +12,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _tiny import ADAIN, SIAN
+from _tiny import HOVERNET as HOVER
+from _tiny import MASKRCNN as MRCNN
+from _tiny import synthetic_pair as _pair
 
 from napari_nucsynth.models import load_checkpoint
 from napari_nucsynth.render import render
@@ -26,31 +30,8 @@ from napari_nucsynth.train.joint import (
     train_joint,
 )
 
-ADAIN = {"width": 0.125, "pretrained": "random"}
-SIAN = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "noise_nc": 2, "style_dim": 8, "nef": 4, "enc_layers": 3,
-        "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random", "vgg_layers": ["relu1_1", "relu2_1"],
-        "tile": 128, "blend": 8}
-HOVER = {"backbone": "resnet18", "width": 8, "pretrained": None}
-MRCNN = {"fpn_channels": 32, "representation_size": 128, "mask_channels": 16, "mask_layers": 2,
-         "semantic_channels": 16, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
-         "rpn_pre_nms_top_n_test": 600, "rpn_post_nms_top_n_test": 300, "rpn_batch_size_per_image": 128,
-         "box_batch_size_per_image": 128, "box_detections_per_img": 300}
 GEN_CFG = {"adain": ADAIN, "sian": SIAN}
 SEG_CFG = {"hovernet": HOVER, "maskrcnn": MRCNN}
-
-
-def _pair(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """An H&E-like tile (pink background, purple textured nuclei) and its instance labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    lab = np.zeros((size, size), np.uint32)
-    for i in range(1, 15):
-        r, c, rad = rng.uniform(6, size - 6), rng.uniform(6, size - 6), rng.uniform(3.5, 6.5)
-        lab[((yy - r) ** 2 + (xx - c) ** 2 <= rad**2) & (lab == 0)] = i
-    bg = np.array([235, 190, 215]) + rng.integers(-20, 20, 3)
-    fg = np.array([95, 60, 150]) + rng.integers(-20, 20, 3)
-    img = np.where((lab > 0)[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
 @pytest.fixture(scope="module")

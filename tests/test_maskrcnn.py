@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import MASKRCNN
 from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
 
@@ -25,12 +26,7 @@ from napari_nucsynth.models.maskrcnn import (
 from napari_nucsynth.segment import segment, segmenters
 
 TILE = "TCGA-HE-7130-01Z-00-DX1"  # dense: 60-90 nuclei per 128-px crop
-TINY = {
-    "fpn_channels": 32, "representation_size": 128, "mask_channels": 16, "mask_layers": 2, "semantic_channels": 16,
-    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 600,
-    "rpn_post_nms_top_n_test": 300, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
-    "box_detections_per_img": 300,
-}
+TINY = MASKRCNN
 TERMS = {"loss", "rpn_objectness", "rpn_box_reg", "box_focal", "box_reg", "mask_focal", "semantic"}
 
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tiny import SIAN
 
 from napari_nucsynth.models import (
     get_model,
@@ -20,10 +21,7 @@ from napari_nucsynth.models import (
 from napari_nucsynth.models import sian as S
 
 TILE = "TCGA-A7-A13F-01Z-00-DX1"
-#: a tiny SIAN: 2 upsamplings (multiples of 4), a few channels, a 2-layer VGG of the seeded random fallback
-TINY = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "noise_nc": 2, "style_dim": 8, "nef": 4,
-        "enc_layers": 3, "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random",
-        "vgg_layers": ["relu1_1", "relu2_1"], "tile": 128, "blend": 8}
+TINY = SIAN
 
 
 def _discs(shape=(64, 64), seed=0, n=12, r=(4, 8)) -> np.ndarray:

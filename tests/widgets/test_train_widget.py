@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from _tiny import HOVERNET
 
 from napari_nucsynth._widgets.segment import SegmentWidget
 from napari_nucsynth._widgets.train import (
@@ -19,7 +20,7 @@ from napari_nucsynth.models import load_checkpoint, model_kinds
 from napari_nucsynth.train import TrainResult, TrainUpdate
 
 TIMEOUT = 30000  # ms
-TINY = {"backbone": "resnet18", "width": 8, "pretrained": None}  # as tests/test_hovernet.py
+TINY = HOVERNET
 
 
 def _tile(n: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,38 @@
+"""Tiny model configurations and a synthetic H&E-like pair, shared by the tests (train in seconds on a CPU).
+
+Imported as ``from _tiny import ...``: pytest puts ``tests/`` on ``sys.path`` (it has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: HoVer-Net on a ResNet-18 of 8 base channels, no pretrained weights
+HOVERNET = {"backbone": "resnet18", "width": 8, "pretrained": None}
+#: AdaIN with an eighth of VGG-19's channels and the seeded random VGG (no download)
+ADAIN = {"width": 0.125, "pretrained": "random"}
+#: SIAN: 2 upsamplings (multiples of 4), a few channels, a 2-layer VGG of the seeded random fallback
+SIAN = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "noise_nc": 2, "style_dim": 8, "nef": 4,
+        "enc_layers": 3, "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random",
+        "vgg_layers": ["relu1_1", "relu2_1"], "tile": 128, "blend": 8}
+#: Mask R-CNN with narrow heads and fewer proposals
+MASKRCNN = {
+    "fpn_channels": 32, "representation_size": 128, "mask_channels": 16, "mask_layers": 2, "semantic_channels": 16,
+    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 600,
+    "rpn_post_nms_top_n_test": 300, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
+    "box_detections_per_img": 300,
+}
+
+
+def synthetic_pair(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like tile (pink background, purple noisy nuclei) and its instance labels (14 discs at most)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    lab = np.zeros((size, size), np.uint32)
+    for i in range(1, 15):
+        r, c, rad = rng.uniform(6, size - 6), rng.uniform(6, size - 6), rng.uniform(3.5, 6.5)
+        lab[((yy - r) ** 2 + (xx - c) ** 2 <= rad**2) & (lab == 0)] = i
+    bg = np.array([235, 190, 215]) + rng.integers(-20, 20, 3)
+    fg = np.array([95, 60, 150]) + rng.integers(-20, 20, 3)
+    img = np.where((lab > 0)[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), lab
