@@ -19,13 +19,20 @@ then the mean over tiles):
   batch size, crop and seed. The generator's pretraining does not count against the segmenter.
 
 Both use the segmenter kind's default config unless ``--tiny`` (a few channels: for smoke tests only). The
-generator starts from ``--generator-checkpoint`` when given (then ``--gen-pretrain`` may be 0).
+generator starts from ``--generator-checkpoint`` when given (then ``--gen-pretrain`` may be 0). With
+``--segmenter-checkpoint`` *both* segmenters start from that checkpoint (trained on the same 24 tiles: Algorithm
+1's segmenter pretraining done once for both arms) and train ``--steps`` more updates at ``--seg-lr``; then
+``--seg-pretrain`` is 0 by default, and the comparison is a fine-tuning on real pairs against a fine-tuning in the
+joint loop.
 
     # smoke test (seconds; numbers meaningless)
     python benchmarks/bench_joint.py --tiny --steps 2 --gen-pretrain 1 --seg-pretrain 1 --crop 64 --eval-size 128
     # full scale (a GPU; hours on a CPU)
     python benchmarks/bench_joint.py --generator adain --segmenter hovernet --steps 6000 --gen-pretrain 2000 \
         --seg-pretrain 1500 --crop 256 --out-dir bench-out/joint
+    # from pretrained parts (Algorithm 1's stages 1 and 2 done by train_adain.py / train_hovernet.py)
+    python benchmarks/bench_joint.py --generator-checkpoint bench-out/adain_bench.pt --gen-pretrain 0 \
+        --segmenter-checkpoint bench-out/hovernet_bench.pt --seg-lr 3e-4 --steps 400 --out-dir bench-out/joint_ft
     # the AC-GAN ablation (the generator descends the segmenter's loss)
     python benchmarks/bench_joint.py ... --adversarial acgan --baseline bench-out/joint/real_only.pt
 """
@@ -82,6 +89,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--generator-checkpoint", help="start the generator from this checkpoint")
+    ap.add_argument("--segmenter-checkpoint", help="start both segmenters from this checkpoint (trained on the "
+                                                   "same 24 tiles; --seg-pretrain then defaults to 0)")
+    ap.add_argument("--seg-lr", type=float, default=None, help="segmenter peak learning rate of both runs "
+                                                               "(default: the kind's default_lr)")
     ap.add_argument("--baseline", help="reuse this real-only segmenter checkpoint (same kind, steps and seed)")
     ap.add_argument("--out-dir", default="bench-out/joint")
     ap.add_argument("--tiny", action="store_true", help="tiny networks (smoke tests only)")
@@ -106,7 +117,7 @@ def main() -> None:
         ev_imgs, ev_labs = [im[:n, :n] for im in ev_imgs], [lb[:n, :n] for lb in ev_labs]
     S = int(args.steps)
     pg = S // 4 if args.gen_pretrain is None else int(args.gen_pretrain)
-    ps = S // 4 if args.seg_pretrain is None else int(args.seg_pretrain)
+    ps = (0 if args.segmenter_checkpoint else S // 4) if args.seg_pretrain is None else int(args.seg_pretrain)
     if ps > S:
         raise SystemExit(f"--seg-pretrain ({ps}) cannot exceed --steps ({S})")
     seg_cfg = TINY_SEG[args.segmenter] if args.tiny else None
@@ -116,7 +127,8 @@ def main() -> None:
         "benchmark": "joint", "claim": "Gong et al. WACV 2021: joint G-D-S training improves the segmenter",
         "generator": args.generator, "segmenter": args.segmenter, "adversarial": args.adversarial,
         "lambda": LAMBDA if args.lam is None else args.lam, "segmenter_steps": S,
-        "pretrain_steps": [pg, ps], "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
+        "pretrain_steps": [pg, ps], "generator_checkpoint": args.generator_checkpoint,
+        "segmenter_checkpoint": args.segmenter_checkpoint, "segmenter_lr": args.seg_lr, "batch_size": args.batch_size, "crop": args.crop, "seed": args.seed,
         "tiny": args.tiny, "eval_size": args.eval_size or "full", "device": str(resolve_device(args.device)),
         "torch": torch.__version__, "python": platform.python_version(),
         "train_tiles": len(train_tiles), "heldout": {t: organ(t) for t in SEGMENT_HELDOUT},
@@ -128,7 +140,7 @@ def main() -> None:
         result["real_only_seconds"] = None
     else:
         base = train(args.segmenter, imgs, labs, steps=S, out=out_dir / "real_only.pt", config=seg_cfg,
-                     val_fraction=0.0, eval_every=10**9, save_every=max(200, S), **common)
+                     init=args.segmenter_checkpoint, lr=args.seg_lr, val_fraction=0.0, eval_every=10**9, save_every=max(200, S), **common)
         base_ck = base.path
         result["real_only_seconds"] = round(time.perf_counter() - t0, 1)
     t1 = time.perf_counter()
@@ -136,6 +148,7 @@ def main() -> None:
     res = train_joint(args.generator, args.segmenter, imgs, labs, steps=pg + S, out=out_dir / "joint.pt",
                       pretrain_steps=(pg, ps), adversarial=args.adversarial,
                       generator_checkpoint=args.generator_checkpoint, generator_config=gen_cfg,
+                      segmenter_checkpoint=args.segmenter_checkpoint, segmenter_lr=args.seg_lr,
                       segmenter_config=seg_cfg, save_every=max(200, pg + S), **common, **kw)
     result["joint_seconds"] = round(time.perf_counter() - t1, 1)
     seg_ck = res.metrics["segmenter_checkpoint"]

@@ -1,11 +1,13 @@
-"""Train the HoVer-Net-style segmenter on MoNuSeg training tiles; prints one JSON object at the end.
+"""Train a segmenter (HoVer-Net-style by default, ``--model maskrcnn`` for Mask R-CNN) on MoNuSeg training tiles;
+prints one JSON object at the end.
 
     python benchmarks/train_hovernet.py --split bench --steps 6000 --out bench-out/hovernet_bench.pt
     python benchmarks/train_hovernet.py --split all --steps N --init bench-out/hovernet_bench.pt \
         --strip --out src/napari_nucsynth/data/models/hovernet_monuseg.pt
 
 ``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` (what bench_segment.py evaluates);
-``--split all`` on all 30 (the shipped default model). ``--resume`` continues a stopped run; ``--init`` starts
+``--split all`` on all 30 (the shipped default model).
+``--model maskrcnn`` trains Mask R-CNN the same way for ``bench_segment.py --maskrcnn``. ``--resume`` continues a stopped run; ``--init`` starts
 from another checkpoint's weights (fresh optimiser). The checkpoint records this command and the tiles.
 """
 
@@ -25,6 +27,7 @@ from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["hovernet", "maskrcnn"], default="hovernet")
     ap.add_argument("--split", choices=["bench", "all"], default="bench")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -52,7 +55,7 @@ def main() -> None:
     if args.init:  # record how the starting weights were made too: the shipped model's provenance is both runs
         from napari_nucsynth.models import load_checkpoint as _load
 
-        ck0 = _load(args.init, kind="hovernet")
+        ck0 = _load(args.init, kind=args.model)
         init_data = {**ck0["train_data"], "step": ck0["step"]}
     t0 = time.perf_counter()
 
@@ -62,7 +65,7 @@ def main() -> None:
                 log.write(json.dumps({"kind": u.kind, "step": u.step, "losses": u.losses, "metrics": u.metrics,
                                       "seconds": round(u.seconds, 1)}) + "\n")
 
-    res = train("hovernet", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
+    res = train(args.model, imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
                 device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                 val_fraction=0, save_every=200, on_update=on_update,
                 train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
@@ -72,8 +75,8 @@ def main() -> None:
     if args.strip:
         from napari_nucsynth.models import load_checkpoint, save_checkpoint
 
-        ck = load_checkpoint(res.path, kind="hovernet")
-        save_checkpoint(res.path, kind="hovernet", config=ck["config"], step=ck["step"], metrics=ck["metrics"],
+        ck = load_checkpoint(res.path, kind=args.model)
+        save_checkpoint(res.path, kind=args.model, config=ck["config"], step=ck["step"], metrics=ck["metrics"],
                         train_data=ck["train_data"],
                         state_dict={k: v for k, v in ck["state_dict"].items()})
     print(json.dumps({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,

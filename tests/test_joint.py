@@ -245,10 +245,12 @@ def test_generator_and_segmenter_checkpoints_start_the_run(data, tmp_path):
                       pretrain_steps=(1, 0), device="cpu", generator_config=ADAIN, segmenter_config=HOVER)
     g, s = part_paths(res.path)
     res2 = train_joint("adain", "hovernet", imgs, labs, steps=1, out=tmp_path / "b.pt", batch_size=2, crop=64,
-                       device="cpu", generator_checkpoint=g, segmenter_checkpoint=s)
+                       device="cpu", generator_checkpoint=g, segmenter_checkpoint=s, segmenter_lr=2e-4)
     ck = load_checkpoint(res2.path, kind="joint")
     assert ck["config"]["pretrain_steps"] == [0, 0]  # both parts given: straight to the joint phase
     assert ck["config"]["segmenter_config"]["width"] == 8
+    assert ck["config"]["lr_segmenter"] == 2e-4
+    assert 0 < ck["optimizer"]["seg"]["param_groups"][0]["lr"] <= 2e-4  # the schedule scales the given peak
 
 
 def test_bad_arguments(data, tmp_path):

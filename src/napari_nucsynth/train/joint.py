@@ -502,8 +502,8 @@ def export_parts(joint_ckpt, generator_out, segmenter_out) -> tuple[Path, Path]:
 
 def train_joint(generator: str, segmenter: str, images, labels, *, steps: int, out, resume=None,
                 device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256,
-                lr: float | None = None, adversarial: str = "reverse", pretrain_steps: tuple[int, int] | None = None,
-                save_every: int = 200, preview_every: int = 0, generator_checkpoint=None, segmenter_checkpoint=None,
+                lr: float | None = None, segmenter_lr: float | None = None, adversarial: str = "reverse",
+                pretrain_steps: tuple[int, int] | None = None, save_every: int = 200, preview_every: int = 0, generator_checkpoint=None, segmenter_checkpoint=None,
                 progress: Callable[[int, int, str], None] | None = None,
                 should_stop: Callable[[], bool] | None = None, on_update: Callable[[TrainUpdate], None] | None = None,
                 train_data: dict | None = None, generator_config: dict | None = None,
@@ -526,8 +526,10 @@ def train_joint(generator: str, segmenter: str, images, labels, *, steps: int, o
         A "joint" checkpoint to continue from (networks, optimisers, step, random state; its settings are used).
     lr : float, optional
         Peak learning rate of the generator (and its discriminator); None: the generator kind's ``default_lr``.
-        The segmenter trains at its kind's ``default_lr``. Each network follows the warm-up and cosine schedule
-        of :func:`napari_nucsynth.train.train` over its own updates.
+    segmenter_lr : float, optional
+        Peak learning rate of the segmenter; None: its kind's ``default_lr`` (a lower one suits a segmenter started
+        from ``segmenter_checkpoint``). Each network follows the warm-up and cosine schedule of
+        :func:`napari_nucsynth.train.train` over its own updates.
     adversarial : {"reverse", "acgan"}
         "reverse": the generator ascends the segmenter's loss on synthetic images (gradient reversal, the paper);
         "acgan": it descends it (the AC-GAN-style ablation).
@@ -596,7 +598,7 @@ def train_joint(generator: str, segmenter: str, images, labels, *, steps: int, o
                "segmenter_config": seg_cfg, "discriminator_config": adapter_cls.default_disc_cfg(),
                "adversarial": adversarial, "lambda": float(lam), "synthetic_weight": float(synthetic_weight),
                "adv_weight": float(adv_weight), "pretrain_steps": [pg, ps],
-               "lr_generator": float(gspec.default_lr if lr is None else lr), "lr_segmenter": float(sspec.default_lr),
+               "lr_generator": float(gspec.default_lr if lr is None else lr), "lr_segmenter": float(sspec.default_lr if segmenter_lr is None else segmenter_lr),
                "crop": int(crop), "batch_size": int(batch_size)}
     pg, ps = (int(v) for v in cfg["pretrain_steps"])
     data = train_data or {"images": names, "n_train": len(imgs), "crop": crop, "batch_size": batch_size,
