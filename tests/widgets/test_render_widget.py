@@ -343,6 +343,9 @@ def test_learned_renderer_lists_saved_checkpoints_and_says_when_it_needs_trainin
     assert widget.checkpoint.enabled and widget.checkpoint.choices == (None,)
     assert "needs a trained model" in widget.status.value and "nucsynth train --model learned (test)" in \
         widget.status.value
+    assert not widget.train_model_btn.native.isHidden()  # "Train a model..." is offered
+    widget.train_model_btn.changed.emit(None)
+    assert "not among its models" in widget.status.value  # a test renderer the Train widget cannot train
     widget.run()  # "(default)" has no model: the renderer's message lands in the status line
     _wait_idle(widget, qtbot)
     assert widget.status.value.startswith("Cannot render:")
@@ -351,6 +354,7 @@ def test_learned_renderer_lists_saved_checkpoints_and_says_when_it_needs_trainin
     save_checkpoint(tmp_path / "other.pt", kind="hovernet", config={}, state_dict={}, step=1)  # another kind
     widget._reset()  # napari refreshes the choices on every layer change
     assert widget.checkpoint.choices == (None, ck)
+    assert widget.train_model_btn.native.isHidden()  # a model exists now
     widget.checkpoint.value = ck
     widget.run()
     _wait_idle(widget, qtbot)

@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 from napari_nucsynth._widgets.segment import SegmentWidget
 from napari_nucsynth.devices import available_devices
 from napari_nucsynth.segment import _REGISTRY, register, segmenters
+from napari_nucsynth.segment.hovernet import default_checkpoint
 
 TIMEOUT = 20000  # ms
 FAKE = "fake (test)"
@@ -343,6 +344,29 @@ def test_dropdowns_list_the_registry_checkpoints_and_devices(fakes, make_napari_
     widget.checkpoint.value = newer
     widget.method.value = FAKE_B  # a method without a model: only "(default)", disabled
     assert widget.checkpoint.choices == (None,) and not widget.checkpoint.enabled and not widget.browse.enabled
+
+
+@pytest.mark.skipif("maskrcnn" not in segmenters(), reason="maskrcnn is not registered")
+def test_train_a_model_is_offered_when_a_method_has_none(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))  # nothing saved; maskrcnn ships no model
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    assert widget.train_model_btn.native.isHidden()  # watershed runs no model
+    widget.method.value = "maskrcnn"
+    assert not widget.train_model_btn.native.isHidden() and "needs a trained model" in widget.status.value
+    widget.train_model_btn.changed.emit(None)
+    assert "Train widget is open with 'maskrcnn'" in widget.status.value, widget.status.value
+    _, train = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Train")  # the one just docked
+    train = getattr(train, "_magic_widget", train)
+    assert train.model.value == "maskrcnn"
+    train.model.value = "hovernet"
+    widget.train_model_btn.changed.emit(None)  # again, with the Train widget already docked
+    assert "Train widget is open with 'maskrcnn'" in widget.status.value, widget.status.value
+    assert train.model.value == "maskrcnn"
+    if "hovernet" in segmenters():
+        widget.method.value = "hovernet"  # the shipped model: nothing to offer
+        assert widget.train_model_btn.native.isHidden() == default_checkpoint().is_file()
 
 
 def test_widget_opens_from_the_plugin_manifest(make_napari_viewer):

@@ -3,7 +3,8 @@
 The list holds ``(default)`` (the method's shipped model; value None), the checkpoints of the method's kind saved
 in :func:`napari_nucsynth.models.checkpoint_dir` (newest first), and files picked with *Checkpoint file*. Both
 controls are disabled for methods that run no model. A trained model appears by being saved: the folder is
-re-read whenever its listing changes.
+re-read whenever its listing changes. When the method needs a model and none exists (no shipped one, none
+saved, none picked), *Train a model...* opens the Train widget with that model chosen.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, FileEdit
+from magicgui.widgets import ComboBox, FileEdit, PushButton
 
 from ..models import checkpoint_dir, list_checkpoints, load_checkpoint
 
@@ -33,19 +34,42 @@ def _list_checkpoints(kind: str, folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-class CheckpointPicker:
-    """``combo`` (the Checkpoint dropdown) and ``browse`` (a *Checkpoint file* picker) for the method that
-    ``current()`` names; ``current() -> (method or None, needs_checkpoint)``. Call :meth:`refresh` when the method
-    changes; ``status(message)`` reports a picked file."""
+def open_train_widget(viewer, kind: str) -> str:
+    """Dock the Train widget (or show the docked one) with model ``kind`` chosen; returns a status line."""
+    try:
+        _, widget = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Train")
+    except Exception as exc:  # noqa: BLE001 - e.g. the plugin not registered with napari: say so, do not crash
+        return f"Could not open the Train widget ({type(exc).__name__}: {exc}); use nucsynth train --model {kind}."
+    widget = getattr(widget, "_magic_widget", widget)  # a widget docked before comes back as its Qt widget
+    model = getattr(widget, "model", None)
+    if model is None or kind not in model.choices:
+        return f"The Train widget is open; '{kind}' is not among its models."
+    model.value = kind
+    return f"The Train widget is open with '{kind}' chosen: pick the data and press Start."
 
-    def __init__(self, current: Callable[[], tuple[str | None, bool]], status: Callable[[str], None] | None = None):
+
+class CheckpointPicker:
+    """``combo`` (the Checkpoint dropdown), ``browse`` (a *Checkpoint file* picker) and ``train_btn`` (*Train a
+    model...*, shown only when the method needs a model and has none) for the method that ``current()`` names;
+    ``current() -> (method or None, needs_checkpoint)``; ``shipped(method)`` is the path of the method's shipped
+    model or None; ``train(method)`` is what *Train a model...* does. Call :meth:`refresh` when the method changes;
+    ``status(message)`` reports a picked file."""
+
+    def __init__(self, current: Callable[[], tuple[str | None, bool]], status: Callable[[str], None] | None = None,
+                 shipped: Callable[[str], Path | None] | None = None, train: Callable[[str], None] | None = None):
         self._current = current
         self._status = status
+        self._shipped = shipped
+        self._train = train
         self._lists: dict = {}  # (method, folder) -> (folder listing signature, checkpoint paths)
         self._browsed: dict[str, list[Path]] = {}  # method -> checkpoint files picked by hand
         self.combo = ComboBox(label="Checkpoint", choices=self._choices)
         self.browse = FileEdit(label="Checkpoint file", mode="r", filter="*.pt")
         self.browse.changed.connect(self._on_browse)
+        self.train_btn = PushButton(text="Train a model...")
+        self.train_btn.tooltip = "Open the Train widget with this model chosen"
+        self.train_btn.visible = False
+        self.train_btn.changed.connect(self._on_train)
 
     @property
     def value(self) -> Path | None:
@@ -75,13 +99,25 @@ class CheckpointPicker:
         out += [(str(p), p) for p in self._browsed.get(method, []) if p not in saved]
         return out
 
+    def has_model(self, method: str) -> bool:
+        """Whether ``method`` has a model to run: a shipped one, a saved one or a picked file."""
+        shipped = self._shipped(method) if self._shipped is not None else None
+        return bool((shipped is not None and Path(shipped).is_file()) or self.saved(method)
+                    or self._browsed.get(method))
+
     def refresh(self, _=None) -> None:
         """Re-list the checkpoints (a choice that still exists stays chosen); enable the controls when the method
-        runs a model."""
-        _, needs = self._current()
+        runs a model; show *Train a model...* when it has none."""
+        method, needs = self._current()
         self.combo.reset_choices()
         self.combo.enabled = bool(needs)
         self.browse.enabled = bool(needs)
+        self.train_btn.visible = bool(needs and self._train is not None and method and not self.has_model(method))
+
+    def _on_train(self, _=None):
+        method, needs = self._current()
+        if method and needs and self._train is not None:
+            self._train(method)
 
     def _on_browse(self, _=None):
         path = self.browse.value
@@ -94,5 +130,6 @@ class CheckpointPicker:
             picked.append(path)
         self.combo.reset_choices()
         self.combo.value = next(p for p in self.combo.choices if p is not None and p.resolve() == path)
+        self.train_btn.visible = False
         if self._status:
             self._status(f"Checkpoint {path.name} chosen for {method}.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import weakref
-from pathlib import Path
 
 import napari
 import numpy as np
@@ -27,7 +26,7 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..models import checkpoint_dir
 from ..render import get_renderer, render, renderers
-from ._checkpoints import CheckpointPicker
+from ._checkpoints import CheckpointPicker, open_train_widget
 from ._worker import CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a labels edit before a live re-render starts (edits in between restart the wait).
@@ -71,8 +70,10 @@ class RenderWidget(WorkerWidget):
         methods = renderers()
         self.method = ComboBox(label="Method", choices=lambda _=None: renderers(),  # refreshed with the layers
                                value="classic" if "classic" in methods else methods[0])
-        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg))
-        self.checkpoint, self.browse = self._ckpt.combo, self._ckpt.browse
+        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg),
+                                      shipped=lambda m: getattr(get_renderer(m), "default_checkpoint", None),
+                                      train=self._open_train)
+        self.checkpoint, self.browse, self.train_model_btn = self._ckpt.combo, self._ckpt.browse, self._ckpt.train_btn
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.live = CheckBox(text="live (re-render when the labels change)", value=False)
@@ -81,7 +82,8 @@ class RenderWidget(WorkerWidget):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
         self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.checkpoint,
-                     self.browse, self.device, self.seed, self.live, self.render_btn, self.progress, self.status])
+                     self.browse, self.train_model_btn, self.device, self.seed, self.live, self.render_btn,
+                     self.progress, self.status])
 
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -116,11 +118,14 @@ class RenderWidget(WorkerWidget):
         method, needs = self._method_needs()
         if not needs:
             return
-        shipped = getattr(get_renderer(method), "default_checkpoint", None)
-        if len(self.checkpoint.choices) == 1 and not (shipped and Path(shipped).is_file()):
+        if not self._ckpt.has_model(method):
             self.status.value = (f"'{method}' needs a trained model, and none is saved in {checkpoint_dir()}. "
-                                 f"Train one (nucsynth train --model {method} --images DIR --labels DIR --steps N "
-                                 f"--out {checkpoint_dir() / (method + '.pt')}) or pick a checkpoint file.")
+                                 f"Train one here (Train a model...) or with nucsynth train --model {method} "
+                                 f"--images DIR --labels DIR --steps N --out {checkpoint_dir() / (method + '.pt')}, "
+                                 "or pick a checkpoint file.")
+
+    def _open_train(self, method: str) -> None:
+        self.status.value = open_train_widget(self.viewer, method)
 
     # ---- layer choices -----------------------------------------------------------------------------------------
     def _labels_choices(self, _=None):

@@ -31,7 +31,7 @@ from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
 from ..segment import get_segmenter, segmenters
-from ._checkpoints import CheckpointPicker
+from ._checkpoints import CheckpointPicker, open_train_widget
 from ._worker import Cancelled, CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a parameter change before post-processing starts (a slider drag is one re-run).
@@ -98,16 +98,18 @@ class SegmentWidget(WorkerWidget):
         self.method = ComboBox(label="Method", choices=lambda _=None: segmenters())  # refreshed with the layers
         if "watershed" in self.method.choices:
             self.method.value = "watershed"
-        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg))
-        self.checkpoint, self.browse = self._ckpt.combo, self._ckpt.browse
+        self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg),
+                                      shipped=lambda m: getattr(self._segmenter(m), "default_checkpoint", None),
+                                      train=self._open_train)
+        self.checkpoint, self.browse, self.train_model_btn = self._ckpt.combo, self._ckpt.browse, self._ckpt.train_btn
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
         self.segment_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
-        self.extend([self.image_combo, self.method, self.checkpoint, self.browse, self.device, self.tta,
-                     self.segment_btn, self.progress, self.status])
+        self.extend([self.image_combo, self.method, self.checkpoint, self.browse, self.train_model_btn, self.device,
+                     self.tta, self.segment_btn, self.progress, self.status])
 
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -165,6 +167,13 @@ class SegmentWidget(WorkerWidget):
     def _on_method(self, _=None):
         self._ckpt.refresh()
         self._build_params(self._segmenter())
+        method, needs = self._method_needs()
+        if needs and not self._ckpt.has_model(method):
+            self.status.value = (f"'{method}' needs a trained model and has none: train one here (Train a model...) "
+                                 f"or with nucsynth train --model {method}, or pick a checkpoint file.")
+
+    def _open_train(self, method: str) -> None:
+        self.status.value = open_train_widget(self.viewer, method)
 
     # ---- post-processing parameters ----------------------------------------------------------------------------
     def _build_params(self, seg) -> None:

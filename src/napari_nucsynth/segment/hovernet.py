@@ -44,6 +44,7 @@ class HoVerNetSegmenter:
     name = "hovernet"
     description = "HoVer-Net-style network (nuclear pixels + horizontal/vertical maps) with HoVer-Net's watershed"
     needs_checkpoint = True
+    default_checkpoint = default_checkpoint()  # the shipped model's path (the widget checks whether it exists)
     #: HoVer-Net's post-processing parameters: (default, low, high)
     params: ClassVar[dict] = {"np_threshold": (0.5, 0.05, 0.95), "edge_threshold": (0.4, 0.05, 0.95), "min_area": (10, 0, 200)}
 
