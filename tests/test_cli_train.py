@@ -152,15 +152,44 @@ def test_model_joint_wiring(pairs, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(joint, "train_joint", fake)
     cfg = json.dumps({"generator": {"width": 4}, "segmenter": TINY})
+    seg_ck = tmp_path / "seg.pt"
+    seg_ck.write_bytes(b"")  # only passed on (train_joint is faked)
     assert main([*base, "--model", "joint", "--generator", "sian", "--segmenter", "hovernet", "--adversarial", "acgan",
-                 "--config", cfg, "--save-every", "5"]) == 0
+                 "--config", cfg, "--save-every", "5", "--segmenter-checkpoint", str(seg_ck), "--segmenter-lr",
+                 "2e-4", "--pretrain-steps", "2", "0"]) == 0
     (g, s, kw), = calls
     assert (g, s, kw["adversarial"], kw["steps"], kw["save_every"]) == ("sian", "hovernet", "acgan", 3, 5)
+    assert kw["segmenter_checkpoint"] == seg_ck and kw["generator_checkpoint"] is None
+    assert kw["segmenter_lr"] == 2e-4 and list(kw["pretrain_steps"]) == [2, 0]
     assert kw["generator_config"] == {"width": 4} and kw["segmenter_config"] == TINY and callable(kw["should_stop"])
     assert "wrote" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "napari_nucsynth.train.joint", None)  # an installation without the module
     assert main([*base, "--model", "joint", "--generator", "sian", "--segmenter", "hovernet"]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_init_fine_tunes_from_a_checkpoint(pairs, tmp_path, capsys):
+    from napari_nucsynth.models import load_checkpoint
+
+    base = ["train", "--model", "hovernet", "--images", str(pairs[0]), "--labels", str(pairs[1]), "--crop", "64",
+            "--batch-size", "1", "--val-fraction", "0", "--device", "cpu", "--config", json.dumps(TINY)]
+    first, tuned = tmp_path / "first.pt", tmp_path / "tuned.pt"
+    assert main([*base, "--steps", "2", "--out", str(first)]) == 0
+    assert main([*base, "--steps", "1", "--out", str(tuned), "--init", str(first)]) == 0
+    a, b = load_checkpoint(first, kind="hovernet"), load_checkpoint(tuned, kind="hovernet")
+    assert b["step"] == 1  # a new run (its own step count and schedule), from the first one's weights
+    assert b["config"] == a["config"]
+    keys = [k for k, v in a["state_dict"].items() if v.is_floating_point()]
+    va = np.concatenate([a["state_dict"][k].numpy().ravel() for k in keys])
+    vb = np.concatenate([b["state_dict"][k].numpy().ravel() for k in keys])
+    change = np.linalg.norm(vb - va) / np.linalg.norm(va)
+    assert 0 < change < 0.05, change  # one small step on from the first run's weights, not a fresh network
+    capsys.readouterr()
+    for extra, msg in (([ "--init", str(tmp_path / "missing.pt")], "checkpoint not found"),
+                       (["--model", "maskrcnn", "--init", "default"], "ships no trained model"),
+                       (["--segmenter-lr", "1e-4"], "for --model joint only")):
+        assert main([*base, "--steps", "1", "--out", str(tmp_path / "x.pt"), *extra]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_resume_command_keeps_arguments():

@@ -7,9 +7,11 @@
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
-                   [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX] [--save-every N]
+                   [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
+                   [--save-every N]
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
-                   --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
+                   [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
+                   [--pretrain-steps G S] --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
     torchrun --nproc_per_node=N -m napari_nucsynth.cli train ...      the same, data-parallel (docs/distributed.md)
     nucsynth generate --n N --styles DIR --out DATASET [--points-from DIR] [--random-points] [--no-transforms]
                       [--method M] [--checkpoint C] [--size H W] [--format hovernet|coco|cellpose|stardist|png]
@@ -275,12 +277,17 @@ def _train(args) -> int:
             if args.model == "joint":
                 res = _train_joint(args, config, world, stop, kw)
             else:
-                if args.generator or args.segmenter:
-                    raise ValueError("--generator and --segmenter are for --model joint")
+                joint_only = [o for o, v in (("--generator", args.generator), ("--segmenter", args.segmenter),
+                                             ("--generator-checkpoint", args.generator_checkpoint),
+                                             ("--segmenter-checkpoint", args.segmenter_checkpoint),
+                                             ("--segmenter-lr", args.segmenter_lr),
+                                             ("--pretrain-steps", args.pretrain_steps)) if v is not None]
+                if joint_only:
+                    raise ValueError(f"{', '.join(joint_only)}: for --model joint only")
                 from .train import train
 
                 res = train(args.model, args.images, args.labels, config=config, val_fraction=args.val_fraction,
-                            should_stop=stop, **kw)
+                            init=_init_checkpoint(args.model, args.init), should_stop=stop, **kw)
         except KeyboardInterrupt:
             report.close()
             if main:
@@ -302,10 +309,32 @@ def _train(args) -> int:
     return code
 
 
+def _init_checkpoint(kind: str, init: str | None) -> Path | None:
+    """``--init``: a checkpoint file, or ``default`` for the kind's shipped model."""
+    if init is None:
+        return None
+    if init != "default":
+        path = Path(init)
+        if not path.is_file():
+            raise ValueError(f"--init: checkpoint not found: {path}")
+        return path
+    from .render import get_renderer, renderers
+    from .segment import get_segmenter, segmenters
+
+    obj = get_segmenter(kind) if kind in segmenters() else get_renderer(kind) if kind in renderers() else None
+    shipped = getattr(obj, "default_checkpoint", None)
+    if shipped is None or not Path(shipped).is_file():
+        raise ValueError(f"--init default: {kind} ships no trained model; give a checkpoint file")
+    return Path(shipped)
+
+
 def _train_joint(args, config, world, stop, kw):
     """``--model joint``: :func:`napari_nucsynth.train.joint.train_joint` (Gong et al.'s G-D-S loop)."""
     if not args.generator or not args.segmenter:
         raise ValueError("--model joint needs --generator (adain or sian) and --segmenter (hovernet or maskrcnn)")
+    if args.init is not None:
+        raise ValueError("--init is for one model; --model joint takes --generator-checkpoint and "
+                         "--segmenter-checkpoint")
     if world > 1:
         raise ValueError("--model joint trains in one process; launch it without torchrun")
     try:
@@ -322,8 +351,11 @@ def _train_joint(args, config, world, stop, kw):
             raise ValueError("--config of --model joint takes the keys 'generator' and 'segmenter', not "
                              + ", ".join(sorted(unknown)))
         extra = {f"{k}_config": v for k, v in config.items()}
+    for opt, kind in (("generator_checkpoint", args.generator), ("segmenter_checkpoint", args.segmenter)):
+        extra[opt] = _init_checkpoint(kind, getattr(args, opt))
     return train_joint(args.generator, args.segmenter, args.images, args.labels, adversarial=args.adversarial,
-                       should_stop=stop, **extra, **kw)
+                       segmenter_lr=args.segmenter_lr, pretrain_steps=args.pretrain_steps, should_stop=stop,
+                       **extra, **kw)
 
 
 _LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
@@ -532,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the checkpoint to write (.pt), saved every --save-every steps")
     p.add_argument("--resume", help="continue a stopped run from this checkpoint (same step count, optimiser and "
                    "random state; its configuration is used)")
+    p.add_argument("--init", help="start from this checkpoint's weights and configuration with a new optimiser and "
+                   "schedule (fine-tuning); 'default' = the kind's shipped model")
     p.add_argument("--config", help="model configuration merged into the kind's defaults: a JSON object or a JSON "
                    "file (for --model joint: {\"generator\": {...}, \"segmenter\": {...}})")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -546,6 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversarial", choices=("reverse", "acgan"), default="reverse",
                    help="--model joint: the generator ascends (reverse, the paper) or descends (acgan) the "
                    "segmenter's loss")
+    p.add_argument("--generator-checkpoint", help="--model joint: start the generator from this checkpoint "
+                   "('default' = the shipped model)")
+    p.add_argument("--segmenter-checkpoint", help="--model joint: start the segmenter from this checkpoint "
+                   "('default' = the shipped model)")
+    p.add_argument("--segmenter-lr", type=float, default=None,
+                   help="--model joint: the segmenter's learning rate (--lr is the generator's)")
+    p.add_argument("--pretrain-steps", type=int, nargs=2, metavar=("G", "S"), default=None,
+                   help="--model joint: generator and segmenter pretraining steps within --steps (default: a fifth "
+                   "each, 0 for a part started from a checkpoint)")
     p.set_defaults(func=_train)
 
     from .io.export import FORMATS
