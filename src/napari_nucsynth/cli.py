@@ -318,14 +318,12 @@ def _init_checkpoint(kind: str, init: str | None) -> Path | None:
         if not path.is_file():
             raise ValueError(f"--init: checkpoint not found: {path}")
         return path
-    from .render import get_renderer, renderers
-    from .segment import get_segmenter, segmenters
+    from .train import shipped_checkpoint
 
-    obj = get_segmenter(kind) if kind in segmenters() else get_renderer(kind) if kind in renderers() else None
-    shipped = getattr(obj, "default_checkpoint", None)
-    if shipped is None or not Path(shipped).is_file():
+    shipped = shipped_checkpoint(kind)
+    if shipped is None:
         raise ValueError(f"--init default: {kind} ships no trained model; give a checkpoint file")
-    return Path(shipped)
+    return shipped
 
 
 def _train_joint(args, config, world, stop, kw):

@@ -119,6 +119,40 @@ def test_start_stop_resume_cycle(setup, qtbot, tmp_path):
     assert load_checkpoint(res.path)["step"] == res.step + 2 and "finished" in widget.status.value
 
 
+def test_start_from_a_saved_or_shipped_model(setup, qtbot, tmp_path):
+    from napari_nucsynth.models import save_checkpoint
+    from napari_nucsynth.train import shipped_checkpoint
+
+    viewer, _, _, widget = setup
+    tiny = {**TINY, "width": 4}
+    base = save_checkpoint(tmp_path / "models" / "base.pt", kind="hovernet", config=tiny,
+                           state_dict=_tiny_state(tiny), step=50)
+    viewer.add_points(np.zeros((0, 2)))  # any layer change refreshes the dropdowns
+    shipped = shipped_checkpoint("hovernet")
+    assert list(widget.init.choices) == [None, *([shipped] if shipped else []), base]
+    widget.init.value = base
+    widget.config.value = ""  # the starting checkpoint's configuration is used
+    widget.steps.value = 2
+    widget.start()
+    _wait_idle(widget, qtbot)
+    res = widget.result
+    ck = load_checkpoint(res.path, kind="hovernet")
+    assert res.step == 2 and ck["step"] == 2  # a new run from base's weights, not its continuation
+    assert ck["config"]["width"] == 4 and ck["train_data"]["init"] == str(base)
+    widget.model.value = JOINT if JOINT in widget.model.choices else "sian"
+    if widget.model.value == JOINT:
+        assert _hidden(widget.init)
+
+
+def _tiny_state(cfg):
+    import torch
+
+    from napari_nucsynth.models import get_model
+
+    torch.manual_seed(0)
+    return get_model("hovernet").build(cfg).state_dict()
+
+
 def test_pause_blocks_and_resume_continues(setup, qtbot):
     _, _, _, widget = setup
     widget.start()

@@ -60,6 +60,7 @@ SOURCES = ("layers", "folder", "synthetic")
 _MARK = "nucsynth_train_preview"  # metadata key of the preview layer
 _OUT_MARKS = (_MARK, "nucsynth_render_of")  # output layers of this plugin, never offered as training data
 _NEW = "(new run)"
+_NEW_WEIGHTS = "(new weights)"
 
 
 def joint_available() -> bool:
@@ -228,6 +229,9 @@ class TrainWidget(Container):
         self.resume, self.resume_file = self._resume.combo, self._resume.browse
         self.resume.label, self.resume_file.label = "Resume from", "Resume file"
         self.resume.choices = self._resume_choices  # "(new run)", the last run, saved ones, picked files
+        self.init = ComboBox(label="Start from", choices=self._init_choices)
+        self.init.tooltip = ("New weights, the model that ships with the plugin, or a saved checkpoint's weights "
+                             "(fine-tuning: its configuration, a new optimiser and schedule). Ignored when resuming.")
 
         self.start_btn = PushButton(text="Start")
         self.pause_btn = PushButton(text="Pause", enabled=False)
@@ -241,8 +245,8 @@ class TrainWidget(Container):
         self.extend([self.model, self.generator, self.segmenter, self.adversarial, self.config, self.source,
                      self.pairs, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
                      self.n_synth, self.synth_size, self.steps, self.batch, self.lr, self.crop, self.device,
-                     self.seed, self.val_fraction, self.eval_every, self.save_every, self.preview_every, self.out,
-                     self.resume, self.resume_file, buttons, self.progress, self.status, self.metrics])
+                     self.seed, self.val_fraction, self.eval_every, self.save_every, self.preview_every, self.init,
+                     self.out, self.resume, self.resume_file, buttons, self.progress, self.status, self.metrics])
         self.plot = LossPlot(interval_ms=None)  # repainted by the drain, in the same tick as the labels
         self.native.layout().addWidget(self.plot)
 
@@ -299,6 +303,22 @@ class TrainWidget(Container):
                     out.append((f"{img.name} + {lab.name}", (img, lab)))
         return out
 
+    def _init_choices(self, _=None):
+        kind = self.model.value
+        out: list = [(_NEW_WEIGHTS, None)]
+        if kind is None or kind == JOINT:
+            return out
+        from ..train import shipped_checkpoint
+
+        try:
+            shipped = shipped_checkpoint(kind)
+        except Exception:  # noqa: BLE001 - a broken registry entry must not break the dropdown
+            shipped = None
+        if shipped is not None:
+            out.append((f"shipped model ({shipped.name})", shipped))
+        out += [(p.name, p) for p in self._resume.saved(kind)]
+        return out
+
     def _resume_needs(self):
         return self.model.value, True
 
@@ -330,14 +350,16 @@ class TrainWidget(Container):
         if not self.styles.value and self.styles.choices:
             self.styles.value = [self.styles.choices[0]]
         self._resume.refresh()
+        self.init.reset_choices()
 
     def _on_model(self, _=None):
         joint = self.model.value == JOINT
         for w in (self.generator, self.segmenter, self.adversarial):
             w.visible = joint
-        for w in (self.config, self.val_fraction, self.eval_every):
+        for w in (self.config, self.val_fraction, self.eval_every, self.init):
             w.visible = not joint
         self._resume.refresh()
+        self.init.reset_choices()
 
     def _on_source(self, _=None):
         src = self.source.value
@@ -436,7 +458,10 @@ class TrainWidget(Container):
         out = self.out.value
         if out is None or str(out) in ("", "."):
             out = Path(resume) if resume is not None else default_out(kind)
-        kw.update(resume=resume, out=Path(out))
+        init = self.init.value if kind != JOINT and resume is None else None
+        if init is not None:
+            kw["data"]["init"] = str(init)
+        kw.update(resume=resume, out=Path(out), init=init)
         return kw
 
     def start(self) -> None:
@@ -476,8 +501,8 @@ class TrainWidget(Container):
                                        should_stop=job.should_stop, on_update=job.on_update, **common)
                 from ..train import train
 
-                return train(kind, images, labels, config=kw["config"], train_data=data, should_stop=job.should_stop,
-                             on_update=job.on_update, **val, **common)
+                return train(kind, images, labels, config=kw["config"], init=kw["init"], train_data=data,
+                             should_stop=job.should_stop, on_update=job.on_update, **val, **common)
             finally:
                 release_gpu_memory()
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb, as_rng
 
-__all__ = ["TrainResult", "TrainUpdate", "load_pairs", "train"]
+__all__ = ["TrainResult", "TrainUpdate", "load_pairs", "shipped_checkpoint", "train"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,19 @@ class TrainResult:
     stopped: bool
     metrics: dict
     seconds: float
+
+
+def shipped_checkpoint(kind: str):
+    """The path of the trained model that ships with the package for ``kind`` (the segmenter's or renderer's
+    ``default_checkpoint``), or None when there is none (or its file is absent)."""
+    from pathlib import Path
+
+    from ..render import get_renderer, renderers
+    from ..segment import get_segmenter, segmenters
+
+    obj = get_segmenter(kind) if kind in segmenters() else get_renderer(kind) if kind in renderers() else None
+    path = getattr(obj, "default_checkpoint", None)
+    return Path(path) if path is not None and Path(path).is_file() else None
 
 
 def load_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
