@@ -74,6 +74,26 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "napari_nucsynth.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.skipif(not __import__("os").environ.get("DISPLAY"), reason="needs an X display (pytest-xvfb)")
+def test_torch_models_load_after_the_viewer_exists():
+    """A fresh process, as a user's napari: the viewer (and its OpenGL, Mesa's llvmpipe under Xvfb) first, then a
+    widget, then torchvision (what hovernet and maskrcnn import). Without the widgets' triton guard this is a
+    segmentation fault on machines without a GPU driver."""
+    script = (
+        "import numpy as np, napari\n"
+        "v = napari.Viewer(show=True)\n"
+        "v.add_image(np.zeros((8, 8)))\n"
+        "from napari_nucsynth._widgets.segment import SegmentWidget\n"
+        "w = SegmentWidget(v)\n"
+        "import torch, torchvision\n"
+        "print(tuple(torchvision.models.resnet18().eval()(torch.zeros(1, 3, 64, 64)).shape))\n"
+        "v.close()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert "(1, 1000)" in r.stdout
+
+
 def test_cli_sample_masks_and_random_points(tmp_path, monuseg_dir):
     from napari_nucsynth.io import read_labels, read_points_csv
 
