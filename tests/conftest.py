@@ -58,3 +58,20 @@ def load_tile(monuseg_dir):
         return cache[stem]
 
     return _load
+
+
+@pytest.fixture
+def crop_pair_dirs(load_tile, tmp_path) -> tuple[Path, Path]:
+    """Two 96 x 96 crops of a MoNuSeg tile as ``im/t0.png, t1.png`` and their labels as ``lb/t0.png, t1.png``:
+    image and label folders for the training CLI."""
+    import imageio.v3 as iio
+
+    from napari_nucsynth.io import write_labels
+
+    img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")
+    for d in ("im", "lb"):
+        (tmp_path / d).mkdir()
+    for i in range(2):
+        iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
+        write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
+    return tmp_path / "im", tmp_path / "lb"

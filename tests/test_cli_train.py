@@ -20,24 +20,13 @@ from napari_nucsynth.cli import _StopOnSignal, _TrainReport, main
 from napari_nucsynth.models import load_checkpoint
 from napari_nucsynth.train import TrainResult, TrainUpdate
 
-TILE = "TCGA-A7-A13F-01Z-00-DX1"
 TINY = HOVERNET
 STEPS = 8
 
 
 @pytest.fixture
-def pairs(load_tile, tmp_path):
-    import imageio.v3 as iio
-
-    from napari_nucsynth.io import write_labels
-
-    img, lab = load_tile(TILE)
-    for d in ("im", "lb"):
-        (tmp_path / d).mkdir()
-    for i in range(2):
-        iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
-        write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
-    return tmp_path / "im", tmp_path / "lb"
+def pairs(crop_pair_dirs):
+    return crop_pair_dirs
 
 
 def _args(pairs, out, *extra) -> list[str]:

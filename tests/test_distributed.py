@@ -127,17 +127,7 @@ def test_two_processes_stay_in_sync_and_rank0_saves(load_tile, tmp_path):
     assert r0["hovernet"] == r0["hovernet_full"]
 
 
-def test_cli_is_a_torchrun_entry_point(load_tile, tmp_path):
-    import imageio.v3 as iio
-
-    from napari_nucsynth.io import write_labels
-
-    img, lab = load_tile(TILE)
-    for d in ("im", "lb"):
-        (tmp_path / d).mkdir()
-    for i in range(2):
-        iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
-        write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
+def test_cli_is_a_torchrun_entry_point(crop_pair_dirs, tmp_path):
     ck = tmp_path / "m.pt"
     out = _torchrun("-m", "napari_nucsynth.cli", "train", "--model", "hovernet", "--images", str(tmp_path / "im"),
                     "--labels", str(tmp_path / "lb"), "--steps", "2", "--out", str(ck), "--batch-size", "1",

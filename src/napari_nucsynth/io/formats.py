@@ -34,6 +34,7 @@ from .._checks import as_labels, as_rgb
 __all__ = [
     "PANNUKE_CLASSES",
     "Sample",
+    "coco_masks",
     "find_pannuke_pair",
     "find_tile",
     "read_aperio_xml",
@@ -616,6 +617,41 @@ def rle_decode(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T
 
 
+def coco_masks(anns: list[dict], h: int, w: int, name: str = "COCO file") -> tuple[np.ndarray, np.ndarray]:
+    """Paint one image's COCO annotations (RLE or polygons): ``(labels uint32, types int32)``.
+
+    Instances take ids 1..N in annotation order — or, where every annotation carries nucsynth's ``instance_id``,
+    those ids; where masks overlap the later annotation wins; ``types`` is ``category_id`` per pixel. ``name``
+    goes into error messages.
+    """
+    from skimage.draw import polygon
+
+    use_ids = bool(anns) and all("instance_id" in a for a in anns)
+    labels = np.zeros((h, w), dtype=np.uint32, order="F")
+    types = np.zeros((h, w), dtype=np.int32, order="F")
+    flat_l, flat_t = labels.reshape(-1, order="F"), types.reshape(-1, order="F")  # views, COCO's pixel order
+    for k, ann in enumerate(anns, start=1):
+        lid = int(ann["instance_id"]) if use_ids else k
+        if not 0 < lid <= _U32_MAX:
+            raise ValueError(f"{name}: instance_id {lid} out of range")
+        seg = ann["segmentation"]
+        cat = int(ann.get("category_id", 1))
+        if isinstance(seg, dict):
+            (sh, sw), starts, ends = _rle_runs(seg)
+            if (sh, sw) != (h, w):
+                raise ValueError(f"{name}: annotation {ann.get('id')} has size {(sh, sw)}, image {(h, w)}")
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                flat_l[s:e] = lid
+                flat_t[s:e] = cat
+        else:
+            for poly in seg:
+                xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+                rr, cc = polygon(xy[:, 1], xy[:, 0], (h, w))
+                labels[rr, cc] = lid
+                types[rr, cc] = cat
+    return np.ascontiguousarray(labels), np.ascontiguousarray(types)
+
+
 def read_coco(path, *, image_root=None) -> list[Sample]:
     """Read a COCO instance-segmentation JSON (RLE or polygon masks) as one Sample per image.
 
@@ -624,8 +660,6 @@ def read_coco(path, *, image_root=None) -> list[Sample]:
     annotation wins. ``types`` is the annotations' ``category_id`` painted per pixel. Images are read from
     ``image_root`` (default: ``images/`` beside the JSON, else the JSON's folder) when the file exists.
     """
-    from skimage.draw import polygon
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"COCO file not found: {path}")
@@ -646,30 +680,7 @@ def read_coco(path, *, image_root=None) -> list[Sample]:
     for im in doc["images"]:
         h, w = int(im["height"]), int(im["width"])
         anns = by_image.get(im["id"], [])
-        use_ids = bool(anns) and all("instance_id" in a for a in anns)
-        labels = np.zeros((h, w), dtype=np.uint32, order="F")
-        types = np.zeros((h, w), dtype=np.int32, order="F")
-        flat_l, flat_t = labels.reshape(-1, order="F"), types.reshape(-1, order="F")  # views, COCO's pixel order
-        for k, ann in enumerate(anns, start=1):
-            lid = int(ann["instance_id"]) if use_ids else k
-            if not 0 < lid <= _U32_MAX:
-                raise ValueError(f"{path.name}: instance_id {lid} out of range")
-            seg = ann["segmentation"]
-            cat = int(ann.get("category_id", 1))
-            if isinstance(seg, dict):
-                (sh, sw), starts, ends = _rle_runs(seg)
-                if (sh, sw) != (h, w):
-                    raise ValueError(f"{path.name}: annotation {ann.get('id')} has size {(sh, sw)}, image {(h, w)}")
-                for s, e in zip(starts.tolist(), ends.tolist()):
-                    flat_l[s:e] = lid
-                    flat_t[s:e] = cat
-            else:
-                for poly in seg:
-                    xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-                    rr, cc = polygon(xy[:, 1], xy[:, 0], (h, w))
-                    labels[rr, cc] = lid
-                    types[rr, cc] = cat
-        labels, types = np.ascontiguousarray(labels), np.ascontiguousarray(types)
+        labels, types = coco_masks(anns, h, w, path.name)
         img_path = image_root / im["file_name"]
         img = _read_rgb(img_path) if img_path.is_file() else None
         name = str(im.get("nucsynth_id", Path(im["file_name"]).stem))

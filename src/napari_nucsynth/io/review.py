@@ -31,13 +31,12 @@ import numpy as np
 from ._files import _atomic, read_labels, write_labels
 from .export import COCO_JSON, MANIFEST, _safe_id, _types_u16, read_manifest
 from .formats import (
-    _U32_MAX,
     Sample,
     _hovernet_array,
     _read_rgb,
-    _rle_runs,
     _to_types,
     _to_uint32,
+    coco_masks,
     pair_files,
 )
 
@@ -172,39 +171,12 @@ def _coco_doc(path: Path) -> dict:
 
 def _coco_labels(path: Path, pid: str, typed: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels of pair ``pid`` from a COCO JSON, with its ``category_id`` painted per pixel when ``typed``."""
-    from skimage.draw import polygon
-
     doc = _coco_doc(path)
     im = doc["images"].get(pid)
     if im is None:
         raise ValueError(f"{path.name} has no image for pair {pid!r}")
-    h, w = int(im["height"]), int(im["width"])
-    anns = doc["by_image"].get(im["id"], [])
-    use_ids = bool(anns) and all("instance_id" in a for a in anns)
-    labels = np.zeros((h, w), dtype=np.uint32, order="F")
-    types = np.zeros((h, w), dtype=np.int32, order="F") if typed else None
-    flat = labels.reshape(-1, order="F")
-    flat_t = types.reshape(-1, order="F") if typed else None
-    for k, ann in enumerate(anns, start=1):
-        lid = int(ann["instance_id"]) if use_ids else k
-        if not 0 < lid <= _U32_MAX:
-            raise ValueError(f"{path.name}: instance_id {lid} out of range")
-        cat = int(ann.get("category_id", 1))
-        seg = ann["segmentation"]
-        if isinstance(seg, dict):
-            _, starts, ends = _rle_runs(seg)
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                flat[s:e] = lid
-                if typed:
-                    flat_t[s:e] = cat
-        else:
-            for poly in seg:
-                xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-                rr, cc = polygon(xy[:, 1], xy[:, 0], (h, w))
-                labels[rr, cc] = lid
-                if typed:
-                    types[rr, cc] = cat
-    return np.ascontiguousarray(labels), (None if types is None else np.ascontiguousarray(types))
+    labels, types = coco_masks(doc["by_image"].get(im["id"], []), int(im["height"]), int(im["width"]), path.name)
+    return labels, (types if typed else None)
 
 
 def load_sample(dataset, entry: dict) -> Sample:
