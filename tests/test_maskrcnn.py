@@ -259,6 +259,11 @@ def test_checkpoint_round_trip_through_the_segmenter(spec, crop, tmp_path, monke
                                   lab)
     fewer = segment(img, method="maskrcnn", checkpoint=p, device="cpu", score_threshold=0.0, min_area=30)
     assert fewer.max() <= lab.max()
+    # once the cache is cleared (as the benchmark does before timing), the network runs again
+    seg_mod.clear_detection_cache()
+    assert len(cache) == 0
+    with pytest.raises(AssertionError, match="the network ran again"):
+        segment(img, method="maskrcnn", checkpoint=p, device="cpu")
     monkeypatch.undo()
     # grey and float inputs follow the project's one conversion rule; TTA and tiling give labels of the image's shape
     grey = segment(img[:48, :40, 0], method="maskrcnn", checkpoint=p, device="cpu", tta=True)

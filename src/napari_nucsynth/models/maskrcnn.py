@@ -522,6 +522,10 @@ class DetectionCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        """Forget every cached detection (the next :func:`predict` runs the network)."""
+        self._items.clear()
+
 
 def predict(model: NucleiMaskRCNN, image, device=None, tta: bool = False, progress=None, should_stop=None,
             *, tile: int = 1024, overlap: int = 128, cache: DetectionCache | None = None, **params) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from .._checks import as_rgb
 from . import register
 
-__all__ = ["MaskRCNNSegmenter", "load_model"]
+__all__ = ["MaskRCNNSegmenter", "clear_detection_cache", "load_model"]
 
 _MODELS: dict = {}
 
@@ -27,6 +27,12 @@ def load_model(checkpoint, device):
     """The model of a maskrcnn checkpoint on ``device`` in eval mode, cached per (path, modification time,
     device); one model is kept at a time."""
     return _load(checkpoint, device)[0]
+
+
+def clear_detection_cache() -> None:
+    """Forget the cached detections of the loaded model (benchmarks time the network, not the cache)."""
+    for _, cache in _MODELS.values():
+        cache.clear()
 
 
 def _load(checkpoint, device):
