@@ -7,6 +7,9 @@ prints one JSON object at the end.
 
 ``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` (what bench_segment.py evaluates);
 ``--split all`` on all 30 (the shipped default model).
+``--synthetic N`` adds N synthetic pairs (``--synthetic-size`` px) made from the split's tiles alone: DAFF-GAN
+point-library layouts of their centroids, masks from a shape prior fitted to their labels, rendered by the classic
+renderer in the style of a random one of them (with its labels); see :func:`synthetic_pairs`.
 ``--model maskrcnn`` trains Mask R-CNN the same way for ``bench_segment.py --maskrcnn``. ``--resume`` continues a stopped run; ``--init`` starts
 from another checkpoint's weights (fresh optimiser). The checkpoint records this command and the tiles.
 """
@@ -25,6 +28,32 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
 
 
+def synthetic_pairs(imgs, labs, n: int, size: int, *, seed: int = 0):
+    """``n`` synthetic (image, labels) pairs of ``size`` px from real tiles alone: each layout is a DAFF-GAN
+    point-library augmentation of the tiles' centroids, its masks are sampled from a shape prior fitted to the
+    tiles' labels, and it is rendered by the classic renderer in the style of a random tile (with its labels)."""
+    import numpy as np
+    from skimage.segmentation import relabel_sequential
+
+    from napari_nucsynth.masks import ShapePrior, sample_masks
+    from napari_nucsynth.points import PointLibrary, PointSet, centroids
+    from napari_nucsynth.render import render
+
+    prior = ShapePrior.fit_many(labs, seed=seed)
+    library = PointLibrary(PointSet(centroids(lab), lab.shape) for lab in labs)
+    out_imgs, out_labs = [], []
+    for i in range(n):
+        s_layout, s_masks, s_style, s_render = np.random.SeedSequence([seed, i]).generate_state(4)
+        ps = library.augment(int(s_layout))
+        pts = ps.points[(ps.points[:, 0] < size - 0.5) & (ps.points[:, 1] < size - 0.5)]
+        lab = relabel_sequential(sample_masks(pts, (size, size), prior=prior, seed=int(s_masks)))[0]
+        k = int(np.random.default_rng(int(s_style)).integers(len(imgs)))
+        out_imgs.append(render(lab, imgs[k], method="classic", style_labels=labs[k], seed=int(s_render),
+                               device="cpu"))
+        out_labs.append(lab.astype(np.uint32))
+    return out_imgs, out_labs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["hovernet", "maskrcnn"], default="hovernet")
@@ -39,6 +68,9 @@ def main() -> None:
     ap.add_argument("--resume")
     ap.add_argument("--init", help="start from this checkpoint's weights (new optimiser and schedule)")
     ap.add_argument("--log", help="append one JSON line per 50 steps here")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="also train on N classic-rendered synthetic pairs made from the split's tiles only")
+    ap.add_argument("--synthetic-size", type=int, default=1000)
     ap.add_argument("--strip", action="store_true",
                     help="at the end, drop the optimiser and random state (a smaller file to ship; cannot resume)")
     args = ap.parse_args()
@@ -51,6 +83,14 @@ def main() -> None:
     if args.split == "bench":
         tiles = [t for t in tiles if t not in SEGMENT_HELDOUT]
     imgs, labs = [load_image(t) for t in tiles], [load_labels(t) for t in tiles]
+    synthetic = None
+    if args.synthetic:
+        t_syn = time.perf_counter()
+        s_imgs, s_labs = synthetic_pairs(imgs, labs, args.synthetic, args.synthetic_size, seed=args.seed)
+        imgs, labs = imgs + s_imgs, labs + s_labs
+        synthetic = {"n": args.synthetic, "size": args.synthetic_size, "renderer": "classic", "seed": args.seed,
+                     "made_from": "the training tiles only (layouts, shape prior, styles)",
+                     "seconds": round(time.perf_counter() - t_syn, 1)}
     init_data = None
     if args.init:  # record how the starting weights were made too: the shipped model's provenance is both runs
         from napari_nucsynth.models import load_checkpoint as _load
@@ -70,7 +110,7 @@ def main() -> None:
                 val_fraction=0, save_every=200, on_update=on_update,
                 train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
                             "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                            "init": args.init, "init_train_data": init_data, "batch_size": args.batch_size, "crop": args.crop,
+                            "synthetic": synthetic, "init": args.init, "init_train_data": init_data, "batch_size": args.batch_size, "crop": args.crop,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     if args.strip:
         from napari_nucsynth.models import load_checkpoint, save_checkpoint
