@@ -9,7 +9,7 @@ prints one JSON object at the end.
 ``--split all`` on all 30 (the shipped default model).
 ``--synthetic N`` adds N synthetic pairs (``--synthetic-size`` px) made from the split's tiles alone: DAFF-GAN
 point-library layouts of their centroids, masks from a shape prior fitted to their labels, rendered by the classic
-renderer in the style of a random one of them (with its labels); see :func:`synthetic_pairs`.
+renderer in the style of a random one of them (with its labels): ``napari_nucsynth.generate.synthetic_pairs``.
 ``--model maskrcnn`` trains Mask R-CNN the same way for ``bench_segment.py --maskrcnn``. ``--resume`` continues a stopped run; ``--init`` starts
 from another checkpoint's weights (fresh optimiser). The checkpoint records this command and the tiles.
 """
@@ -26,32 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
-
-
-def synthetic_pairs(imgs, labs, n: int, size: int, *, seed: int = 0):
-    """``n`` synthetic (image, labels) pairs of ``size`` px from real tiles alone: each layout is a DAFF-GAN
-    point-library augmentation of the tiles' centroids, its masks are sampled from a shape prior fitted to the
-    tiles' labels, and it is rendered by the classic renderer in the style of a random tile (with its labels)."""
-    import numpy as np
-    from skimage.segmentation import relabel_sequential
-
-    from napari_nucsynth.masks import ShapePrior, sample_masks
-    from napari_nucsynth.points import PointLibrary, PointSet, centroids
-    from napari_nucsynth.render import render
-
-    prior = ShapePrior.fit_many(labs, seed=seed)
-    library = PointLibrary(PointSet(centroids(lab), lab.shape) for lab in labs)
-    out_imgs, out_labs = [], []
-    for i in range(n):
-        s_layout, s_masks, s_style, s_render = np.random.SeedSequence([seed, i]).generate_state(4)
-        ps = library.augment(int(s_layout))
-        pts = ps.points[(ps.points[:, 0] < size - 0.5) & (ps.points[:, 1] < size - 0.5)]
-        lab = relabel_sequential(sample_masks(pts, (size, size), prior=prior, seed=int(s_masks)))[0]
-        k = int(np.random.default_rng(int(s_style)).integers(len(imgs)))
-        out_imgs.append(render(lab, imgs[k], method="classic", style_labels=labs[k], seed=int(s_render),
-                               device="cpu"))
-        out_labs.append(lab.astype(np.uint32))
-    return out_imgs, out_labs
 
 
 def main() -> None:
@@ -86,7 +60,10 @@ def main() -> None:
     synthetic = None
     if args.synthetic:
         t_syn = time.perf_counter()
-        s_imgs, s_labs = synthetic_pairs(imgs, labs, args.synthetic, args.synthetic_size, seed=args.seed)
+        from napari_nucsynth.generate import synthetic_pairs
+
+        s_imgs, s_labs = synthetic_pairs(args.synthetic, args.synthetic_size, imgs, style_labels=labs,
+                                         fit_labels=labs, layouts="library", seed=args.seed)
         imgs, labs = imgs + s_imgs, labs + s_labs
         synthetic = {"n": args.synthetic, "size": args.synthetic_size, "renderer": "classic", "seed": args.seed,
                      "made_from": "the training tiles only (layouts, shape prior, styles)",

@@ -33,6 +33,7 @@ __all__ = [
     "pair_id",
     "read_pair",
     "regenerate",
+    "synthetic_pairs",
     "verify",
 ]
 
@@ -702,3 +703,96 @@ def verify(dataset, ids=None, *, device: str = "cpu") -> list[str]:
         if not (np.array_equal(img, simg) and np.array_equal(lab, slab)):
             bad.append(pid)
     return bad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pairs in memory (for training runs), without a dataset folder
+
+
+def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=None, layouts: str = "process",
+                    process: str = "cluster", seed: int = 0, progress: Callable[[int, int, str], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` synthetic (image, labels) pairs of ``size`` x ``size`` in memory, rendered by the classic renderer.
+
+    Parameters
+    ----------
+    n, size : int
+        Number of pairs and their side in pixels.
+    styles : sequence of (H, W, 3) arrays
+        Reference H&E tiles; each pair is rendered in the style of one drawn at random (seeded).
+    style_labels : sequence of label maps, optional
+        The nuclei of each style tile (else the renderer detects them).
+    fit_labels : label map or sequence of label maps, optional
+        Real labels the masks' shape prior is fitted to (else the shipped MoNuSeg prior), and the layouts.
+    layouts : {"process", "library"}
+        ``"process"``: layouts drawn from ``process`` (:func:`~napari_nucsynth.points.random_points`) fitted to
+        a random one of ``fit_labels`` (else MoNuSeg's fit). ``"library"``: DAFF-GAN point-library augmentations
+        (:class:`~napari_nucsynth.points.PointLibrary`) of the centroids of ``fit_labels`` (required), cut to
+        ``size``.
+    seed : int
+        Pair ``i`` uses ``SeedSequence([seed, i])`` for its layout, masks, style and render, whatever ``n``.
+    progress, should_stop : callables, optional
+        ``progress(i, n, msg)``; when ``should_stop()`` says so, the pairs done so far are returned.
+
+    Returns
+    -------
+    images : list of (size, size, 3) uint8 arrays
+    labels : list of (size, size) uint32 arrays, ids 1..N
+    """
+    from skimage.segmentation import relabel_sequential
+
+    from .masks import ShapePrior, sample_masks
+    from .points import (
+        PointLibrary,
+        PointSet,
+        centroids,
+        fit_point_process,
+        random_points,
+    )
+    from .render import render
+
+    if not len(styles):
+        raise ValueError("synthetic pairs need at least one style image (an H&E tile)")
+    if layouts not in ("process", "library"):
+        raise ValueError(f"layouts must be 'process' or 'library', got {layouts!r}")
+    if fit_labels is None:
+        maps = []
+    elif isinstance(fit_labels, np.ndarray) and fit_labels.ndim == 2:
+        maps = [fit_labels]
+    else:
+        maps = list(fit_labels)
+    maps = [m for m in maps if np.any(m)]
+    if layouts == "library" and not maps:
+        raise ValueError("layouts='library' needs fit_labels: the real label maps whose centroids are augmented")
+    prior, fits, library = None, {}, None
+    if maps:
+        if progress:
+            progress(0, n, "fitting the shape prior to the labels")
+        prior = ShapePrior.fit_many(maps, seed=0)
+    if layouts == "library":
+        library = PointLibrary(PointSet(centroids(m), m.shape) for m in maps)
+    images, labels = [], []
+    for i in range(int(n)):
+        if should_stop and should_stop():
+            break
+        s_layout, s_masks, s_style, s_render = (int(v) for v in np.random.SeedSequence([seed, i]).generate_state(4))
+        if library is not None:
+            ps = library.augment(s_layout)
+            pts = ps.points[(ps.points[:, 0] < size - 0.5) & (ps.points[:, 1] < size - 0.5)]
+        else:
+            params = None
+            if maps:
+                k = int(np.random.default_rng(s_layout).integers(len(maps)))
+                if k not in fits:
+                    fits[k] = fit_point_process(maps[k], seed=0)
+                params = fits[k]
+            pts = random_points((size, size), process=process, params=params, seed=s_layout)
+        lab = relabel_sequential(sample_masks(pts, (size, size), prior=prior, seed=s_masks))[0].astype(np.uint32)
+        k = int(np.random.default_rng(s_style).integers(len(styles)))
+        sl = style_labels[k] if style_labels is not None else None
+        images.append(np.asarray(render(lab, styles[k], method="classic", style_labels=sl, seed=s_render),
+                                 dtype=np.uint8))
+        labels.append(lab)
+        if progress:
+            progress(i + 1, n, f"synthetic pair {i + 1}/{n}")
+    return images, labels

@@ -13,9 +13,9 @@ from napari_nucsynth._widgets.train import (
     JOINT,
     TrainWidget,
     joint_available,
-    synthetic_pairs,
 )
 from napari_nucsynth.devices import available_devices
+from napari_nucsynth.generate import synthetic_pairs
 from napari_nucsynth.models import load_checkpoint, model_kinds
 from napari_nucsynth.train import TrainResult, TrainUpdate
 

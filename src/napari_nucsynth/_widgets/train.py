@@ -42,6 +42,7 @@ from magicgui.widgets import (
 from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
+from ..generate import synthetic_pairs
 from ..models import checkpoint_dir, get_model, model_kinds
 from ._checkpoints import CheckpointPicker
 from ._lossplot import LossPlot
@@ -82,43 +83,6 @@ def _is_generator(kind: str) -> bool:
 def default_out(kind: str) -> Path:
     """``checkpoint_dir()/<kind>-<timestamp>.pt``."""
     return checkpoint_dir() / f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.pt"
-
-
-def synthetic_pairs(n: int, size: int, styles: list[np.ndarray], *, style_labels: list | None = None,
-                    fit_labels: np.ndarray | None = None, process: str = "cluster", seed=0, progress=None,
-                    should_stop=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``n`` synthetic (image, labels) pairs of ``size`` x ``size``: a random layout
-    (:func:`napari_nucsynth.points.random_points`, fitted to ``fit_labels`` when given, else MoNuSeg's fit), masks
-    from the shape prior (:func:`napari_nucsynth.masks.sample_masks`, fitted to ``fit_labels`` when given) and the
-    classic renderer in the style of ``styles[i % len(styles)]`` (with ``style_labels[i]`` as that style's nuclei
-    when given). Qt-free; ``progress(i, n, msg)``; returns what is done when ``should_stop()`` says so."""
-    from .._checks import as_rng
-    from ..masks import ShapePrior, sample_masks
-    from ..points import fit_point_process, random_points
-    from ..render import render
-
-    if not styles:
-        raise ValueError("synthetic pairs need at least one style Image layer (an H&E tile)")
-    rng = as_rng(seed)
-    params = prior = None
-    if fit_labels is not None and np.any(fit_labels):
-        if progress:
-            progress(0, n, "fitting the layout and shape prior to the labels")
-        params = fit_point_process(fit_labels, seed=0)
-        prior = ShapePrior.fit(fit_labels)
-    images, labels = [], []
-    for i in range(int(n)):
-        if should_stop and should_stop():
-            break
-        pts = random_points((size, size), process=process, params=params, seed=rng)
-        lab = sample_masks(pts, (size, size), prior=prior, seed=rng)
-        k = i % len(styles)
-        sl = style_labels[k] if style_labels else None
-        images.append(render(lab, styles[k], method="classic", style_labels=sl, seed=rng))
-        labels.append(lab)
-        if progress:
-            progress(i + 1, n, f"synthetic pair {i + 1}/{n}")
-    return images, labels
 
 
 class _Job:
