@@ -146,3 +146,36 @@ def test_output_larger_than_the_reference_keeps_its_stain(small):
     for axis in (0, 1):
         prof = out[..., 0].mean(axis=1 - axis)
         assert np.abs(prof - prof.mean()).max() < 4 * prof.std() + 1e-3
+
+
+_RENDER_SCRIPT = """
+import sys
+import numpy as np
+from napari_nucsynth._sample_data import load_monuseg_crop
+from napari_nucsynth.render import render
+img, lab = load_monuseg_crop()
+big = np.tile(img, (3, 3, 1))  # a 1200 x 1200 reference: large enough for BLAS to use several threads
+big_lab = np.zeros(big.shape[:2], np.uint32)
+for i in range(3):
+    for j in range(3):
+        part = lab.astype(np.uint32)
+        big_lab[i * 400:(i + 1) * 400, j * 400:(j + 1) * 400] = np.where(part > 0, part + (3 * i + j) * 10000, 0)
+out = render(lab, big, style_labels=big_lab, seed=1)
+np.save(sys.argv[1], out)
+"""
+
+
+def test_classic_render_does_not_depend_on_the_thread_count(tmp_path):
+    """The reference's weighted means once went through a multi-threaded BLAS, whose summation order changed some
+    pixels by 1 between 1 and 2 threads: a dataset regenerated on another machine differed from the original."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        out = tmp_path / f"r{threads}.npy"
+        subprocess.run([sys.executable, "-c", _RENDER_SCRIPT, str(out)], env=env, check=True, timeout=300)
+        outs.append(np.load(out))
+    np.testing.assert_array_equal(outs[0], outs[1])

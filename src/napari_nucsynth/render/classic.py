@@ -223,11 +223,14 @@ def analyse_reference(style, style_labels=None) -> ReferenceStyle:
     # labels too), so the background is lifted back to the reference's mean outside its nuclei; a lift, not a
     # scale, keeps the nuclei/background contrast the reference has. Likewise the texture field is scaled so the
     # nuclei drawn from (typical ones only) have the mean density of all the reference's nuclei.
-    bgw = (~fg).astype(np.float32).ravel()
-    background += ((bgw @ (hed - background).reshape(-1, 3)) / max(bgw.sum(), 1)).astype(np.float32)
-    fgw, typw = fg.astype(np.float32).ravel(), np.isin(nuclei, order).astype(np.float32).ravel()
-    field *= ((fgw @ hed.reshape(-1, 3)) / max(fgw.sum(), 1)
-              / np.maximum((typw @ hed.reshape(-1, 3)) / max(typw.sum(), 1), 1e-6)).astype(np.float32)
+    # (weighted sums by einsum in float64, not BLAS: a multi-threaded BLAS sums in an order that depends on the
+    # thread count, which changed a few pixels by 1 between OPENBLAS_NUM_THREADS=1 and 2)
+    def wmean(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.einsum("n,nk->k", w, x.reshape(-1, 3), dtype=np.float64) / max(float(w.sum()), 1.0)
+
+    background += wmean((~fg).ravel(), hed - background).astype(np.float32)
+    field *= (wmean(fg.ravel(), hed) / np.maximum(wmean(np.isin(nuclei, order).ravel(), hed), 1e-6)
+              ).astype(np.float32)
     return ReferenceStyle(field=field, background=background, centroid=centroid[order], axes=evecs,
                           sd=np.sqrt(np.maximum(evals, 0.25)), log_area=np.log(area[order]), n_detected=n - 1)
 
