@@ -227,3 +227,5 @@ def test_synthetic_pairs_in_memory(bank):
         synthetic_pairs(1, 64, imgs, layouts="library")
     with pytest.raises(ValueError, match="at least one style"):
         synthetic_pairs(1, 64, [])
+    with pytest.raises(ValueError, match="one label map"):
+        synthetic_pairs(1, 64, imgs, style_labels=labs[:1])

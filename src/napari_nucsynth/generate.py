@@ -753,6 +753,11 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
 
     if not len(styles):
         raise ValueError("synthetic pairs need at least one style image (an H&E tile)")
+    if style_labels is not None and len(style_labels) == 0:
+        style_labels = None
+    if style_labels is not None and len(style_labels) != len(styles):
+        raise ValueError(f"style_labels must give one label map (or None) per style: {len(style_labels)} for "
+                         f"{len(styles)} styles")
     if layouts not in ("process", "library"):
         raise ValueError(f"layouts must be 'process' or 'library', got {layouts!r}")
     if fit_labels is None:
