@@ -1,7 +1,7 @@
 """Outlines of the annotated nuclei (green) and a segmenter's nuclei (magenta; yellow where both lie) on a crop of
 a held-out MoNuSeg tile, for docs/benchmarks.md; prints JSON with the figure's path and the tile's counts.
 
-    OMP_NUM_THREADS=1 python benchmarks/figure_segment_overlay.py --hovernet bench-out/hovernet_bench_ft2.pt \
+    OMP_NUM_THREADS=1 python benchmarks/figure_segment_overlay.py --hovernet bench-out/hovernet_bench_ft.pt \
         --tile TCGA-A7-A13E-01Z-00-DX1 --out docs/images/segment_heldout_breast.png
 """
 
