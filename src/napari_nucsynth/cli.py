@@ -13,6 +13,8 @@
                    [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
                    [--pretrain-steps G S] --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
     torchrun --nproc_per_node=N -m napari_nucsynth.cli train ...      the same, data-parallel (docs/distributed.md)
+    nucsynth average CKPT CKPT [CKPT ...] --out CKPT [--images DIR --labels DIR] [--bn-batches N] [--seed N]
+                     a "model soup": the uniform mean of runs fine-tuned from the same weights
     nucsynth generate --n N --styles DIR --out DATASET [--points-from DIR] [--random-points] [--no-transforms]
                       [--method M] [--checkpoint C] [--size H W] [--format hovernet|coco|cellpose|stardist|png]
                       [--seed N] [--workers K] [--domains K] [--resume]
@@ -102,6 +104,27 @@ def _segment(args) -> int:
     write_labels(out, labels)
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {int(labels.max())} nuclei, method {args.method}"
           + (", tta" if args.tta else "") + ")")
+    return 0
+
+
+def _average(args) -> int:
+    from .train import average_checkpoints
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise ValueError(f"the checkpoint file must end in .pt, got {out.name}")
+    if (args.images is None) != (args.labels is None):
+        raise ValueError("--images and --labels go together (the pairs over which BatchNorm statistics are "
+                         "re-estimated)")
+    for c in args.checkpoints:
+        if not Path(c).is_file():
+            raise ValueError(f"checkpoint not found: {c}")
+    path = average_checkpoints(args.checkpoints, out, images=args.images, labels=args.labels,
+                               bn_batches=args.bn_batches, seed=args.seed, device=args.device,
+                               train_data={"command": " ".join(["nucsynth", *args.argv])})
+    how = (f"BatchNorm statistics re-estimated on {args.bn_batches} batches" if args.images
+           else "averaged statistics kept (no --images)")
+    print(f"wrote {path} (mean of {len(args.checkpoints)} checkpoints; {how})")
     return 0
 
 
@@ -588,6 +611,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--model joint: generator and segmenter pretraining steps within --steps (default: a fifth "
                    "each, 0 for a part started from a checkpoint)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("average", help="the uniform mean of checkpoints fine-tuned from the same weights",
+                       description="Average the weights of two or more checkpoints of one kind and configuration "
+                       "(a \"model soup\": runs fine-tuned from the same starting weights; unrelated runs give a "
+                       "broken model). With --images/--labels, BatchNorm statistics are re-estimated on random "
+                       "training crops (hovernet).")
+    p.add_argument("checkpoints", nargs="+", help="two or more checkpoints (.pt)")
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write (.pt)")
+    p.add_argument("--images", help="folder of training H&E images (for the BatchNorm statistics)")
+    p.add_argument("--labels", help="folder of their instance label maps")
+    p.add_argument("--bn-batches", type=int, default=64, help="batches of 4 random 256-px crops (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.set_defaults(func=_average)
 
     from .io.export import FORMATS
 

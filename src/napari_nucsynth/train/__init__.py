@@ -22,7 +22,7 @@ import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb, as_rng
 
-__all__ = ["TrainResult", "TrainUpdate", "load_pairs", "shipped_checkpoint", "train"]
+__all__ = ["TrainResult", "TrainUpdate", "average_checkpoints", "load_pairs", "shipped_checkpoint", "train"]
 
 
 @dataclass(frozen=True)
@@ -375,3 +375,6 @@ def _default_collate(samples, device) -> dict:
     for key in samples[0][2]:
         batch[key] = torch.from_numpy(np.stack([s[2][key] for s in samples])).to(device)
     return batch
+
+
+from .average import average_checkpoints  # (at the end: it uses this module's helpers)
