@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--augment", choices=["basic", "strong"], default="basic",
+                    help="training augmentation (napari_nucsynth.train._augment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True)
@@ -84,10 +86,12 @@ def main() -> None:
 
     res = train(args.model, imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
                 device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                augment=args.augment,
                 val_fraction=0, save_every=200, on_update=on_update,
                 train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
                             "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                             "synthetic": synthetic, "init": args.init, "init_train_data": init_data, "batch_size": args.batch_size, "crop": args.crop,
+                            "augment": args.augment,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
     if args.strip:
         from napari_nucsynth.models import load_checkpoint, save_checkpoint

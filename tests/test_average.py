@@ -11,7 +11,8 @@ from napari_nucsynth.models import get_model, load_checkpoint, save_checkpoint
 from napari_nucsynth.train import average_checkpoints
 
 
-def _checkpoint(path, seed: int, kind: str = "hovernet", config: dict = HOVERNET, step: int = 10):
+def _checkpoint(path, seed: int, kind: str = "hovernet", config: dict = HOVERNET, step: int = 10,
+                augment: str = "basic"):
     torch.manual_seed(seed)
     model = get_model(kind).build(config)
     with torch.no_grad():  # BatchNorm statistics that differ between the checkpoints, as trained ones do
@@ -21,7 +22,7 @@ def _checkpoint(path, seed: int, kind: str = "hovernet", config: dict = HOVERNET
                 m.running_var.uniform_(0.5, 2)
                 m.num_batches_tracked.fill_(seed + 1)
     return save_checkpoint(path, kind=kind, config=config, state_dict=model.state_dict(), step=step + seed,
-                           train_data={"tiles": [f"t{seed}"]})
+                           train_data={"tiles": [f"t{seed}"], "augment": augment})
 
 
 def _pairs(n: int = 2):
@@ -48,8 +49,9 @@ def test_average_without_pairs_is_the_mean_of_every_tensor(tmp_path):
     assert all(torch.equal(same[k], sds[0][k]) for k in same)
 
 
-def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path):
-    paths = [_checkpoint(tmp_path / f"{i}.pt", i) for i in range(2)]
+@pytest.mark.parametrize("augment", ["basic", "strong"])
+def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
+    paths = [_checkpoint(tmp_path / f"{i}.pt", i, augment=augment) for i in range(2)]
     imgs, labs = _pairs()
     calls = []
     kw = {"images": imgs, "labels": labs, "bn_batches": 3, "batch_size": 2, "crop": 64, "seed": 5, "device": "cpu"}
@@ -69,12 +71,12 @@ def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path):
         if "running" not in k and "num_batches" not in k:
             assert torch.equal(sd[k], plain[k]), k
     assert ck["train_data"]["batchnorm"] == {"reestimated": True, "batches": 3, "batch_size": 2, "crop": 64,
-                                             "images": 2, "seed": 5}
+                                             "augment": augment, "images": 2, "seed": 5}
     # seeded: the same call gives the same statistics
     b = load_checkpoint(average_checkpoints(paths, tmp_path / "b.pt", **kw))["state_dict"]
     assert all(torch.equal(sd[k], b[k]) for k in sd)
     # the first BatchNorm's statistics are the mean, over the same seeded training crops, of its inputs' batch
-    # statistics (the crops drawn here as the function draws them)
+    # statistics (the crops drawn here as the function draws them, with the runs' own augmentation)
     from napari_nucsynth.train import _augment
 
     model = get_model("hovernet").build(HOVERNET)
@@ -88,7 +90,7 @@ def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path):
             crops = []
             for _ in range(2):
                 i = int(rng.integers(0, len(imgs)))
-                crops.append(_augment(imgs[i], labs[i], 64, rng)[0])
+                crops.append(_augment(imgs[i], labs[i], 64, rng, augment)[0])
             model(torch.from_numpy(np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0))
     means = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
     variances = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)

@@ -173,10 +173,14 @@ def test_init_fine_tunes_from_a_checkpoint(pairs, tmp_path, capsys):
     vb = np.concatenate([b["state_dict"][k].numpy().ravel() for k in keys])
     change = np.linalg.norm(vb - va) / np.linalg.norm(va)
     assert 0 < change < 0.05, change  # one small step on from the first run's weights, not a fresh network
+    assert a["train_data"]["augment"] == "basic"
+    assert main([*base, "--steps", "1", "--out", str(tuned), "--augment", "strong"]) == 0
+    assert load_checkpoint(tuned, kind="hovernet")["train_data"]["augment"] == "strong"
     capsys.readouterr()
     for extra, msg in (([ "--init", str(tmp_path / "missing.pt")], "checkpoint not found"),
                        (["--model", "maskrcnn", "--init", "default"], "ships no trained model"),
-                       (["--segmenter-lr", "1e-4"], "for --model joint only")):
+                       (["--segmenter-lr", "1e-4"], "for --model joint only"),
+                       (["--model", "joint", "--augment", "strong"], "basic augmentation only")):
         assert main([*base, "--steps", "1", "--out", str(tmp_path / "x.pt"), *extra]) == 2
         assert msg in capsys.readouterr().err
 

@@ -120,6 +120,57 @@ def test_train_two_steps_then_resume(load_tile, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
+def test_strong_augmentation_keeps_image_and_labels_aligned():
+    """Scale, blur and colour jitter move image and labels together: a dark-nuclei image stays dark exactly where
+    the transformed labels are, the scale changes nucleus sizes, and a seed repeats the sample."""
+    from napari_nucsynth.train import _augment
+
+    lab = np.zeros((300, 300), np.uint32)
+    yy, xx = np.mgrid[:300, :300]
+    for i, (r, c) in enumerate([(r, c) for r in range(20, 300, 40) for c in range(20, 300, 40)], 1):
+        lab[(yy - r) ** 2 + ((xx - c) / 1.5) ** 2 <= 9**2] = i
+    img = np.where(lab[..., None] > 0, np.uint8(60), np.uint8(220)).repeat(3, axis=2)
+    img[..., 0] += 10  # not grey: hue and saturation changes act on it
+    sizes = []
+    for seed in range(12):
+        im, lb = _augment(img, lab, 96, np.random.default_rng(seed), "strong")
+        assert im.shape == (96, 96, 3) and im.dtype == np.uint8 and lb.shape == (96, 96) and lb.dtype == lab.dtype
+        dark = im.mean(axis=2) < (im.mean(axis=2).min() + im.mean(axis=2).max()) / 2
+        inter, union = np.sum(dark & (lb > 0)), np.sum(dark | (lb > 0))
+        assert inter / union > 0.85, (seed, inter / union)
+        counts = np.unique(lb[lb > 0], return_counts=True)[1]
+        sizes.append(counts.max())  # a whole nucleus (cut ones are smaller)
+        im2, lb2 = _augment(img, lab, 96, np.random.default_rng(seed), "strong")
+        assert np.array_equal(im, im2) and np.array_equal(lb, lb2)
+    assert max(sizes) / min(sizes) > 1.3  # scale 0.8-1.25 changes areas by up to 1.56x
+    basic = [_augment(img, lab, 96, np.random.default_rng(s))[1] for s in range(4)]
+    assert {np.unique(b[b > 0], return_counts=True)[1].max() for b in basic} == {np.sum(lab == 1)}  # no scaling
+    with pytest.raises(ValueError, match="augment must be one of"):
+        _augment(img, lab, 96, np.random.default_rng(0), "heavy")
+
+
+def test_resume_continues_the_runs_augmentation(load_tile, tmp_path):
+    """augment="strong" is recorded; a resume that does not name it continues with it, ending like a full run."""
+    from napari_nucsynth.train import train
+
+    img, lab = load_tile(TILE)
+    imgs, labs = [img[:200, :200]], [lab[:200, :200]]
+    kw = {"batch_size": 2, "crop": 64, "val_fraction": 0}
+    part = train("hovernet", imgs, labs, steps=3, out=tmp_path / "a.pt", config=TINY, seed=2, augment="strong",
+                 should_stop=lambda: load_checkpoint(tmp_path / "a.pt")["step"] >= 2 if (tmp_path / "a.pt").exists()
+                 else False, save_every=2, **kw)
+    assert part.step == 2 and load_checkpoint(part.path)["train_data"]["augment"] == "strong"
+    res = train("hovernet", imgs, labs, steps=3, out=tmp_path / "b.pt", resume=part.path, **kw)
+    full = train("hovernet", imgs, labs, steps=3, out=tmp_path / "c.pt", config=TINY, seed=2, augment="strong", **kw)
+    basic = train("hovernet", imgs, labs, steps=3, out=tmp_path / "d.pt", config=TINY, seed=2, **kw)
+    a, b, c = (load_checkpoint(r.path)["state_dict"] for r in (full, res, basic))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    assert not all(torch.allclose(a[k].float(), c[k].float(), atol=1e-5) for k in a)
+    assert load_checkpoint(basic.path)["train_data"]["augment"] == "basic"
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train("hovernet", imgs, labs, steps=1, out=tmp_path / "x.pt", augment="heavy", **kw)
+
+
 def test_train_stops_and_saves(load_tile, tmp_path):
     from napari_nucsynth.train import train
 

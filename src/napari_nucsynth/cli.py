@@ -8,7 +8,7 @@
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
-                   [--save-every N]
+                   [--augment basic|strong] [--save-every N]
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
                    [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
                    [--pretrain-steps G S] --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
@@ -298,6 +298,8 @@ def _train(args) -> int:
     with _StopOnSignal(announce=main) as stop:
         try:
             if args.model == "joint":
+                if args.augment != "basic":
+                    raise ValueError("--augment: the joint loop trains with the basic augmentation only")
                 res = _train_joint(args, config, world, stop, kw)
             else:
                 joint_only = [o for o, v in (("--generator", args.generator), ("--segmenter", args.segmenter),
@@ -310,7 +312,8 @@ def _train(args) -> int:
                 from .train import train
 
                 res = train(args.model, args.images, args.labels, config=config, val_fraction=args.val_fraction,
-                            init=_init_checkpoint(args.model, args.init), should_stop=stop, **kw)
+                            init=_init_checkpoint(args.model, args.init), augment=args.augment, should_stop=stop,
+                            **kw)
         except KeyboardInterrupt:
             report.close()
             if main:
@@ -593,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
+    p.add_argument("--augment", choices=["basic", "strong"], default="basic",
+                   help="training augmentation: crops, flips, 90-degree rotations and stain jitter; 'strong' adds "
+                   "HoVer-Net's scale, blur and colour jitter (default: basic)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")

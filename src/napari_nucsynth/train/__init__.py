@@ -90,22 +90,80 @@ def load_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list
     return imgs, labs, [f"pair{i}" for i in range(len(imgs))]
 
 
-def _augment(img: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random crop (reflect-padded if the image is smaller), a random dihedral transform, stain jitter in HED."""
+AUGMENTATIONS = ("basic", "strong")
+
+
+def _augment(img: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generator,
+             mode: str = "basic") -> tuple[np.ndarray, np.ndarray]:
+    """One training sample from a pair.
+
+    ``"basic"``: a random crop (reflect-padded if the image is smaller), a random dihedral transform, stain jitter
+    in HED. ``"strong"`` adds what HoVer-Net's training adds (Graham et al. 2019, its ``dataset.py``): a random
+    scale of 0.8-1.25 (the crop is cut at ``crop / scale`` and resized; labels by nearest neighbour), and in half
+    the samples a Gaussian or median blur, then brightness, contrast, saturation and hue jitter in random order.
+    """
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    src = crop
+    if mode == "strong":
+        scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+        src = max(8, round(crop / scale))
     H, W = lab.shape
-    if H < crop or W < crop:
-        ph, pw = max(0, crop - H), max(0, crop - W)
+    if H < src or W < src:
+        ph, pw = max(0, src - H), max(0, src - W)
         img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
         lab = np.pad(lab, ((0, ph), (0, pw)), mode="constant")
         H, W = lab.shape
-    r, c = int(rng.integers(0, H - crop + 1)), int(rng.integers(0, W - crop + 1))
-    img, lab = img[r : r + crop, c : c + crop], lab[r : r + crop, c : c + crop]
+    r, c = int(rng.integers(0, H - src + 1)), int(rng.integers(0, W - src + 1))
+    img, lab = img[r : r + src, c : c + src], lab[r : r + src, c : c + src]
     k = int(rng.integers(0, 4))
     img, lab = np.rot90(img, k), np.rot90(lab, k)
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
+    if src != crop:
+        from skimage.transform import resize
+
+        img = (resize(img, (crop, crop), order=1, preserve_range=True, anti_aliasing=src > crop) + 0.5).astype(np.uint8)
+        lab = resize(lab, (crop, crop), order=0, preserve_range=True, anti_aliasing=False).astype(lab.dtype)
     img = _stain_jitter(np.ascontiguousarray(img), rng)
+    if mode == "strong":
+        img = _photometric_jitter(img, rng)
     return img, np.ascontiguousarray(lab)
+
+
+def _photometric_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """HoVer-Net's input augmentation on a uint8 RGB crop: half the time a Gaussian (sigma up to 1) or 3 x 3 median
+    blur; then brightness (+-26 of 255), contrast (x 0.75-1.25), saturation (x 0.8-1.2, a blend with the grey
+    image as torchvision's ``adjust_saturation``) and hue (+-8 degrees, a rotation of the chroma plane in YIQ)
+    changes in a random order."""
+    from scipy import ndimage
+
+    if rng.random() < 0.5:
+        if rng.random() < 0.5:
+            x = ndimage.gaussian_filter(img.astype(np.float32), sigma=(float(rng.uniform(0.1, 1.0)),) * 2 + (0,))
+        else:
+            x = ndimage.median_filter(img, size=(3, 3, 1)).astype(np.float32)
+    else:
+        x = img.astype(np.float32)
+    x /= 255.0
+    for op in rng.permutation(4):
+        if op == 0:
+            x += float(rng.uniform(-26, 26)) / 255.0
+        elif op == 1:
+            mean = x.mean(axis=(0, 1), keepdims=True)
+            x = (x - mean) * float(rng.uniform(0.75, 1.25)) + mean
+        elif op == 2:
+            grey = x @ _LUMA[:, None]
+            x = grey + (x - grey) * float(rng.uniform(0.8, 1.2))
+        else:
+            t = np.deg2rad(float(rng.uniform(-8, 8)))
+            rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]], np.float32)
+            x = x @ (_YIQ.T @ rot.T @ np.linalg.inv(_YIQ).T).astype(np.float32)
+    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float64)
 
 
 def _stain_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05) -> np.ndarray:
@@ -127,7 +185,8 @@ def _rng_state(rng: np.random.Generator) -> dict:
 
 def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None, config: dict | None = None,
           device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256, lr: float | None = None,
-          val_fraction: float = 0.2, val_images: Sequence | None = None, val_labels: Sequence | None = None,
+          augment: str | None = None, val_fraction: float = 0.2, val_images: Sequence | None = None,
+          val_labels: Sequence | None = None,
           eval_every: int = 500, save_every: int = 200, preview_every: int = 0, progress: Callable[[int, int, str], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_update: Callable[[TrainUpdate], None] | None = None,
           train_data: dict | None = None) -> TrainResult:
@@ -152,6 +211,10 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         Peak learning rate (the kind's ``default_lr`` when None) of a warm-up and cosine schedule.
     config : dict, optional
         Model configuration (the kind's defaults otherwise); ignored when resuming (the checkpoint's is used).
+    augment : {"basic", "strong"}, optional
+        The training augmentation (:func:`_augment`): crops, dihedral transforms and stain jitter; "strong" adds
+        HoVer-Net's scale, blur and colour jitter. Recorded in the checkpoint's ``train_data``; None means the
+        resumed checkpoint's, else "basic".
     val_fraction : float
         Share of the images held out for validation (by image, seeded) unless ``val_images``/``val_labels`` are
         given; 0 for none. Validation runs the full inference (:attr:`ModelSpec.predict`) and reports AJI, PQ and
@@ -180,6 +243,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
 
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     spec = get_model(kind)
     lr = spec.default_lr if lr is None else float(lr)
     imgs, labs, names = load_pairs(images, labels)
@@ -187,7 +252,7 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     try:
         return _train(spec, kind, imgs, labs, names, dctx=dctx, dev=dev, steps=steps, out=out, resume=resume,
                       init=init, config=config, seed=seed, batch_size=batch_size, crop=crop, lr=lr,
-                      val_fraction=val_fraction, val_images=val_images, val_labels=val_labels,
+                      augment=augment, val_fraction=val_fraction, val_images=val_images, val_labels=val_labels,
                       eval_every=eval_every, save_every=save_every, preview_every=preview_every, progress=progress,
                       should_stop=should_stop, on_update=on_update, train_data=train_data)
     finally:
@@ -196,7 +261,7 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
 
 
 def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init, config, seed, batch_size, crop,
-           lr, val_fraction, val_images, val_labels, eval_every, save_every, preview_every, progress, should_stop,
+           lr, augment, val_fraction, val_images, val_labels, eval_every, save_every, preview_every, progress, should_stop,
            on_update, train_data) -> TrainResult:
     """The loop of :func:`train` on one process (one rank of a torchrun launch when ``dctx`` is given)."""
     import torch
@@ -230,6 +295,8 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         model = spec.build({**cfg, "pretrained": None} if "pretrained" in cfg else cfg)
         model.load_state_dict(ck["state_dict"])
         start = int(ck["step"])
+        if augment is None:  # continue as the run was trained
+            augment = ck.get("train_data", {}).get("augment", "basic")
     elif init is not None:
         ck0 = load_checkpoint(init, kind=kind)
         cfg = {**ck0["config"], "pretrained": None} if "pretrained" in ck0["config"] else dict(ck0["config"])
@@ -238,6 +305,8 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
     else:
         cfg = {**spec.default_config(), **(config or {})}
         model = spec.build(cfg)
+    augment = augment or "basic"
+    data = {**data, "augment": augment}
     if rank > 0 and resume is None:  # same initial weights, but this rank's own samples and torch random stream
         rng = np.random.default_rng([int(rng.integers(2**62)), rank])
         torch.manual_seed(int(rng.integers(2**31)))
@@ -333,7 +402,7 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         samples = []
         for _ in range(batch_size):
             i = t_idx[int(rng.integers(0, len(t_idx)))]
-            im, lb = _augment(imgs[i], labs[i], crop, rng)
+            im, lb = _augment(imgs[i], labs[i], crop, rng, augment)
             samples.append((im, lb, spec.targets(im, lb)))
         batch = collate(samples, dev)
         factor = lr_at(step)

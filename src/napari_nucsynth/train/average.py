@@ -36,8 +36,8 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
         The averaged checkpoint (no optimiser state: it starts new runs with ``init=``, it does not resume).
     images, labels : folders or sequences of arrays, optional
         Training pairs over which BatchNorm statistics are re-estimated (``bn_batches`` batches of ``batch_size``
-        random ``crop``-px crops, training augmentation, seeded); for hovernet. Without them the averaged
-        statistics are kept, and the checkpoint says so.
+        random ``crop``-px crops with the first checkpoint's training augmentation, seeded); for hovernet.
+        Without them the averaged statistics are kept, and the checkpoint says so.
     progress, should_stop : callables, optional
         ``progress(done, total, message)`` during re-estimation; ``should_stop()`` ends it early with a
         ``RuntimeError`` and writes nothing.
@@ -92,6 +92,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
         rng = as_rng(seed)
         collate = spec.collate or _default_collate
         total = int(bn_batches)
+        augment = cks[0].get("train_data", {}).get("augment", "basic")  # the crops the first run trained on
 
         def batches():
             for b in range(total):
@@ -101,7 +102,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
                 samples = []
                 for _ in range(batch_size):
                     i = int(rng.integers(0, len(imgs)))
-                    im, lb = _augment(imgs[i], labs[i], crop, rng)
+                    im, lb = _augment(imgs[i], labs[i], crop, rng, augment)
                     samples.append((im, lb, spec.targets(im, lb)))
                 yield collate(samples, dev)["image"]
                 if progress:
@@ -110,7 +111,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
         update_bn(batches(), model)  # resets the statistics, cumulative average over the batches, no gradients
         model.eval()
         bn_info = {"reestimated": True, "batches": total, "batch_size": int(batch_size), "crop": int(crop),
-                   "images": len(imgs), "seed": seed if isinstance(seed, int) else None}
+                   "augment": augment, "images": len(imgs), "seed": seed if isinstance(seed, int) else None}
     elif bns:
         bn_info = {"reestimated": False, "why": "no training pairs given: the averaged statistics were kept"}
     record = {**(train_data or {}), "averaged": [{"path": str(p), "step": int(ck["step"]), "train_data": ck.get("train_data", {})}
