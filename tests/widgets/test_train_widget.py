@@ -109,6 +109,7 @@ def test_start_stop_resume_cycle(setup, qtbot, tmp_path):
     assert widget.resume.choices[1] == res.path
     widget.resume.value = res.path
     widget.steps.value = res.step + 2
+    widget.augment.value = "strong"  # ignored: a resumed run keeps its own augmentation
     xs = widget.plot.series["loss"][0]
     n_points = len(xs)
     widget.start()
@@ -117,6 +118,7 @@ def test_start_stop_resume_cycle(setup, qtbot, tmp_path):
     assert not res2.stopped and res2.step == res.step + 2 and res2.path == res.path
     assert len(xs) == n_points + 2 and xs[-1] == res2.step  # the plot continues the curve
     assert load_checkpoint(res.path)["step"] == res.step + 2 and "finished" in widget.status.value
+    assert load_checkpoint(res.path)["train_data"]["augment"] == "basic"
 
 
 def test_start_from_a_saved_or_shipped_model(setup, qtbot, tmp_path):
@@ -133,15 +135,17 @@ def test_start_from_a_saved_or_shipped_model(setup, qtbot, tmp_path):
     widget.init.value = base
     widget.config.value = ""  # the starting checkpoint's configuration is used
     widget.steps.value = 2
+    widget.augment.value = "strong"
     widget.start()
     _wait_idle(widget, qtbot)
     res = widget.result
     ck = load_checkpoint(res.path, kind="hovernet")
     assert res.step == 2 and ck["step"] == 2  # a new run from base's weights, not its continuation
     assert ck["config"]["width"] == 4 and ck["train_data"]["init"] == str(base)
+    assert ck["train_data"]["augment"] == "strong"
     widget.model.value = JOINT if JOINT in widget.model.choices else "sian"
     if widget.model.value == JOINT:
-        assert _hidden(widget.init)
+        assert _hidden(widget.init) and _hidden(widget.augment)
 
 
 def _tiny_state(cfg):

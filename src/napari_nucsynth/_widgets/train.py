@@ -44,6 +44,7 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..generate import synthetic_pairs
 from ..models import checkpoint_dir, get_model, model_kinds
+from ..train import AUGMENTATIONS
 from ._checkpoints import CheckpointPicker
 from ._lossplot import LossPlot
 from ._worker import CloseWatcher, release_gpu_memory
@@ -179,6 +180,9 @@ class TrainWidget(Container):
         self.lr = LineEdit(label="Learning rate", value="")
         self.lr.tooltip = "Peak learning rate (warm-up, then cosine decay); blank: the model's default"
         self.crop = SpinBox(label="Crop", value=256, min=16, max=4096, step=16)
+        self.augment = ComboBox(label="Augmentation", choices=list(AUGMENTATIONS), value="basic")
+        self.augment.tooltip = ("basic: crops, flips, 90-degree rotations, stain jitter; strong: also HoVer-Net's "
+                                "scale, blur and colour jitter. A resumed run keeps its own.")
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.val_fraction = FloatSpinBox(label="Validation share", value=0.2, min=0.0, max=0.9, step=0.05)
@@ -208,7 +212,8 @@ class TrainWidget(Container):
         self.metrics.native.setWordWrap(True)
         self.extend([self.model, self.generator, self.segmenter, self.adversarial, self.config, self.source,
                      self.pairs, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
-                     self.n_synth, self.synth_size, self.steps, self.batch, self.lr, self.crop, self.device,
+                     self.n_synth, self.synth_size, self.steps, self.batch, self.lr, self.crop, self.augment,
+                     self.device,
                      self.seed, self.val_fraction, self.eval_every, self.save_every, self.preview_every, self.init,
                      self.out, self.resume, self.resume_file, buttons, self.progress, self.status, self.metrics])
         self.plot = LossPlot(interval_ms=None)  # repainted by the drain, in the same tick as the labels
@@ -320,7 +325,7 @@ class TrainWidget(Container):
         joint = self.model.value == JOINT
         for w in (self.generator, self.segmenter, self.adversarial):
             w.visible = joint
-        for w in (self.config, self.val_fraction, self.eval_every, self.init):
+        for w in (self.config, self.val_fraction, self.eval_every, self.init, self.augment):
             w.visible = not joint
         self._resume.refresh()
         self.init.reset_choices()
@@ -445,7 +450,8 @@ class TrainWidget(Container):
         synth = kw.get("synth")
         data = {**kw["data"], "crop": common["crop"], "batch_size": common["batch_size"]}
         joint = (self.generator.value, self.segmenter.value, self.adversarial.value)
-        val = {"val_fraction": float(self.val_fraction.value), "eval_every": int(self.eval_every.value)}
+        val = {"val_fraction": float(self.val_fraction.value), "eval_every": int(self.eval_every.value),
+               "augment": None if kw["resume"] is not None else self.augment.value}
 
         def work():
             try:
