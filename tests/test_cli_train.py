@@ -176,6 +176,8 @@ def test_init_fine_tunes_from_a_checkpoint(pairs, tmp_path, capsys):
     assert a["train_data"]["augment"] == "basic"
     assert main([*base, "--steps", "1", "--out", str(tuned), "--augment", "strong"]) == 0
     assert load_checkpoint(tuned, kind="hovernet")["train_data"]["augment"] == "strong"
+    assert main([*base, "--steps", "2", "--out", str(tuned), "--resume", str(tuned)]) == 0  # keeps the run's own
+    assert load_checkpoint(tuned, kind="hovernet")["train_data"]["augment"] == "strong"
     capsys.readouterr()
     for extra, msg in (([ "--init", str(tmp_path / "missing.pt")], "checkpoint not found"),
                        (["--model", "maskrcnn", "--init", "default"], "ships no trained model"),

@@ -298,7 +298,7 @@ def _train(args) -> int:
     with _StopOnSignal(announce=main) as stop:
         try:
             if args.model == "joint":
-                if args.augment != "basic":
+                if args.augment not in (None, "basic"):
                     raise ValueError("--augment: the joint loop trains with the basic augmentation only")
                 res = _train_joint(args, config, world, stop, kw)
             else:
@@ -596,9 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
-    p.add_argument("--augment", choices=["basic", "strong"], default="basic",
+    p.add_argument("--augment", choices=["basic", "strong"], default=None,
                    help="training augmentation: crops, flips, 90-degree rotations and stain jitter; 'strong' adds "
-                   "HoVer-Net's scale, blur and colour jitter (default: basic)")
+                   "HoVer-Net's scale, blur and colour jitter (default: basic; with --resume, the run's own)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
