@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
 
+from napari_nucsynth.train import AUGMENTATIONS
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--augment", choices=["basic", "strong"], default="basic",
+    ap.add_argument("--augment", choices=AUGMENTATIONS, default="basic",
                     help="training augmentation (napari_nucsynth.train._augment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")

@@ -526,6 +526,8 @@ def _napari(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train import AUGMENTATIONS  # numpy only: torch stays out of --help
+
     ap = argparse.ArgumentParser(prog="nucsynth", description="Nuclei masks and synthetic H&E from points.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -596,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
-    p.add_argument("--augment", choices=["basic", "strong"], default=None,
+    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="training augmentation: crops, flips, 90-degree rotations and stain jitter; 'strong' adds "
                    "HoVer-Net's scale, blur and colour jitter (default: basic; with --resume, the run's own)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
