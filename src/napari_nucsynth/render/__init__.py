@@ -13,7 +13,8 @@ import numpy as np
 
 from .._checks import SeedLike
 
-__all__ = ["Renderer", "get_renderer", "register", "render", "renderers"]
+__all__ = ["GalleryResult", "Renderer", "gallery", "get_renderer", "interpolatable_methods", "interpolate", "register",
+           "render", "renderers"]
 
 
 class Renderer(Protocol):
@@ -105,3 +106,6 @@ def _load_builtin() -> None:
             if exc.name and exc.name.startswith(__name__):
                 continue
             raise
+
+
+from .explore import GalleryResult, gallery, interpolatable_methods, interpolate  # noqa: E402 - uses the above
