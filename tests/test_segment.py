@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from napari_nucsynth.masks import hv_maps
 from napari_nucsynth.metrics import aji, instance_metrics
 from napari_nucsynth.segment import get_segmenter, segment, segmenters
-from napari_nucsynth.segment._tiling import (
+from napari_nucsynth.tiling import (
     DIHEDRAL,
     predict_dense,
     relabel_contiguous,
@@ -229,7 +229,7 @@ def test_predict_dense_tta_transforms_vectors():
 
 def test_dihedral_group_is_complete():
     a = np.arange(12).reshape(3, 4)
-    from napari_nucsynth.segment._tiling import _forward, _inverse
+    from napari_nucsynth.tiling import _forward, _inverse
 
     seen = {_forward(a, g).tobytes() + bytes(_forward(a, g).shape) for g in DIHEDRAL}
     assert len(DIHEDRAL) == 8 and len(seen) == 8
@@ -330,7 +330,7 @@ def test_tta_instances_votes():
 
 def test_tta_instances_majority_mask_and_overlaps():
     """Members jittered by one pixel: the mask is the pixels most members cover; two clusters never share a pixel."""
-    from napari_nucsynth.segment._tiling import _forward
+    from napari_nucsynth.tiling import _forward
 
     img = np.zeros((30, 30, 3), np.uint8)
     k = [0]

@@ -219,7 +219,7 @@ def predict_maps(model: nn.Module, image: np.ndarray, device, *, tta: bool = Fal
 
     Tiles of ``tile`` px (at most the image's size rounded up to a multiple of 32) overlapping by ``overlap``:
     a 1000 x 1000 tile runs in one piece, which costs a third of 256-px tiles' overlaps."""
-    from ..segment._tiling import predict_dense
+    from ..tiling import predict_dense
 
     model.eval()
     tile = int(min(tile, -(-max(image.shape[:2]) // 32) * 32))

@@ -532,14 +532,14 @@ def predict(model: NucleiMaskRCNN, image, device=None, tta: bool = False, progre
     """uint32 instance labels of an RGB image of any size.
 
     Images up to ``tile`` px run in one piece; larger ones in overlapping tiles
-    (:func:`napari_nucsynth.segment._tiling.segment_tiled`: each nucleus taken whole from one tile). ``tta`` merges
-    the 8 flips/rotations of each tile by instance voting (:func:`~napari_nucsynth.segment._tiling.tta_instances`).
+    (:func:`napari_nucsynth.tiling.segment_tiled`: each nucleus taken whole from one tile). ``tta`` merges
+    the 8 flips/rotations of each tile by instance voting (:func:`~napari_nucsynth.tiling.tta_instances`).
     ``cache`` (a :class:`DetectionCache` of this model) keeps the network's outputs per piece. ``params`` go to
     :func:`instances_from_detections`: ``score_threshold`` (0.5; scores below the model's ``box_score_thresh``,
     0.05, are never seen), ``mask_threshold`` (0.5), ``min_foreground`` (0.5), ``max_overlap`` (0.5),
     ``min_area`` (5).
     """
-    from ..segment._tiling import segment_tiled, tta_instances
+    from ..tiling import segment_tiled, tta_instances
 
     unknown = set(params) - set(_PARAMS)
     if unknown:

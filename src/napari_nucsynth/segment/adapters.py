@@ -59,7 +59,7 @@ import numpy as np
 from .._checks import as_rgb
 from ..stain import rgb_to_hed
 from . import register
-from ._tiling import relabel_contiguous, segment_tiled, tta_instances
+from ..tiling import relabel_contiguous, segment_tiled, tta_instances
 
 __all__ = ["CellposeSegmenter", "StarDistSegmenter"]
 

@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from .._checks import as_rgb
 from ..stain import rgb_to_hed
 from . import register
-from ._tiling import relabel_contiguous, segment_tiled, tta_instances
+from ..tiling import relabel_contiguous, segment_tiled, tta_instances
 
 __all__ = ["WatershedSegmenter", "watershed_labels"]
 

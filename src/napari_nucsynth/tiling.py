@@ -1,5 +1,7 @@
-"""Tiling and test-time augmentation for segmenters (Qt-free, numpy/scipy; no torch).
+"""Tiling and test-time augmentation for networks and segmenters (Qt-free, numpy/scipy; no torch).
 
+A base layer: :mod:`napari_nucsynth.models` (network inference) and :mod:`napari_nucsynth.segment` (the
+segmenters) both import it, and it imports neither of them (nor ``render`` or ``train``; ``tests/test_layers.py``).
 Three functions that every segmenter shares, so that each only has to say what it does to one piece:
 
 - :func:`predict_dense` runs a dense predictor (a network returning per-pixel maps) over an image of any size in
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .._checks import as_labels, as_rgb
+from ._checks import as_labels, as_rgb
 
 __all__ = ["DIHEDRAL", "predict_dense", "relabel_contiguous", "segment_tiled", "tta_instances"]
 
