@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
 from _data import REPO, load_image, load_labels, tile_ids
 
+from napari_nucsynth import presynthesis
 from napari_nucsynth.metrics import pixel_f1
-from napari_nucsynth.render import classic, render
+from napari_nucsynth.render import render
 from napari_nucsynth.stain import rgb_to_hed
 
 
@@ -70,7 +71,7 @@ def main() -> None:
         style, style_lab = load_image(s), load_labels(s)
         cold, warm = [], []
         for r in range(2):
-            classic._CACHE.clear()
+            presynthesis._CACHE.clear()
             t0 = time.perf_counter()
             out = render(lab, style, style_labels=style_lab, seed=args.seed)
             cold.append(time.perf_counter() - t0)

@@ -37,6 +37,20 @@ def test_classic_render_contract(small):
     assert with_labels.shape == out.shape
 
 
+def test_registered_classic_is_the_presynthesis(small):
+    """render/classic.py only registers napari_nucsynth.presynthesis.ClassicRenderer: same class, same pixels."""
+    from napari_nucsynth import presynthesis
+    from napari_nucsynth.render import get_renderer
+    from napari_nucsynth.render.classic import ClassicRenderer
+
+    style, style_lab, target = small
+    registered = get_renderer("classic")
+    assert isinstance(registered, ClassicRenderer) and isinstance(registered, presynthesis.ClassicRenderer)
+    assert (registered.name, registered.needs_checkpoint) == ("classic", False)
+    assert np.array_equal(registered(target, style, style_labels=style_lab, seed=3),
+                          presynthesis.ClassicRenderer()(target, style, style_labels=style_lab, seed=3))
+
+
 def test_output_larger_than_the_reference(small):
     style, _, _ = small
     lab = np.zeros((600, 380), np.uint32)
@@ -89,12 +103,12 @@ def test_nucleus_texture_comes_from_the_reference(small):
 
 def test_strips_equal_the_one_piece_render(small, monkeypatch):
     """Large outputs are computed in strips; the strips must not change a single pixel (no seams)."""
-    from napari_nucsynth.render import classic
+    from napari_nucsynth import presynthesis
 
     style, style_lab, target = small
     lab = np.concatenate([target, target[::-1]], 0)  # 400 x 300, nuclei across every strip border
     whole = render(lab, style, style_labels=style_lab, seed=5)
-    monkeypatch.setattr(classic, "TILE", 64)
+    monkeypatch.setattr(presynthesis, "TILE", 64)
     strips = render(lab, style, style_labels=style_lab, seed=5)
     assert np.array_equal(whole, strips)
 

@@ -169,7 +169,7 @@ def _classic_content(syn_lab: np.ndarray, style_rgb: np.ndarray, style_lab: np.n
                      seed: int) -> np.ndarray:
     """The classic render of ``syn_lab`` in the style crop (its labels as style labels); ``fallback`` (the real crop
     the masks come from, turned the same way) when there is nothing to render from."""
-    from ..render.classic import ClassicRenderer
+    from ..presynthesis import ClassicRenderer
 
     if not syn_lab.any() or not style_lab.any():
         return fallback

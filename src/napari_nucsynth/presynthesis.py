@@ -1,0 +1,424 @@
+"""Gong et al.'s pre-synthesis (WACV 2021), the classic training-free render: real reference nuclei warped into the
+target masks, fused with the reference's inpainted background in HED space.
+
+A base layer, Qt- and torch-free: the ``classic`` renderer (:mod:`napari_nucsynth.render.classic`, which only
+registers :class:`ClassicRenderer`), the AdaIN generator's content images (:mod:`napari_nucsynth.models.adain`)
+and the joint loop (:mod:`napari_nucsynth.train.joint`) import it; it imports none of ``render``, ``segment``,
+``models`` or ``train`` (``tests/test_layers.py``).
+
+Gong et al., eq. 1, and Hou et al. (CVPR 2019): the output is ``M * F + (1 - M) * B`` in
+haematoxylin-eosin-DAB optical density, where
+
+- ``B`` is the reference tile with its nuclei inpainted away (:func:`reference_background`), mirror-tiled to any
+  output size;
+- ``F`` is, inside each target nucleus, a real nucleus of the reference of similar size, mapped onto the target
+  shape by the affine map that aligns their second moments (random flips of the principal axes), with a small
+  smooth random deformation and a per-nucleus stain jitter: colour, intensity spread, chromatin texture and the
+  darker rim all come from the reference's own nuclei;
+- ``M`` is the instance foreground with edges softened by a Gaussian of ``EDGE_SIGMA`` px.
+
+The target masks are never moved: the deformation acts on the texture mapped into them, so the rendered nuclei
+sit exactly where the labels say.
+
+Outputs taller or wider than ``TILE`` px are computed in strips of rows with a halo wider than every filter; each
+pixel's value does not depend on the strip it was computed in, so the result equals the one-piece render (no
+seams; tested). The analysis of a reference (nuclei, texture field, inpainted background) depends only on the
+reference and its labels and is cached for the last few references, so a live re-render costs only the fusion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._checks import SeedLike, as_labels, as_rgb, as_rng
+from .stain import hed_to_rgb, rgb_to_hed
+
+__all__ = ["ClassicRenderer", "ReferenceStyle", "analyse_reference", "detect_nuclei", "reference_background"]
+
+#: Outputs larger than this in either dimension are computed in strips of this many rows.
+TILE = 2048
+#: Gaussian sigma (px) of the soft nucleus edges.
+EDGE_SIGMA = 0.8
+#: Amplitude (px) and grid spacing (px) of the smooth random deformation of the mapped texture.
+WARP_AMPLITUDE, WARP_SPACING = 1.5, 8
+_HALO = 8  # > 4 * EDGE_SIGMA and the label extension
+
+
+def detect_nuclei(image, *, min_area: int = 30) -> np.ndarray:
+    """Rough nucleus instances of an H&E tile: Otsu on the smoothed haematoxylin density, small objects removed,
+    touching blobs left merged (enough to learn colours and to inpaint). uint32 labels."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+
+    h = ndi.gaussian_filter(rgb_to_hed(image)[..., 0], 1.0)
+    if np.ptp(h) <= 0:
+        return np.zeros(h.shape, np.uint32)
+    fg = remove_small_objects(h > threshold_otsu(h), max_size=min_area - 1)
+    return label(fg).astype(np.uint32)
+
+
+def reference_background(hed: np.ndarray, hole: np.ndarray, rng: np.random.Generator, *, piece: int = 24,
+                         candidates: int = 24, rounds: int = 4) -> np.ndarray:
+    """Inpaint ``hole`` (bool) in the HED image ``hed`` by copying coherent pieces of the rest of the image.
+
+    The hole is cut into pieces: its connected components split on a ``piece``-px grid whose lines are bent by
+    smooth noise, so seams are not straight. In each round, every unfilled piece that borders known pixels takes,
+    among ``candidates`` random shifts, the one whose source lies wholly outside the hole and whose copied border
+    best matches the known pixels around the piece (mean absolute difference over a 3-px ring); filled pieces
+    become known for the next round, so large holes fill from the outside in. Pieces no shift fits are filled by a
+    normalised convolution of their surroundings. Finally the seams (piece and hole borders) are smoothed over
+    one pixel.
+    """
+    H, W = hole.shape
+    out = hed.copy()
+    keep = ~hole
+    if not hole.any():
+        return out
+    # grid lines bent into waves (amplitude piece/4, random wavelengths and phases)
+    lam, phase = rng.uniform(2, 4, 2) * piece, rng.uniform(0, 2 * np.pi, 2)
+    gr = np.floor((np.arange(H)[:, None] + piece / 4 * np.sin(np.arange(W)[None, :] / lam[0] * 2 * np.pi + phase[0]))
+                  / piece).astype(np.int64) + 2
+    gc = np.floor((np.arange(W)[None, :] + piece / 4 * np.sin(np.arange(H)[:, None] / lam[1] * 2 * np.pi + phase[1]))
+                  / piece).astype(np.int64) + 2
+    comp, _ = ndi.label(hole)
+    key = np.where(hole, (comp.astype(np.int64) * (H // piece + 6) + gr) * (W // piece + 6) + gc, 0)
+    present = np.bincount(key.ravel()) > 0
+    present[0] = False
+    remap = np.cumsum(present)
+    pieces = remap[key]  # 0 = not a hole pixel, pieces 1..n
+    n_pieces = int(remap[-1]) + 1
+    flat_keep, flat_hed = keep.ravel(), hed.reshape(-1, 3)
+    flat_out = out.reshape(-1, 3)
+    src_h, src_e = np.ascontiguousarray(hed[..., 0]).ravel(), np.ascontiguousarray(hed[..., 1]).ravel()
+    hy, hx = np.nonzero(hole)
+    hp = pieces[hy, hx]
+    size = np.bincount(hp, minlength=n_pieces)
+    filled = np.zeros(n_pieces, bool)
+    filled[0] = True
+    known = keep.copy()
+    reach = max(8, min(H, W) // 3)
+    for _ in range(rounds):
+        # each known pixel within 3 px of an unfilled piece is that piece's context (one piece per pixel)
+        near = ndi.grey_dilation(np.where(filled[pieces], 0, pieces), size=7)
+        cy, cx = np.nonzero(known & (near > 0))
+        cp = near[cy, cx]
+        if cp.size == 0:
+            break
+        todo_px = ~filled[hp]
+        py, px, pp = hy[todo_px], hx[todo_px], hp[todo_px]
+        best = np.full(n_pieces, np.inf)
+        shift = np.zeros((n_pieces, 2), np.int64)
+        ctx_count = np.bincount(cp, minlength=n_pieces)
+        cy, cx, cp = cy[::2], cx[::2], cp[::2]  # every other context pixel is enough to score a shift
+        ctx_h, ctx_e = flat_out[cy * W + cx, 0], flat_out[cy * W + cx, 1]  # H and E (DAB is ~0 in H&E)
+        for _c in range(candidates):
+            dy, dx = (int(v) for v in rng.integers(-reach, reach + 1, 2))
+            sy, sx = py + dy, px + dx
+            ok = (sy >= 0) & (sy < H) & (sx >= 0) & (sx < W)
+            ok[ok] = flat_keep[sy[ok] * W + sx[ok]]
+            valid = np.bincount(pp, weights=ok, minlength=n_pieces) == size
+            ty, tx = np.clip(cy + dy, 0, H - 1), np.clip(cx + dx, 0, W - 1)
+            src = ty * W + tx
+            diff = np.abs(ctx_h - src_h[src]) + np.abs(ctx_e - src_e[src])
+            score = np.bincount(cp, weights=diff, minlength=n_pieces) / np.maximum(ctx_count, 1)
+            better = valid & (ctx_count > 0) & ~filled & (score < best)
+            best[better] = score[better]
+            shift[better] = (dy, dx)
+        take = np.isfinite(best)
+        if not take.any():
+            break
+        sel = take[hp]
+        ty, tx = hy[sel] + shift[hp[sel], 0], hx[sel] + shift[hp[sel], 1]
+        flat_out[hy[sel] * W + hx[sel]] = flat_hed[ty * W + tx]
+        known[hy[sel], hx[sel]] = True
+        filled |= take
+    todo = ~known
+    if todo.any():  # normalised convolution (sigma 16 px), computed at a quarter of the resolution
+        f = 4
+        hp4, wp4 = -(-H // f) * f, -(-W // f) * f
+        kn = np.pad(known.astype(np.float32), ((0, hp4 - H), (0, wp4 - W)))
+        val = np.pad(out * known[..., None], ((0, hp4 - H), (0, wp4 - W), (0, 0)))
+        kn = ndi.gaussian_filter(kn.reshape(hp4 // f, f, wp4 // f, f).mean((1, 3)), 16.0 / f)
+        val = ndi.gaussian_filter(val.reshape(hp4 // f, f, wp4 // f, f, 3).mean((1, 3)), (16.0 / f, 16.0 / f, 0))
+        smooth = val / np.maximum(kn, 1e-3)[..., None]
+        ty, tx = np.nonzero(todo)
+        out[ty, tx] = smooth[ty // f, tx // f]
+    seam = (ndi.grey_dilation(pieces, size=3) != ndi.grey_erosion(pieces, size=3))
+    soft = np.stack([ndi.gaussian_filter(out[..., c], 1.0) for c in range(3)], -1)
+    out[seam] = soft[seam]
+    return out
+
+
+@dataclass(frozen=True)
+class ReferenceStyle:
+    """What the renderer learns from one reference tile (see :func:`analyse_reference`)."""
+
+    field: np.ndarray  # H x W x 3 HED: the reference with every non-nucleus pixel taking its nearest nucleus pixel
+    background: np.ndarray  # H x W x 3 HED: the reference with its nuclei inpainted away
+    centroid: np.ndarray  # (n, 2) row, col of the typical nuclei drawn from
+    axes: np.ndarray  # (n, 2, 2) principal axes (columns) of each nucleus
+    sd: np.ndarray  # (n, 2) standard deviations along those axes (px)
+    log_area: np.ndarray  # (n,) log area (px)
+    n_detected: int  # nuclei found in the reference (before leaving out outliers)
+
+
+def _moments(lab: np.ndarray, n: int):
+    """Area, centroid (n, 2) and covariance (n, 2, 2) of labels 0..n-1 (rows of absent labels are zero)."""
+    rr, cc = np.nonzero(lab)
+    k = lab[rr, cc]
+    area = np.bincount(k, minlength=n).astype(np.float64)
+    a = np.maximum(area, 1)
+    mr = np.bincount(k, weights=rr, minlength=n) / a
+    mc = np.bincount(k, weights=cc, minlength=n) / a
+    dr, dc = rr - mr[k], cc - mc[k]
+    cov = np.empty((n, 2, 2))
+    cov[:, 0, 0] = np.bincount(k, weights=dr * dr, minlength=n) / a
+    cov[:, 1, 1] = np.bincount(k, weights=dc * dc, minlength=n) / a
+    cov[:, 0, 1] = cov[:, 1, 0] = np.bincount(k, weights=dr * dc, minlength=n) / a
+    # a pixel is a unit square: add its own variance so one-pixel-wide objects have a non-zero width
+    cov[:, 0, 0] += 1 / 12
+    cov[:, 1, 1] += 1 / 12
+    return area, np.stack([mr, mc], 1), cov
+
+
+def analyse_reference(style, style_labels=None) -> ReferenceStyle:
+    """Find the reference's nuclei (``style_labels``, or :func:`detect_nuclei`), their shapes and stain, the
+    texture field sampled by the renderer, and the background with every nucleus (labelled or detected)
+    inpainted. Deterministic (the inpainting uses a fixed seed), so the result can be cached per reference."""
+    ref = as_rgb(style, "style")
+    detected = detect_nuclei(ref)
+    if style_labels is None:
+        nuclei = detected
+    else:
+        nuclei = as_labels(style_labels, "style_labels")
+        if nuclei.shape != ref.shape[:2]:
+            raise ValueError(f"style_labels must have the style's shape {ref.shape[:2]}, got {nuclei.shape}")
+    if not nuclei.any():
+        raise ValueError("the style reference has no detectable nuclei: give its style_labels, or another tile")
+    _, nuclei = np.unique(nuclei, return_inverse=True)
+    nuclei = nuclei.reshape(ref.shape[:2])
+    n = int(nuclei.max()) + 1
+    hed = rgb_to_hed(ref)
+    area, centroid, cov = _moments(nuclei, n)
+    fg = nuclei > 0
+    k = nuclei[fg]
+    mean_h = np.bincount(k, weights=hed[..., 0][fg], minlength=n) / np.maximum(area, 1)
+    mean_d = np.bincount(k, weights=hed[..., 2][fg], minlength=n) / np.maximum(area, 1)
+    ids = np.arange(1, n)
+    # typical nuclei only: pale ones (cytoplasm, out of focus), brown ones (red cells, pigment) and fragments are
+    # left out when there are enough others
+    typical = ids[(mean_h[ids] >= np.percentile(mean_h[ids], 10)) & (mean_d[ids] <= np.percentile(mean_d[ids], 90))
+                  & (area[ids] >= 20)]
+    if typical.size < 3:
+        typical = ids
+    order = typical
+    evals, evecs = np.linalg.eigh(cov[order])
+    _, idx = ndi.distance_transform_edt(~fg, return_indices=True)
+    field = hed[idx[0], idx[1]]
+    hole = ndi.binary_dilation(fg | (detected > 0), iterations=2)
+    background = reference_background(hed, hole, np.random.default_rng(0))
+    # keep the reference's mean densities. The inpainting removed everything dark (blobs detected outside the
+    # labels too), so the background is lifted back to the reference's mean outside its nuclei; a lift, not a
+    # scale, keeps the nuclei/background contrast the reference has. Likewise the texture field is scaled so the
+    # nuclei drawn from (typical ones only) have the mean density of all the reference's nuclei.
+    # (weighted sums by einsum in float64, not BLAS: a multi-threaded BLAS sums in an order that depends on the
+    # thread count, which changed a few pixels by 1 between OPENBLAS_NUM_THREADS=1 and 2)
+    def wmean(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.einsum("n,nk->k", w, x.reshape(-1, 3), dtype=np.float64) / max(float(w.sum()), 1.0)
+
+    background += wmean((~fg).ravel(), hed - background).astype(np.float32)
+    field *= (wmean(fg.ravel(), hed) / np.maximum(wmean(np.isin(nuclei, order).ravel(), hed), 1e-6)
+              ).astype(np.float32)
+    return ReferenceStyle(field=field, background=background, centroid=centroid[order], axes=evecs,
+                          sd=np.sqrt(np.maximum(evals, 0.25)), log_area=np.log(area[order]), n_detected=n - 1)
+
+
+_CACHE: OrderedDict[bytes, ReferenceStyle] = OrderedDict()
+_CACHE_SIZE = 3
+
+
+def _cached_reference(style, style_labels) -> ReferenceStyle:
+    ref = as_rgb(style, "style")
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(ref.shape).encode())
+    h.update(np.ascontiguousarray(ref).data)
+    if style_labels is not None:
+        sl = np.asarray(style_labels)
+        h.update(repr((sl.shape, sl.dtype.str)).encode())
+        h.update(np.ascontiguousarray(sl).data)
+    key = h.digest()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    res = analyse_reference(ref, style_labels)
+    _CACHE[key] = res
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return res
+
+
+def _similar(ref: ReferenceStyle, log_area: np.ndarray, log_aspect: np.ndarray, rng: np.random.Generator,
+             k: int = 6) -> np.ndarray:
+    """For each target nucleus, one of the ``k`` reference nuclei nearest in (log area, log aspect ratio), at
+    random: similar shapes need little stretching, so the mapped chromatin keeps its grain."""
+    ref_aspect = np.log(ref.sd[:, 1] / ref.sd[:, 0])
+    k = min(k, ref.log_area.size)
+    pick = np.empty(log_area.size, np.int64)
+    choice = rng.integers(0, k, log_area.size)
+    for a in range(0, log_area.size, 4096):  # bounded memory for outputs with very many nuclei
+        b = min(log_area.size, a + 4096)
+        d = (log_area[a:b, None] - ref.log_area[None]) ** 2 + (log_aspect[a:b, None] - ref_aspect[None]) ** 2
+        near = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.argsort(d, 1)[:, :k]
+        near = np.take_along_axis(near, np.argsort(np.take_along_axis(d, near, 1), 1, kind="stable"), 1)
+        pick[a:b] = near[np.arange(b - a), choice[a:b]]
+    return pick
+
+
+@dataclass(frozen=True)
+class _BackgroundPlan:
+    """Where the output's background comes from: one crop of the reference's (``offsets`` of shape (1, 1, 2)) when
+    the output fits in it, else a quilt of ``step + overlap``-px blocks placed every ``step`` px, each a random
+    crop, cross-faded over ``overlap`` px (no mirror symmetry, no repeats at a fixed period)."""
+
+    offsets: np.ndarray  # (rows of blocks, columns of blocks, 2) top-left corners in the reference
+    step: tuple[int, int]
+    overlap: tuple[int, int]
+
+
+def _plan_background(bg_shape, shape, rng: np.random.Generator) -> _BackgroundPlan:
+    (bh, bw), (H, W) = bg_shape, shape
+    if H <= bh and W <= bw:
+        off = np.array([[[rng.integers(0, bh - H + 1), rng.integers(0, bw - W + 1)]]])
+        return _BackgroundPlan(off, (H, W), (0, 0))
+    step = (max(1, (bh * 2) // 5), max(1, (bw * 2) // 5))
+    overlap = (step[0] // 4, step[1] // 4)
+    nr, nc = -(-H // step[0]), -(-W // step[1])
+    lim = np.array([bh - step[0] - overlap[0] + 1, bw - step[1] - overlap[1] + 1])
+    return _BackgroundPlan(rng.integers(0, lim, (nr, nc, 2)), step, overlap)
+
+
+def _ramp(pos: np.ndarray, step: int, overlap: int, first: bool) -> np.ndarray:
+    """Weight of a block over its own coordinates ``pos`` (0 .. step + overlap): rising over the first
+    ``overlap`` px (not for the first block), flat, falling over the last ``overlap`` px."""
+    w = np.ones(pos.shape, np.float32)
+    if overlap:
+        if not first:
+            w = np.minimum(w, (pos + 0.5) / overlap)
+        w = np.minimum(w, (step + overlap - pos - 0.5) / overlap)
+    return np.clip(w, 0, 1)
+
+
+def _background(bg: np.ndarray, plan: _BackgroundPlan, r0: int, h: int, w: int) -> np.ndarray:
+    """Rows ``r0 .. r0 + h`` (all ``w`` columns) of the output's background, by ``plan``."""
+    (sr, sc), (orr, oc) = plan.step, plan.overlap
+    out = np.zeros((h, w, 3), np.float32)
+    if plan.offsets.shape[:2] == (1, 1):
+        y, x = plan.offsets[0, 0]
+        return bg[y + r0 : y + r0 + h, x : x + w].copy()
+    norm = np.zeros((h, w), np.float32)
+    rows = np.arange(r0, r0 + h)
+    nr, nc = plan.offsets.shape[:2]
+    for i in range(max(0, (r0 - orr) // sr), min(nr, (r0 + h - 1) // sr + 1)):
+        ri = rows[(rows >= i * sr) & (rows < i * sr + sr + orr)]
+        if ri.size == 0:
+            continue
+        wr = _ramp(ri - i * sr, sr, orr, i == 0)
+        for j in range(nc):
+            cj = np.arange(j * sc, min(w, j * sc + sc + oc))
+            if cj.size == 0:
+                continue
+            wc = _ramp(cj - j * sc, sc, oc, j == 0)
+            y, x = plan.offsets[i, j]
+            wgt = wr[:, None] * wc[None, :]
+            block = bg[y + ri[0] - i * sr : y + ri[-1] - i * sr + 1, x : x + cj.size]
+            out[ri[0] - r0 : ri[-1] - r0 + 1, cj[0] : cj[-1] + 1] += wgt[..., None] * block
+            norm[ri[0] - r0 : ri[-1] - r0 + 1, cj[0] : cj[-1] + 1] += wgt
+    return out / np.maximum(norm, 1e-6)[..., None]
+
+
+class ClassicRenderer:
+    """Training-free renderer (see the module docstring); :mod:`napari_nucsynth.render` registers it as
+    ``"classic"``. Called as a renderer is (:func:`napari_nucsynth.render.render`): ``device`` is ignored (it runs
+    on the CPU) and ``checkpoint`` must be None."""
+
+    def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
+                 checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
+        if checkpoint is not None:
+            raise ValueError("the classic renderer needs no checkpoint (it is not trained); "
+                             "use method='adain' or 'sian' to render with a trained model")
+        lab = as_labels(labels, "labels")
+        as_rgb(style, "style")
+        if lab.size == 0:
+            raise ValueError(f"labels is empty (shape {lab.shape})")
+        rng = as_rng(seed)
+        if progress:
+            progress(0, 3, "analysing the reference")
+        ref = _cached_reference(style, style_labels)
+        if should_stop and should_stop():
+            raise InterruptedError("render cancelled")
+        H, W = lab.shape
+        bgH, bgW = ref.background.shape[:2]
+        # every random draw is made here, for the whole output, so strips cannot change the result
+        plan = _plan_background((bgH, bgW), (H, W), rng)
+        if int(lab.max()) >= 1 << 24:  # sparse huge ids: make them contiguous first
+            lab = np.unique(lab, return_inverse=True)[1].reshape(lab.shape).astype(np.uint32)
+        n = int(lab.max()) + 1
+        area, ct, cov = _moments(lab, n)
+        present = area > 0
+        present[0] = False
+        ev, evec = np.linalg.eigh(cov)
+        sd_t = np.sqrt(np.maximum(ev, 0.25))
+        pick = _similar(ref, np.log(np.maximum(area, 1)), np.log(sd_t[:, 1] / sd_t[:, 0]), rng)
+        flips = rng.choice([-1.0, 1.0], (n, 2))
+        # A maps target offsets to reference offsets: into the target's axes, scaled, out along the reference's
+        A = np.einsum("nij,nj,nkj->nik", ref.axes[pick], flips * ref.sd[pick] / sd_t, evec)
+        jitter = rng.normal(1.0, [0.06, 0.06, 0.0], (n, 3)).astype(np.float32)
+        gh, gw = H // WARP_SPACING + 3, W // WARP_SPACING + 3
+        warp = ndi.gaussian_filter(rng.standard_normal((2, gh, gw)), (0, 1, 1)).astype(np.float32)
+        warp *= WARP_AMPLITUDE / max(float(warp.std()), 1e-6)
+        if progress:
+            progress(1, 3, "fusing nuclei and background")
+        out = np.empty((H, W, 3), np.uint8)
+        rows = TILE if max(H, W) > TILE else H
+        for r0 in range(0, H, rows):
+            if should_stop and should_stop():
+                raise InterruptedError("render cancelled")
+            r1 = min(H, r0 + rows)
+            a0, a1 = max(0, r0 - _HALO), min(H, r1 + _HALO)
+            strip = self._strip(lab[a0:a1], a0, ref, plan, ct, A, pick, jitter, warp, present)
+            out[r0:r1] = strip[r0 - a0 : r1 - a0]
+        if progress:
+            progress(3, 3, "done")
+        return out
+
+    @staticmethod
+    def _strip(lab, r_off, ref, plan, ct, A, pick, jitter, warp, present) -> np.ndarray:
+        h, w = lab.shape
+        bg = ref.background
+        back = _background(bg, plan, r_off, h, w)
+        fg = lab > 0
+        # labels extended 3 px outward, so the soft edge blends into the nucleus's own colour, not into nothing
+        ext = np.where(fg, lab, ndi.grey_dilation(lab, size=7))
+        ext[~present[ext]] = 0
+        yy, xx = np.nonzero(ext)
+        t = ext[yy, xx]
+        gy, gx = yy + r_off, xx
+        dr, dc = gy - ct[t, 0], gx - ct[t, 1]
+        wy = ndi.map_coordinates(warp[0], [gy / WARP_SPACING, gx / WARP_SPACING], order=1)
+        wx = ndi.map_coordinates(warp[1], [gy / WARP_SPACING, gx / WARP_SPACING], order=1)
+        p = pick[t]
+        sy = ref.centroid[p, 0] + A[t, 0, 0] * dr + A[t, 0, 1] * dc + wy
+        sx = ref.centroid[p, 1] + A[t, 1, 0] * dr + A[t, 1, 1] * dc + wx
+        fore = np.stack([ndi.map_coordinates(ref.field[..., c], [sy, sx], order=1, mode="nearest")
+                         for c in range(3)], 1) * jitter[t]
+        m = ndi.gaussian_filter(fg.astype(np.float32), EDGE_SIGMA)
+        fused = back.copy()
+        mm = m[yy, xx, None]
+        fused[yy, xx] = mm * fore + (1 - mm) * back[yy, xx]
+        return hed_to_rgb(np.maximum(fused, 0))
