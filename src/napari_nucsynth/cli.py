@@ -501,28 +501,9 @@ def _regenerate(args) -> int:
 
 
 def _napari(args) -> int:
-    import napari
+    from ._widgets._launch import launch_viewer
 
-    viewer = napari.Viewer(title="napari-nucsynth")
-    if not args.no_sample:
-        viewer.open_sample("napari-nucsynth", "monuseg")
-    viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
-    if args.screenshot:
-        import time
-
-        from qtpy.QtWidgets import QApplication
-
-        viewer.window._qt_window.resize(1400, 850)
-        for _ in range(3):  # let the window settle, then fit the view to it
-            t0 = time.time()
-            while time.time() - t0 < 0.5:
-                QApplication.processEvents()
-            viewer.reset_view()
-        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
-        viewer.close()
-        return 0
-    napari.run()
-    return 0
+    return launch_viewer(sample=not args.no_sample, screenshot=args.screenshot)
 
 
 def build_parser() -> argparse.ArgumentParser:
