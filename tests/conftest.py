@@ -75,3 +75,26 @@ def crop_pair_dirs(load_tile, tmp_path) -> tuple[Path, Path]:
         iio.imwrite(tmp_path / "im" / f"t{i}.png", img[i * 96 : i * 96 + 96, :96])
         write_labels(tmp_path / "lb" / f"t{i}.png", lab[i * 96 : i * 96 + 96, :96])
     return tmp_path / "im", tmp_path / "lb"
+
+
+@pytest.fixture(scope="session")
+def tiny_sian_checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained SIAN checkpoint (``_tiny.SIAN``), saved through the public ``build`` and
+    ``save_checkpoint`` (whatever its state dict holds), its weights made larger than the initial ones so that the
+    style visibly changes the image."""
+    import torch
+    from _tiny import SIAN
+
+    from napari_nucsynth.models import get_model, save_checkpoint
+    from napari_nucsynth.models import sian as S
+
+    cfg = {k: v for k, v in SIAN.items() if k in S.default_config()}  # the keys of the SIAN being tested
+    torch.manual_seed(0)
+    model = get_model("sian").build(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "parametrizations" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    path = tmp_path_factory.mktemp("sian") / "tiny_sian.pt"
+    return save_checkpoint(path, kind="sian", config=model.config, state_dict=model.state_dict(), step=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from _tiny import SIAN, synthetic_pair
+from _tiny import synthetic_pair
 
 from napari_nucsynth.render import (
     GalleryResult,
@@ -122,31 +122,10 @@ def test_gallery_clear_errors(labels, tmp_path, style_folder):
 # interpolation
 
 
-@pytest.fixture(scope="module")
-def sian_checkpoint(tmp_path_factory):
-    """A tiny untrained SIAN saved through the public build and save_checkpoint (whatever its state dict holds),
-    its weights made larger than the initial ones so that the style visibly changes the image."""
-    import torch
-
-    from napari_nucsynth.models import get_model, save_checkpoint
-    from napari_nucsynth.models import sian as S
-
-    cfg = {k: v for k, v in SIAN.items() if k in S.default_config()}  # keys of the SIAN being tested
-    torch.manual_seed(0)
-    model = get_model("sian").build(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and "parametrizations" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    path = tmp_path_factory.mktemp("sian") / "tiny_sian.pt"
-    return save_checkpoint(path, kind="sian", config=model.config, state_dict=model.state_dict(), step=0)
-
-
-def test_interpolate_ends_are_the_two_styles(labels, sian_checkpoint):
+def test_interpolate_ends_are_the_two_styles(labels, tiny_sian_checkpoint):
     a, b = synthetic_pair(1, 64)[0], synthetic_pair(5, 80)[0]
     lab = labels[:64, :64]
-    kw = dict(method="sian", checkpoint=sian_checkpoint, seed=3, device="cpu")
+    kw = dict(method="sian", checkpoint=tiny_sian_checkpoint, seed=3, device="cpu")
     assert interpolatable_methods() == ["sian"] or "sian" in interpolatable_methods()
     assert "classic" not in interpolatable_methods()
     ra, rb = render(lab, a, **kw), render(lab, b, **kw)
@@ -163,18 +142,18 @@ def test_interpolate_ends_are_the_two_styles(labels, sian_checkpoint):
         interpolate(lab, a, b, 0.5, should_stop=lambda: stops.append(1) or True, **kw)
 
 
-def test_interpolate_refuses_what_it_cannot_do(labels, sian_checkpoint, monkeypatch, tmp_path):
+def test_interpolate_refuses_what_it_cannot_do(labels, tiny_sian_checkpoint, monkeypatch, tmp_path):
     a = synthetic_pair(1, 64)[0]
     with pytest.raises(ValueError, match="'classic' renderer cannot interpolate.*sian"):
         interpolate(labels, a, a, 0.5, method="classic")
     with pytest.raises(ValueError, match="unknown render method"):
         interpolate(labels, a, a, 0.5, method="nope")
     with pytest.raises(ValueError, match="finite"):
-        interpolate(labels, a, a, float("nan"), checkpoint=sian_checkpoint, device="cpu")
+        interpolate(labels, a, a, float("nan"), checkpoint=tiny_sian_checkpoint, device="cpu")
     with pytest.raises(ValueError, match="t must be a number"):
-        interpolate(labels, a, a, "half", checkpoint=sian_checkpoint, device="cpu")
+        interpolate(labels, a, a, "half", checkpoint=tiny_sian_checkpoint, device="cpu")
     with pytest.raises(ValueError, match="style_b"):
-        interpolate(labels, a, np.zeros((8, 8, 2), np.uint8), 0.5, checkpoint=sian_checkpoint, device="cpu")
+        interpolate(labels, a, np.zeros((8, 8, 2), np.uint8), 0.5, checkpoint=tiny_sian_checkpoint, device="cpu")
     from napari_nucsynth.render import sian as RS
 
     monkeypatch.setattr(RS, "default_checkpoint", lambda: tmp_path / "none.pt")

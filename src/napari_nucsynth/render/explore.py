@@ -79,15 +79,12 @@ def interpolate(labels, style_a, style_b, t: float, *, method: str = "sian", che
         The trained model (the method's shipped one when None).
     seed : int, numpy Generator or None
         The noise; the same seed gives the same image, and the same noise at every ``t``.
-    device : str
-        "auto", "cpu", "cuda" or "mps".
-    progress, should_stop : callables, optional
-        ``progress(done, total, what)``; when ``should_stop()`` returns True the render raises
-        ``InterruptedError``.
+    device, progress, should_stop
+        As for :func:`napari_nucsynth.render.render` (``should_stop()`` turning true raises ``InterruptedError``).
 
     Returns
     -------
-    (H, W, 3) uint8 RGB array.
+    (H, W, 3) uint8 RGB array, the shape of ``labels``.
 
     Raises
     ------
