@@ -361,3 +361,154 @@ def test_learned_renderer_lists_saved_checkpoints_and_says_when_it_needs_trainin
     assert widget.result is not None and int(widget.result[0, 0, 0]) == 77
     widget.method.value = "classic"
     assert not widget.checkpoint.enabled and widget.checkpoint.value is None
+
+
+# ---- style exploration: the Style position slider and the gallery ---------------------------------------------
+
+
+def _wait_all_idle(widget, qtbot):
+    qtbot.waitUntil(lambda: not widget.running and not widget._timer.isActive()
+                    and not widget._position_timer.isActive(), timeout=TIMEOUT)
+
+
+@pytest.fixture
+def second_style(setup):
+    """A second H&E reference: another crop of the sample tile."""
+    viewer = setup[0]
+    (img, _, _), _, _ = monuseg_crop()
+    return viewer.add_image(img[-N:, -N:].copy(), name="H&E 2", rgb=True)
+
+
+def test_style_slider_shows_only_for_methods_that_blend_styles(setup, second_style, monkeypatch, tmp_path,
+                                                               tiny_sian_checkpoint, qtbot):
+    from napari_nucsynth.render import interpolate
+
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))
+    viewer, image, labels, widget = setup
+    assert widget.method.value == "classic"
+    assert widget.style_b.native.isHidden() and widget.position.native.isHidden()
+    ck = tmp_path / "tiny.pt"
+    ck.write_bytes(tiny_sian_checkpoint.read_bytes())
+    widget._reset()
+    widget.method.value = "sian"
+    assert not widget.style_b.native.isHidden() and not widget.position.native.isHidden()
+    assert widget.style_b.value is second_style  # the other reference, not the main style again
+    widget.checkpoint.value = ck
+    widget.position.value = 0.5  # what dragging the slider does: a render after the debounce wait
+    qtbot.waitUntil(lambda: "render: nuclei" in viewer.layers, timeout=TIMEOUT)
+    _wait_all_idle(widget, qtbot)
+    out = viewer.layers["render: nuclei"]
+    kw = dict(method="sian", checkpoint=ck, seed=0, device=widget.device.value)
+    assert np.array_equal(out.data, interpolate(labels.data, image.data, second_style.data, 0.5, **kw))
+    assert "0.50 of the way from H&E to H&E 2" in widget.status.value
+    widget.position.value = 1.0
+    qtbot.waitUntil(lambda: widget.status.value.startswith("Rendered") and "1.00 of the way" in widget.status.value,
+                    timeout=TIMEOUT)
+    assert np.array_equal(out.data, render(labels.data, second_style.data, **kw))
+    assert _render_layers(viewer) == [out]  # the same output layer, updated in place
+    widget.method.value = "classic"
+    assert widget.style_b.native.isHidden() and widget._style_position() is None  # the slider no longer applies
+
+
+class _SlowBlend:
+    """A renderer that can blend styles, slowly: the image's grey level is 100 t."""
+
+    name = "slow blend (test)"
+    description = "test only"
+    needs_checkpoint = False
+    calls: list = []
+
+    def __call__(self, labels, style, **kw):
+        return self.interpolate(labels, style, style, 0.0, **kw)
+
+    def interpolate(self, labels, style_a, style_b, t, *, seed=None, device="auto", checkpoint=None,
+                    progress=None, should_stop=None, style_labels=None):
+        for i in range(30):
+            if should_stop and should_stop():
+                raise InterruptedError
+            if progress:
+                progress(i, 30, "blending")
+            time.sleep(0.01)
+        _SlowBlend.calls.append(t)
+        return np.full((*np.shape(labels), 3), round(100 * t), np.uint8)
+
+
+def test_a_newer_style_position_supersedes_the_render_in_flight(setup, second_style, monkeypatch, qtbot):
+    monkeypatch.setitem(_REGISTRY, "slow blend (test)", _SlowBlend)
+    monkeypatch.setattr(_SlowBlend, "calls", [])
+    viewer, _, _, widget = setup
+    widget.method.reset_choices()
+    widget.method.value = "slow blend (test)"  # a registered renderer joins by giving an interpolate method
+    assert not widget.position.native.isHidden()
+    widget.position.value = 0.3
+    qtbot.waitUntil(lambda: widget.running, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.progress.value >= 2, timeout=TIMEOUT)
+    widget.position.value = 0.8  # while 0.3 renders
+    _wait_all_idle(widget, qtbot)
+    assert _SlowBlend.calls == [0.8]  # 0.3 was cancelled before it finished; only the newest position rendered
+    assert int(viewer.layers["render: nuclei"].data[0, 0, 0]) == 80
+    assert widget.status.value.startswith("Rendered") and widget.render_btn.text == "Render"
+
+
+def _style_folder(path, img):
+    import imageio.v3 as iio
+
+    path.mkdir()
+    iio.imwrite(path / "tile_b.png", img[-N:, -N:])
+    iio.imwrite(path / "tile_a.png", img[:N, :N])
+    (path / "broken.png").write_bytes(b"not an image")
+    return path
+
+
+def test_gallery_adds_a_layer_of_every_style_with_names(setup, qtbot, tmp_path):
+    from napari_nucsynth.render import gallery
+
+    viewer, image, labels, widget = setup
+    (img, _, _), _, _ = monuseg_crop()
+    folder = _style_folder(tmp_path / "tiles", img)
+    widget.seed.value = 2
+    viewer.layers.selection.active = labels
+    widget.make_gallery(folder)  # what the Gallery... button does once a folder is picked
+    assert widget.running and widget.gallery_btn.text == "Cancel gallery"
+    qtbot.waitUntil(lambda: "gallery: nuclei" in viewer.layers, timeout=TIMEOUT)
+    _wait_all_idle(widget, qtbot)
+    out = viewer.layers["gallery: nuclei"]
+    expected = gallery(labels.data, folder, seed=2)
+    assert out.rgb and np.array_equal(out.data, expected.grid) and out.data.shape[:2] == (N, 2 * N + 4)
+    assert out.metadata["names"] == ["tile_a", "tile_b"] and out.metadata["skipped"][0][0] == "broken.png"
+    names = viewer.layers["gallery names: nuclei"]
+    assert list(names.features["name"]) == ["tile_a", "tile_b"] and len(names.data) == 2
+    assert "2 styles from tiles" in widget.status.value and "Skipped 1: broken.png" in widget.status.value
+    # beside the labels, at their scale; not offered as a style; the user's active layer unchanged
+    assert np.allclose(out.scale, labels.scale) and out.translate[1] > labels.translate[1] + N * labels.scale[1]
+    assert out not in widget.style_combo.choices and out not in widget.style_b.choices
+    assert viewer.layers.selection.active is labels
+    assert widget.gallery_btn.text == "Gallery..." and widget.render_btn.text == "Render"
+    # again (another seed): the same layers are updated, none added
+    n_layers = len(viewer.layers)
+    widget.seed.value = 3
+    widget.make_gallery(folder)
+    _wait_all_idle(widget, qtbot)
+    assert len(viewer.layers) == n_layers and np.array_equal(out.data, gallery(labels.data, folder, seed=3).grid)
+
+
+def test_gallery_cancel_and_bad_folder(setup, qtbot, tmp_path, monkeypatch):
+    monkeypatch.setitem(_REGISTRY, "slow (test)", _SlowRenderer)
+    viewer, _, _, widget = setup
+    (img, _, _), _, _ = monuseg_crop()
+    folder = _style_folder(tmp_path / "tiles", img)
+    widget.method.reset_choices()
+    widget.method.value = "slow (test)"
+    assert widget.position.native.isHidden()
+    widget.make_gallery(folder)
+    qtbot.waitUntil(lambda: widget.progress.value >= 1 or "Gallery of" in widget.status.value, timeout=TIMEOUT)
+    widget.gallery_btn.clicked()  # the button reads Cancel gallery
+    _wait_all_idle(widget, qtbot)
+    assert widget.status.value == "Cancelled." and "gallery: nuclei" not in viewer.layers
+    assert widget.gallery_btn.text == "Gallery..."
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    widget.method.value = "classic"
+    widget.make_gallery(empty)
+    _wait_all_idle(widget, qtbot)
+    assert widget.status.value.startswith("Cannot render:") and "is empty" in widget.status.value
