@@ -6,12 +6,13 @@
     OMP_NUM_THREADS=1 python benchmarks/train_sian.py --steps 0 --time-render     # the default config, untrained
 
 ``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` and validates (reconstruction L1 and
-VGG perceptual loss of the centre 256 x 256 of each) on those 6; ``--split all`` trains on all 30 (the shipped
-default model). SPADE/SIAN settings: Adam (0, 0.9), TTUR (generator lr / 2, discriminator 2 lr with ``--lr``
-2e-4), hinge loss, feature matching 10, VGG 10, KL 0.05 (see :mod:`napari_nucsynth.models.sian`). ``--resume``
-continues a stopped run; ``--init`` starts from another checkpoint's weights (fresh optimisers). ``--strip`` keeps
-only what rendering needs (no optimiser, random state or discriminator). The checkpoint records this command, the
-tiles and the VGG-19 used by the perceptual loss.
+perceptual distance of the centre 256 x 256 of each) on those 6; ``--split all`` trains on all 30 (the shipped
+default model). On the GAN core (:mod:`napari_nucsynth.models.gan`): Adam (0, 0.9), TTUR (generator lr / 2,
+discriminator 2 lr with ``--lr`` 2e-4), hinge loss, feature matching 10, perceptual 10 in the shipped
+segmenter's encoder (``--config '{"features": "vgg19-random"}'`` for the control), KL 0.05, EMA of the
+generator. ``--resume`` continues a stopped run; ``--init`` starts from another checkpoint's weights (fresh
+optimisers). ``--strip`` keeps only what rendering needs (the EMA generator and encoder). The checkpoint records
+this command, the tiles and the feature network of the perceptual loss. The JSON reports training steps/s.
 
 ``--time-render`` times ``napari_nucsynth.models.sian.render`` of a 256 x 256 MoNuSeg crop in the style of
 another tile on one thread (``torch.set_num_threads(1)``; set ``OMP_NUM_THREADS=1`` too), after two warm-up
@@ -136,13 +137,16 @@ def main() -> None:
                                 "lr": args.lr, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
         ck = load_checkpoint(res.path, kind="sian")
         if args.strip:
+            from napari_nucsynth.models.gan import SHIPPED_PREFIX
+
             save_checkpoint(res.path, kind="sian", config=ck["config"], step=ck["step"], metrics=ck["metrics"],
                             train_data=ck["train_data"],
-                            state_dict={k: v for k, v in ck["state_dict"].items()
-                                        if not k.startswith("discriminator.")})
+                            state_dict={k: v for k, v in ck["state_dict"].items() if k.startswith(SHIPPED_PREFIX)})
+        start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0
         result.update({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
-                       "metrics": res.metrics, "vgg_source": ck["config"].get("vgg_source"),
-                       "train_seconds": round(res.seconds, 1)})
+                       "metrics": res.metrics, "features_source": ck["config"].get("features_source"),
+                       "train_seconds": round(res.seconds, 1),
+                       "steps_per_s": round((res.step - start) / max(res.seconds, 1e-9), 3)})
     if args.time_render:
         spec = get_model("sian")
         if args.steps > 0 or args.resume or args.init:

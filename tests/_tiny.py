@@ -9,12 +9,12 @@ import numpy as np
 
 #: HoVer-Net on a ResNet-18 of 8 base channels, no pretrained weights
 HOVERNET = {"backbone": "resnet18", "width": 8, "pretrained": None}
-#: AdaIN with an eighth of VGG-19's channels and the seeded random VGG (no download)
-ADAIN = {"width": 0.125, "pretrained": "random"}
-#: SIAN: 2 upsamplings (multiples of 4), a few channels, a 2-layer VGG of the seeded random fallback
+#: AdaIN: a decoder of an eighth of the encoder's channels (the shipped segmenter's encoder), a one-scale D
+ADAIN = {"width": 0.125, "ndf": 8, "d_layers": 2, "num_d": 1}
+#: SIAN: 2 upsamplings (multiples of 4), a few channels, the shipped segmenter as feature network
 SIAN = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "noise_nc": 2, "style_dim": 8, "nef": 4,
-        "enc_layers": 3, "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random",
-        "vgg_layers": ["relu1_1", "relu2_1"], "tile": 128, "blend": 8}
+        "enc_layers": 3, "ndf": 8, "d_layers": 2, "num_d": 2, "features": "hovernet",
+        "tile": 128, "blend": 8}
 #: Mask R-CNN with narrow heads and fewer proposals
 MASKRCNN = {
     "fpn_channels": 32, "representation_size": 128, "mask_channels": 16, "mask_layers": 2, "semantic_channels": 16,

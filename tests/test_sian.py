@@ -83,7 +83,7 @@ def test_registered_and_module_shapes():
     assert preds[1][0].shape[-1] < preds[0][0].shape[-1]  # the second scale sees a downsampled input
     # one state dict holds the three networks
     keys = model.state_dict().keys()
-    assert {k.split(".")[0] for k in keys} == {"encoder", "generator", "discriminator"}
+    assert {k.split(".")[0] for k in keys} == {"encoder", "generator", "discriminator", "ema"}
     # the descriptor maps SIAN conditions on
     lab = _discs()
     t = spec.targets(None, lab)
@@ -94,16 +94,16 @@ def test_registered_and_module_shapes():
     assert t["distance"].max() <= 1 and not t["distance"][0][lab == 0].any()
 
 
-def test_build_records_vgg_source_and_rejects_bad_config():
+def test_build_records_feature_network_and_rejects_bad_config():
     cfg = dict(TINY)
     S.build(cfg)
-    assert cfg["vgg_source"] == "random:seed0"
+    assert cfg["features_source"].startswith("hovernet:hovernet_monuseg.pt#")
     with pytest.raises(ValueError, match="ngf"):
         S.build({**TINY, "ngf": 0})
     with pytest.raises(ValueError, match="unknown SIAN config"):
         S.build({**TINY, "width": 3})
-    with pytest.raises(ValueError, match="VGG layers"):
-        S.build({**TINY, "vgg_layers": ["relu9_9"]})
+    with pytest.raises(ValueError, match="unknown feature network"):
+        S.build({**TINY, "features": "resnet9000"})
 
 
 def test_sian_norm_responds_to_descriptors_and_style():
@@ -231,15 +231,15 @@ def test_losses_move_in_the_right_direction(load_tile):
         opts["d"].step()
     assert d_loss() < d0
     g0 = g_loss()
-    for _ in range(3):  # the generator alone gets closer to the real crop (VGG) and fools D more
+    for _ in range(3):  # the generator alone gets closer to the real crop (features) and fools D more
         torch.manual_seed(123)
         loss, logs = S.generator_loss(model, batch)
         opts["g"].zero_grad()
         loss.backward()
         opts["g"].step()
     g1 = g_loss()
-    assert g1["loss"] < g0["loss"] and g1["g_vgg"] < g0["g_vgg"]
-    assert set(logs) == {"loss", "g_gan", "g_fm", "g_vgg", "g_kld"}
+    assert g1["loss"] < g0["loss"] and g1["g_perc"] < g0["g_perc"]
+    assert set(logs) == {"loss", "g_gan", "g_fm", "g_perc", "g_kld"}
     logs = S.train_step(model, batch, opts, 0)
     assert {"d_loss", "d_real", "d_fake", "loss"} <= set(logs) and all(np.isfinite(v) for v in logs.values())
 
@@ -256,9 +256,9 @@ def test_train_checkpoint_resume_and_hooks(load_tile, tmp_path):
     assert res.step == 2 and res.stopped
     ck = load_checkpoint(res.path, kind="sian")
     assert set(ck["optimizer"]) == {"g", "d"} and "rng" in ck
-    assert ck["config"]["vgg_source"] == "random:seed0" and ck["config"]["ngf"] == 4
+    assert ck["config"]["features_source"].startswith("hovernet:") and ck["config"]["ngf"] == 4
     steps = [e.losses for e in events if e.kind == "step"]
-    assert {"loss", "d_loss", "g_vgg"} <= set(steps[0])
+    assert {"loss", "d_loss", "g_perc"} <= set(steps[0])
     res2 = train("sian", imgs, labs, steps=3, out=tmp_path / "b.pt", resume=res.path, **kw)
     full = train("sian", imgs, labs, steps=3, out=tmp_path / "c.pt", config=dict(TINY), seed=1, **kw)
     a, b = load_checkpoint(full.path)["state_dict"], load_checkpoint(res2.path)["state_dict"]
@@ -271,7 +271,7 @@ def test_train_checkpoint_resume_and_hooks(load_tile, tmp_path):
     assert {"l1", "perceptual"} <= set(res3.metrics) and 0 <= res3.metrics["l1"] <= 1
     prev = [e.image for e in events if e.kind == "preview"]
     assert prev and prev[0].dtype == np.uint8 and prev[0].shape == (128, 128, 3)
-    with pytest.raises(ValueError, match="generator, not a segmenter"):
+    with pytest.raises(ValueError, match="is a generator .*, not a segmenter"):
         get_model("sian").predict(None, img, "cpu")
 
 
@@ -294,10 +294,17 @@ def test_renderer_with_checkpoint(tmp_path, tiny):
                                       style_labels=np.zeros(style.shape[:2], np.uint32)))
     with pytest.raises(ValueError, match="style_labels"):
         render(lab, style, method="sian", checkpoint=p, style_labels=np.zeros((3, 3), np.uint32))
-    # a shipped checkpoint may leave out the discriminator
-    gen_only = {k: v for k, v in tiny.state_dict().items() if not k.startswith("discriminator.")}
-    p2 = save_checkpoint(tmp_path / "g.pt", kind="sian", config=tiny.config, state_dict=gen_only, step=0)
+    # a shipped checkpoint keeps only the moving average (no discriminator, no live generator): same renders
+    from napari_nucsynth.models.gan import shipped_state_dict
+
+    shipped = shipped_state_dict(tiny)
+    assert shipped and all(k.startswith("ema.") for k in shipped)
+    p2 = save_checkpoint(tmp_path / "g.pt", kind="sian", config=tiny.config, state_dict=shipped, step=0)
     assert np.array_equal(render(lab, style, method="sian", checkpoint=p2, seed=2, device="cpu"), out)
+    broken = {k: v for k, v in shipped.items() if not k.startswith("ema.generator.conv_img")}
+    p3 = save_checkpoint(tmp_path / "b.pt", kind="sian", config=tiny.config, state_dict=broken, step=0)
+    with pytest.raises(ValueError, match="does not match"):
+        render(lab, style, method="sian", checkpoint=p3, seed=2, device="cpu")
     # a checkpoint of another kind is refused by name
     p3 = save_checkpoint(tmp_path / "h.pt", kind="hovernet", config={}, state_dict={}, step=0)
     with pytest.raises(ValueError, match="not a 'sian'"):
@@ -319,3 +326,24 @@ def test_renderer_module_does_not_import_torch():
     code = ("import sys; import napari_nucsynth.render as r; r.renderers(); import napari_nucsynth.render.sian; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False, capture_output=True).returncode == 0
+
+
+def test_ema_renders_and_follows_the_live_generator(load_tile):
+    """The GAN core's moving average: at step 0 it copies the live weights, later it lags them; rendering uses it."""
+    img, lab = load_tile(TILE)
+    batch = _batch(lab[:64, :64], img[:64, :64])
+    torch.manual_seed(0)
+    model = S.build(dict(TINY)).train()
+    live0 = model.generator.conv_img.weight.detach().clone()
+    assert torch.equal(model.ema["generator"].conv_img.weight, live0)
+    opts = S.optimizers(model, 1e-3)
+    for step in range(3):
+        S.train_step(model, batch, opts, step)
+    live, avg = model.generator.conv_img.weight.detach(), model.ema["generator"].conv_img.weight
+    assert not torch.equal(live, live0) and not torch.equal(avg, live0) and not torch.equal(avg, live)
+    assert not avg.requires_grad and not model.ema.training
+    # the renderer reads the EMA copy: changing the live generator changes nothing
+    before = S.render(model, lab[:64, :64], img[:64, :64], seed=0)
+    with torch.no_grad():
+        model.generator.conv_img.weight.add_(1.0)
+    assert np.array_equal(S.render(model, lab[:64, :64], img[:64, :64], seed=0), before)

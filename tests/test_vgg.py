@@ -52,7 +52,7 @@ def test_random_fallback_is_documented_seeded_and_frozen(random_encoder, no_cach
     assert enc.layers == FOUR
     again = load_vgg19("auto", layers=FOUR)  # no weights anywhere: the same fallback, never a download
     assert again.source == "random:seed0"
-    for a, b in zip(enc.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(enc.parameters(), again.parameters()):
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in enc.parameters())
     enc.train()
@@ -70,7 +70,7 @@ def test_weights_file_round_trip_and_search_order(random_encoder, no_cached_weig
     _torchvision_file(f, random_encoder, shift=0.5)  # weights unlike the fallback's
     enc = load_vgg19(f, layers=FOUR)
     assert enc.source == "imagenet:my_vgg.pth"
-    for a, b in zip(enc.state_dict().values(), random_encoder.state_dict().values()):
+    for a, b in zip(enc.parameters(), random_encoder.parameters()):
         assert torch.equal(a, b + 0.5)
     # $NUCSYNTH_VGG19 is found by "auto"
     monkeypatch.setenv("NUCSYNTH_VGG19", str(f))

@@ -28,19 +28,16 @@ vector encoded from a reference image:
 - **Noise**: a StyleGAN-style per-channel-scaled noise map after each block's first convolution, and noise
   channels at the input. In training it is ``torch.randn``; at inference it is a hash of (seed, scale, channel,
   global pixel position), so the same seed gives the same image, on any tile layout.
-- **Discriminator**: SPADE's multi-scale PatchGAN (``num_d`` scales, each ``d_layers`` 4x4 convolutions with
-  spectral and instance normalisation), seeing the descriptor maps and the image.
-- **Losses** (SPADE's ``pix2pix_model.py``; SIAN trains "as SPADE"): hinge adversarial loss; discriminator feature
-  matching (L1 over every intermediate layer of every scale) x ``lambda_feat`` = 10; VGG-19 perceptual loss (L1 of
-  relu1_1..relu5_1 weighted 1/32, 1/16, 1/8, 1/4, 1) x ``lambda_vgg`` = 10; KL divergence x ``lambda_kld`` = 0.05
-  (``--lambda_feat 10 --lambda_vgg 10 --lambda_kld 0.05`` in SPADE's ``train_options.py``; the KL is summed over
-  the style dimensions and averaged over the batch). Optimisers: Adam with SPADE's two-time-scale update rule
-  (TTUR): betas (0, 0.9), generator and encoder at ``lr / 2``, discriminator at ``2 lr`` with SPADE's ``--lr`` =
-  2e-4 by default; one discriminator step, then one generator step.
-
-The VGG-19 of the perceptual loss is :func:`napari_nucsynth.models.vgg.load_vgg19` (ImageNet weights when cached,
-else the documented seeded fallback); it is used only in training, kept out of the checkpoint, and its
-``source`` is recorded in the checkpoint's config as ``"vgg_source"``.
+- **Training on the GAN core** (:mod:`napari_nucsynth.models.gan`, SIAN trains "as SPADE"): the core's
+  multi-scale PatchGAN (``num_d`` scales of ``d_layers`` spectrally normalised 4x4 convolutions) sees the
+  descriptor maps and the image; hinge loss; feature matching x ``lambda_feat`` = 10; a perceptual loss x
+  ``lambda_perc`` = 10 in a frozen feature network (``features``: by default the shipped segmenter's encoder,
+  trained on H&E, instead of SPADE's ImageNet VGG-19, which cannot be had here; ``"vgg19"`` where its weights are
+  present locally); KL divergence x ``lambda_kld`` = 0.05 (SPADE's ``--lambda_kld``; summed over the style
+  dimensions, averaged over the batch). Adam (0, 0.9) with the two time-scale rule (generator and encoder at
+  ``lr / 2``, discriminator at ``2 lr``, SPADE's ``--lr`` 2e-4); one D step, one G step, then the exponential
+  moving average of the encoder and generator, which is what renders and ships. The feature network's
+  ``source`` is recorded in the config as ``"features_source"``.
 
 The descriptors are :func:`napari_nucsynth.masks.semantic_map`, :func:`~napari_nucsynth.masks.direction_map`
 (2 bins) and :func:`~napari_nucsynth.masks.distance_map`, stacked as 4 channels: semantic, direction (2),
@@ -49,7 +46,6 @@ distance.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -59,7 +55,8 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .._checks import SeedLike, as_labels, as_rgb, as_rng
-from . import ModelSpec, register_model
+from . import gan
+from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 
 __all__ = [
     "COND_NC",
@@ -94,33 +91,30 @@ __all__ = [
 N_BINS = 2
 #: conditioning channels: semantic (1), direction (N_BINS), distance (1)
 COND_NC = 1 + N_BINS + 1
-#: SPADE's VGG loss weights per layer
-VGG_WEIGHTS = {"relu1_1": 1 / 32, "relu2_1": 1 / 16, "relu3_1": 1 / 8, "relu4_1": 1 / 4, "relu5_1": 1.0}
 #: SPADE's default ``--lr`` (the generator trains at half of it, the discriminator at twice it)
 DEFAULT_LR = 2e-4
 
 
 def default_config() -> dict:
-    """The default configuration (the full model whose 256 x 256 render takes about 0.1-0.2 s on one CPU core).
+    """The default configuration (a 256 x 256 render takes about 0.1-0.2 s on one CPU core).
 
     - ``ngf``: generator width at full resolution (doubling per scale down to ``ngf_max``); ``n_up``: number of
       upsamplings (the generator starts at 1/2^n_up); ``hidden``: channels of each branch (p, q) of the SIAN
       conditioning, as a fraction of the block's width (at least 8); ``noise_nc``: noise channels at the input
       (0 disables noise everywhere); ``style_dim``: length of the style vector; ``spectral_g``: spectral norm on
       the generator's convolutions (SPADE does);
-    - ``nef``, ``enc_layers``: style encoder width and depth; ``ndf``, ``d_layers``, ``num_d``: discriminator width,
-      depth and number of scales;
-    - ``lambda_feat``, ``lambda_vgg``, ``lambda_kld``: loss weights (SPADE/SIAN: 10, 10, 0.05); ``vgg_weights``:
-      "auto", "random" or a file (see :func:`napari_nucsynth.models.vgg.load_vgg19`); ``vgg_layers``: the layers of
-      the perceptual loss;
+    - ``nef``, ``enc_layers``: style encoder width and depth;
+    - the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`): discriminator ``ndf``, ``d_layers``,
+      ``num_d``; loss weights ``lambda_feat``, ``lambda_perc``, ``lambda_l1``, ``perc_weights``; ``ema_decay``;
+      ``features`` (the perceptual loss's network, :func:`napari_nucsynth.models.features.load_features`);
+      and ``lambda_kld`` (0.05);
     - ``tile``: outputs larger than this (px) are rendered in overlapping tiles; ``blend``: width (px) of the
       cross-fade between tiles.
     """
     return {
+        **GAN_DEFAULTS,
         "ngf": 16, "ngf_max": 128, "n_up": 3, "hidden": 0.5, "noise_nc": 4, "style_dim": 64, "spectral_g": True,
-        "nef": 16, "enc_layers": 5, "ndf": 32, "d_layers": 3, "num_d": 2,
-        "lambda_feat": 10.0, "lambda_vgg": 10.0, "lambda_kld": 0.05,
-        "vgg_weights": "auto", "vgg_layers": ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"],
+        "nef": 16, "enc_layers": 5, "lambda_kld": 0.05,
         "tile": 1024, "blend": 16,
     }
 
@@ -290,48 +284,12 @@ class StyleEncoder(nn.Module):
         return self.fc_mu(f), self.fc_var(f)
 
 
-class _PatchD(nn.Module):
-    """pix2pixHD/SPADE's PatchGAN: returns the list of every layer's output (the last is the patch score map)."""
+class SIAN(GANModel):
+    """Style encoder, generator and discriminator in one module (one state dict, one checkpoint), trained on the
+    GAN core; ``ema`` holds the moving averages of the encoder and generator, which render. ``config`` is the
+    full configuration (see :func:`default_config`)."""
 
-    def __init__(self, cin: int, ndf: int, n_layers: int):
-        super().__init__()
-        seq = [nn.Sequential(_conv(cin, ndf, 4, stride=2, padding=2), nn.LeakyReLU(0.2))]
-        nf = ndf
-        for n in range(1, int(n_layers)):
-            prev, nf = nf, min(nf * 2, 512)
-            stride = 1 if n == n_layers - 1 else 2
-            seq.append(nn.Sequential(_conv(prev, nf, 4, stride=stride, padding=2, sn=True, bias=False),
-                                     nn.InstanceNorm2d(nf, affine=False), nn.LeakyReLU(0.2)))
-        seq.append(nn.Sequential(_conv(nf, 1, 4, padding=2)))
-        self.layers = nn.ModuleList(seq)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for layer in self.layers:
-            x = layer(x)
-            out.append(x)
-        return out
-
-
-class MultiscaleDiscriminator(nn.Module):
-    """``num_d`` PatchGANs on the input and its 2x, 4x, ... average-pooled copies (SPADE's ``multiscale``)."""
-
-    def __init__(self, cin: int, ndf: int, n_layers: int, num_d: int):
-        super().__init__()
-        self.scales = nn.ModuleList(_PatchD(cin, ndf, n_layers) for _ in range(int(num_d)))
-
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
-        out = []
-        for i, d in enumerate(self.scales):
-            if i:
-                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            out.append(d(x))
-        return out
-
-
-class SIAN(nn.Module):
-    """Style encoder, generator and discriminator in one module (one state dict, one checkpoint). ``config`` is
-    the full configuration (see :func:`default_config`)."""
+    G_MODULES = ("encoder", "generator")
 
     def __init__(self, config: dict):
         super().__init__()
@@ -341,6 +299,7 @@ class SIAN(nn.Module):
         self.generator = SIANGenerator(cfg)
         self.discriminator = MultiscaleDiscriminator(COND_NC + 3, int(cfg["ndf"]), int(cfg["d_layers"]),
                                                      int(cfg["num_d"]))
+        self.init_gan()
 
     @property
     def multiple(self) -> int:
@@ -348,15 +307,22 @@ class SIAN(nn.Module):
         return 2 ** int(self.config["n_up"])
 
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mu, logvar)`` of images N x 3 x H x W in [-1, 1]."""
+        """``(mu, logvar)`` of images N x 3 x H x W in [-1, 1] by the live (training) encoder."""
         return self.encoder(image)
 
-    def generate(self, cond: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training forward pass: style sampled from the encoding of ``real`` (reparameterised), then the
-        generator with fresh noise; returns (fake in [-1, 1], mu, logvar)."""
-        mu, logvar = self.encoder(real)
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The descriptor maps (what the discriminator sees beside the image) and the real image in [-1, 1]."""
+        return _inputs(batch)
+
+    def generate(self, batch: dict, cond: torch.Tensor, real: torch.Tensor, *,
+                 ema: bool = False) -> tuple[torch.Tensor, dict]:
+        """Training forward pass: the style sampled from the encoding of ``real`` (reparameterised), then the
+        generator with fresh noise; returns the fake in [-1, 1] and the weighted KL term."""
+        enc, gen = (self.ema["encoder"], self.ema["generator"]) if ema else (self.encoder, self.generator)
+        mu, logvar = enc(real)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return self.generator(cond, z), mu, logvar
+        kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(self.config["lambda_kld"])
+        return gen(cond, z), {"g_kld": kld}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,100 +446,16 @@ def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return cond, batch["image"].float() * 2 - 1
 
 
-_VGG: dict = {}
-
-
-def _vgg(model: SIAN, device) -> nn.Module:
-    """The frozen VGG-19 of the perceptual loss (built once per weights, layers and device; not in the model's
-    state dict). Warns when it is not the one the run started with."""
-    from .vgg import load_vgg19
-
-    cfg = model.config
-    layers = tuple(cfg["vgg_layers"])
-    key = (str(cfg["vgg_weights"]), layers, str(device))
-    if key not in _VGG:
-        _VGG[key] = load_vgg19(cfg["vgg_weights"], layers=layers).to(device)
-    enc = _VGG[key]
-    recorded = cfg.get("vgg_source")
-    if recorded and recorded != enc.source and not getattr(model, "_vgg_warned", False):
-        warnings.warn(f"this SIAN run was started with the VGG-19 {recorded!r} but continues with {enc.source!r}: "
-                      "the perceptual loss changes. Put the same weights file where load_vgg19 finds it "
-                      "($NUCSYNTH_VGG19 or the torch hub cache) to continue as started.", stacklevel=3)
-        model._vgg_warned = True
-    return enc
-
-
-def _perceptual(model: SIAN, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """SPADE's VGG loss of images in [-1, 1]: weighted L1 between VGG-19 features (real ones detached)."""
-    enc = _vgg(model, fake.device)
-    fx = enc((fake + 1) / 2)
-    with torch.no_grad():
-        fy = enc((real + 1) / 2)
-    return sum(VGG_WEIGHTS[name] * F.l1_loss(a, b) for name, a, b in zip(enc.layers, fx, fy))
-
-
-def _split(preds: list[list[torch.Tensor]], n: int) -> tuple[list, list]:
-    return [[t[:n] for t in p] for p in preds], [[t[n:] for t in p] for p in preds]
-
-
-def discriminator_loss(model: SIAN, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """The discriminator's hinge loss on one batch (fake images generated without gradients)."""
-    cond, real = _inputs(batch)
-    with torch.no_grad():
-        fake, _, _ = model.generate(cond, real)
-    preds = model.discriminator(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)], 0))
-    pf, pr = _split(preds, cond.shape[0])
-    d_fake = sum(F.relu(1 + p[-1]).mean() for p in pf) / len(pf)
-    d_real = sum(F.relu(1 - p[-1]).mean() for p in pr) / len(pr)
-    loss = d_fake + d_real
-    return loss, {"d_loss": float(loss.detach()), "d_fake": float(d_fake.detach()), "d_real": float(d_real.detach())}
-
-
-def generator_loss(model: SIAN, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """The generator's (and encoder's) loss on one batch: hinge adversarial + feature matching + VGG + KL with the
-    configured weights; logs ``loss`` (the total) and each term (weighted)."""
-    cfg = model.config
-    cond, real = _inputs(batch)
-    fake, mu, logvar = model.generate(cond, real)
-    d = model.discriminator
-    req = [p.requires_grad for p in d.parameters()]
-    d.requires_grad_(False)  # gradients flow through D to the image, not into D's weights
-    try:
-        preds = d(torch.cat([torch.cat([cond, fake], 1), torch.cat([cond, real], 1)], 0))
-    finally:
-        for p, r in zip(d.parameters(), req):
-            p.requires_grad_(r)
-    pf, pr = _split(preds, cond.shape[0])
-    g_gan = -sum(p[-1].mean() for p in pf) / len(pf)
-    fm = sum(F.l1_loss(a, b.detach()) for p, q in zip(pf, pr) for a, b in zip(p[:-1], q[:-1])) / len(pf)
-    fm = fm * float(cfg["lambda_feat"])
-    vgg = _perceptual(model, fake, real) * float(cfg["lambda_vgg"]) if float(cfg["lambda_vgg"]) else fake.new_zeros(())
-    kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(cfg["lambda_kld"])
-    total = g_gan + fm + vgg + kld
-    logs = {"loss": total, "g_gan": g_gan, "g_fm": fm, "g_vgg": vgg, "g_kld": kld}
-    return total, {k: float(v.detach()) for k, v in logs.items()}
+#: the GAN core's losses, optimisers and step (kept under these names for the joint loop and the tests)
+discriminator_loss = gan.discriminator_loss
+generator_loss = gan.generator_loss
+train_step = gan.train_step
 
 
 def optimizers(model: SIAN, lr: float | None) -> dict[str, torch.optim.Optimizer]:
-    """SPADE's TTUR: Adam with betas (0, 0.9); encoder + generator ("g") at ``lr / 2``, discriminator ("d") at
-    ``2 lr``; ``lr`` is SPADE's ``--lr`` (2e-4 when None)."""
-    lr = DEFAULT_LR if lr is None else float(lr)
-    g_params = [p for p in list(model.generator.parameters()) + list(model.encoder.parameters()) if p.requires_grad]
-    return {"g": torch.optim.Adam(g_params, lr=lr / 2, betas=(0.0, 0.9)),
-            "d": torch.optim.Adam(model.discriminator.parameters(), lr=lr * 2, betas=(0.0, 0.9))}
-
-
-def train_step(model: SIAN, batch: dict, optimizers: dict, step: int) -> dict[str, float]:
-    """One discriminator step, then one generator (and encoder) step, as SPADE (``D_steps_per_G`` = 1)."""
-    d_loss, d_logs = discriminator_loss(model, batch)
-    optimizers["d"].zero_grad(set_to_none=True)
-    d_loss.backward()
-    optimizers["d"].step()
-    g_loss, g_logs = generator_loss(model, batch)
-    optimizers["g"].zero_grad(set_to_none=True)
-    g_loss.backward()
-    optimizers["g"].step()
-    return {**g_logs, **d_logs}
+    """The core's two time-scale Adam: encoder + generator ("g") at ``lr / 2``, discriminator ("d") at ``2 lr``;
+    ``lr`` is SPADE's ``--lr`` (2e-4 when None)."""
+    return gan.optimizers(model, lr, default_lr=DEFAULT_LR)
 
 
 def _center_crop(img: np.ndarray, lab: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -586,9 +468,10 @@ def _center_crop(img: np.ndarray, lab: np.ndarray, size: int) -> tuple[np.ndarra
 def validate(model: SIAN, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], device,
              max_pairs: int = 4, crop: int = 256) -> dict[str, float]:
     """Reconstruction of held-out pairs (cheap: the centre ``crop`` of at most ``max_pairs`` pairs, each rendered
-    from its own labels in its own style, seed 0): mean absolute error ``l1`` (intensities in [0, 1]) and the
-    VGG ``perceptual`` loss (SPADE's weighting, unscaled)."""
+    from its own labels in its own style, seed 0, by the EMA generator): mean absolute error ``l1`` (intensities
+    in [0, 1]) and the ``perceptual`` distance in the model's feature network (the core's weighting, unscaled)."""
     l1, perc = [], []
+    net = gan.features_for(model, device)
     for img, lab in list(zip(images, labels))[:max_pairs]:
         im, lb = _center_crop(np.asarray(img), np.asarray(lab), crop)
         out = _render_float(model, lb, style_vector(model, im), 0)
@@ -596,7 +479,7 @@ def validate(model: SIAN, images: Sequence[np.ndarray], labels: Sequence[np.ndar
             fake = torch.from_numpy(out.transpose(2, 0, 1))[None].to(device) * 2 - 1
             real = torch.from_numpy(im.transpose(2, 0, 1).astype(np.float32) / 255)[None].to(device) * 2 - 1
             l1.append(float((fake - real).abs().mean()) / 2)
-            perc.append(float(_perceptual(model, fake, real)))
+            perc.append(float(gan.perceptual(net, (fake + 1) / 2, (real + 1) / 2, model.config["perc_weights"])))
     return {"l1": float(np.mean(l1)), "perceptual": float(np.mean(perc))} if l1 else {}
 
 
@@ -604,11 +487,6 @@ def preview(model: SIAN, image: np.ndarray, labels: np.ndarray, device) -> np.nd
     """What the generator makes of a held-out pair's labels in its own style (centre 512 x 512 at most, seed 0)."""
     im, lb = _center_crop(np.asarray(image), np.asarray(labels), 512)
     return render(model, lb, im, seed=0)
-
-
-def _not_a_segmenter(*args, **kwargs):
-    raise ValueError("sian is a generator, not a segmenter: render with napari_nucsynth.render.render(labels, style, "
-                     "method='sian', checkpoint=...) or napari_nucsynth.models.sian.render(model, labels, style)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -637,7 +515,7 @@ def encode_style(model: SIAN, image) -> tuple[np.ndarray, np.ndarray]:
     try:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(_device(model)).float()
-            mu, logvar = model.encode(x[None] / 127.5 - 1)
+            mu, logvar = model.inference("encoder")(x[None] / 127.5 - 1)
     finally:
         model.train(was)
     return mu[0].float().cpu().numpy(), logvar[0].float().cpu().numpy()
@@ -662,7 +540,7 @@ def _render_float(model: SIAN, labels, style: np.ndarray, seed: int, *, tile: in
     one-piece render, so there is no seam)."""
     lab = as_labels(labels)
     cfg = model.config
-    gen = model.generator
+    gen = model.inference("generator")
     dev = _device(model)
     H, W = lab.shape
     if H == 0 or W == 0:
@@ -779,12 +657,12 @@ def interpolate_styles(model: SIAN, labels, style_a, style_b, t, seed: SeedLike 
 
 
 def build(config: dict) -> SIAN:
-    """A SIAN model of ``config`` (missing keys take :func:`default_config`'s values). Records the VGG-19 source of
-    the perceptual loss in ``config["vgg_source"]`` when absent (the training loop saves that dict in the
-    checkpoint), without loading the network."""
-    from .vgg import find_vgg19_weights
+    """A SIAN model of ``config`` (missing keys take :func:`default_config`'s values). Records the perceptual loss's
+    feature network in ``config["features_source"]`` when absent (the training loop saves that dict in the
+    checkpoint), without building the network."""
+    from .features import feature_source
 
-    unknown = set(config or {}) - set(default_config()) - {"vgg_source"}
+    unknown = set(config or {}) - set(default_config()) - {"features_source"}
     if unknown:
         raise ValueError(f"unknown SIAN config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
     cfg = {**default_config(), **(config or {})}
@@ -793,22 +671,12 @@ def build(config: dict) -> SIAN:
             raise ValueError(f"SIAN config {key!r} must be a positive integer, got {cfg[key]!r}")
     if int(cfg["noise_nc"]) < 0:
         raise ValueError(f"SIAN config 'noise_nc' must be 0 or more, got {cfg['noise_nc']!r}")
-    bad = [name for name in cfg["vgg_layers"] if name not in VGG_WEIGHTS]
-    if bad:
-        raise ValueError(f"unknown VGG layers {bad} in the SIAN config; choose from {list(VGG_WEIGHTS)}")
-    if "vgg_source" not in cfg:
-        w = cfg["vgg_weights"]
-        path = None if w == "random" else find_vgg19_weights(w)
-        cfg["vgg_source"] = f"imagenet:{path.name}" if path is not None else "random:seed0"
+    if "features_source" not in cfg:
+        cfg["features_source"] = feature_source(cfg["features"])
         if config is not None:
-            config.setdefault("vgg_source", cfg["vgg_source"])
+            config.setdefault("features_source", cfg["features_source"])
     return SIAN(cfg)
 
 
-_extra = {"default_lr": DEFAULT_LR} if "default_lr" in getattr(ModelSpec, "__dataclass_fields__", {}) else {}
-
-SPEC = register_model(ModelSpec(
-    kind="sian", build=build, default_config=default_config, targets=targets, loss=generator_loss,
-    predict=_not_a_segmenter, optimizers=optimizers, train_step=train_step, validate=validate, preview=preview,
-    **_extra,
-))
+SPEC = gan.gan_spec("sian", build=build, default_config=default_config, targets=targets, validate=validate,
+                    preview=preview, default_lr=DEFAULT_LR)

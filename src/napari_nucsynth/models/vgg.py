@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .features import FeatureNet
+
 __all__ = ["LAYERS", "VGG_FILE", "VGGEncoder", "find_vgg19_weights", "load_vgg19"]
 
 #: torchvision's file name of the ImageNet VGG-19 weights
@@ -37,47 +39,34 @@ LAYERS = {"relu1_1": 2, "relu2_1": 7, "relu3_1": 12, "relu4_1": 21, "relu5_1": 3
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
+_CHANNELS = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512, "relu5_1": 512}
+_STRIDES = {"relu1_1": 1, "relu2_1": 2, "relu3_1": 4, "relu4_1": 8, "relu5_1": 16}
 
 
-class VGGEncoder(nn.Module):
+class VGGEncoder(FeatureNet):
     """VGG-19 cut into slices ending at the ``layers`` ReLUs; ``forward(x)`` (N x 3 x H x W RGB in [0, 1]) returns
     the list of their activations, ImageNet normalisation applied inside. The weights are frozen
-    (``requires_grad=False``) and the module stays in eval mode; gradients still flow to the input."""
+    (``requires_grad=False``) and the module stays in eval mode; gradients still flow to the input
+    (a :class:`~napari_nucsynth.models.features.FeatureNet`; ``slices`` are its stages)."""
 
     def __init__(self, features: nn.Sequential, layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1"),
                  source: str = "random:seed0"):
-        super().__init__()
         bad = [name for name in layers if name not in LAYERS]
         if bad:
             raise ValueError(f"unknown VGG layer(s) {bad}; known: {list(LAYERS)}")
         ends = [LAYERS[name] for name in layers]
         if ends != sorted(ends):
             raise ValueError(f"layers must be in network order, got {list(layers)}")
-        self.layers = tuple(layers)
-        self.source = source
-        self.slices = nn.ModuleList()
-        start = 0
+        slices, start = [], 0
         for end in ends:
-            self.slices.append(nn.Sequential(*[features[i] for i in range(start, end)]))
+            slices.append(nn.Sequential(*[features[i] for i in range(start, end)]))
             start = end
-        for m in self.modules():  # VGG's in-place ReLUs would overwrite returned activations
-            if isinstance(m, nn.ReLU):
-                m.inplace = False
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.eval()
+        super().__init__(slices, layers, [_CHANNELS[n] for n in layers], [_STRIDES[n] for n in layers], source,
+                         mean=_MEAN, std=_STD)
 
-    def train(self, mode: bool = True):  # always frozen, always eval
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = (x - self.mean) / self.std
-        out = []
-        for s in self.slices:
-            h = s(h)
-            out.append(h)
-        return out
+    @property
+    def slices(self) -> nn.ModuleList:
+        return self.stages
 
 
 def find_vgg19_weights(weights=None) -> Path | None:

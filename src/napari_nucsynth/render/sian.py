@@ -30,7 +30,8 @@ def default_checkpoint() -> Path:
 
 def load_model(checkpoint, device):
     """The SIAN model of a checkpoint on ``device`` in eval mode, cached per (path, modification time, device).
-    A checkpoint whose discriminator was stripped (for shipping) loads too: rendering does not use it."""
+    A shipped checkpoint, which keeps only the moving average of the generator (the part that renders), loads
+    too."""
     from ..models import get_model, load_checkpoint
 
     path = Path(checkpoint)
@@ -38,11 +39,10 @@ def load_model(checkpoint, device):
     if key not in _MODELS:
         ck = load_checkpoint(path, kind="sian")
         model = get_model("sian").build(dict(ck["config"]))
-        missing, unexpected = model.load_state_dict(ck["state_dict"], strict=False)
-        missing = [k for k in missing if not k.startswith("discriminator.")]
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match its SIAN config (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); retrain it with {TRAIN_HINT}")
+        try:
+            model.load_shipped(ck["state_dict"])
+        except ValueError as exc:
+            raise ValueError(f"{path} does not match its SIAN config ({exc}); retrain it with {TRAIN_HINT}") from None
         model.to(device).eval()
         _MODELS.clear()  # one model at a time
         _MODELS[key] = model
