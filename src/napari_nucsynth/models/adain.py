@@ -1,79 +1,47 @@
-"""AdaIN refine-synthesis (Gong et al., WACV 2021): a classic render of the masks, restyled to a reference tile.
+"""AdaIN refine-synthesis (Gong et al., WACV 2021) as a residual refinement of the classic pre-synthesis, trained on
+the GAN core with histology features.
 
-Gong et al. make a synthetic H&E tile in two steps: real nuclei fused into the masks over a background (the
-classic renderer, :mod:`napari_nucsynth.render.classic`), then an AdaIN style-transfer network (Huang & Belongie,
-ICCV 2017) that takes that fusion as *content* and a real tile as *style*. This module holds that network, its
-losses, its training hooks and its inference on images of any size.
+Gong et al. make a synthetic H&E tile in two steps: real nuclei of a reference fused into the masks over its
+background (the pre-synthesis, :mod:`napari_nucsynth.presynthesis`), then an AdaIN network (Huang & Belongie, ICCV
+2017) that refines that fusion in the reference's style. Here the refinement is built so that it can only improve
+on the pre-synthesis where training says so:
 
 Network (:class:`AdaINModel`)
-    - **Encoder**: VGG-19 to ``relu4_1`` (:func:`napari_nucsynth.models.vgg.load_vgg19`), frozen, returning
-      ``relu1_1`` (stride 1, 64 channels), ``relu2_1`` (2, 128), ``relu3_1`` (4, 256) and ``relu4_1`` (8, 512).
-      It is a submodule, so its weights are saved in the checkpoint: a trained model renders the same on a machine
-      without ImageNet weights. Which weights it holds (``encoder.source``: ``"imagenet:<file>"`` or the documented
-      seeded fallback ``"random:seed0"``) travels with the state dict (the model's extra state) and is written to
-      ``config["vgg"]`` by :func:`build`.
+    - **Encoder**: a frozen feature network (:func:`napari_nucsynth.models.features.load_features`): by default the
+      shipped segmenter's ResNet-18 encoder, trained here on H&E, cut at ``stem`` (stride 2), ``layer1`` (4),
+      ``layer2`` (8), ``layer3`` (16); ImageNet VGG-19 to ``relu4_1`` (``encoder="vgg19"``) only where its weights
+      are present locally. It is a submodule (``feature_net``), so its weights travel in the checkpoint and a
+      trained model renders the same anywhere; its ``source`` is saved with it and recorded in
+      ``config["features_source"]``.
     - **AdaIN at every level**: ``t_k = alpha * (sigma_s (c_k - mu_c) / sigma_c + mu_s) + (1 - alpha) * c_k`` with
-      the per-channel means and standard deviations of the content's and the style's features at level ``k``.
-    - **Decoder** (:class:`SkipDecoder`): the mirror of the encoder (3 x 3 reflection-padded convolutions and ReLUs,
-      nearest 2x upsampling: ``relu4_1 -> relu3_1 -> relu2_1 -> relu1_1 -> RGB``) with a **skip connection at each
-      level**: the level's AdaIN-ed features, projected by a 1 x 1 convolution, are concatenated to the upsampled
-      path. ``config["width"]`` scales the decoder's channels (1.0: 256/128/64 as VGG; tests use a tiny decoder).
+      the per-channel means and standard deviations of the content's and the reference's features at level ``k``.
+    - **Residual decoder** (:class:`ResidualDecoder`): from the deepest AdaIN-ed level up through a skip of every
+      shallower one (U-Net style), then at full resolution a convolution over the upsampled features and the
+      content image itself, and a last convolution to a 3-channel **residual** that is added to the content.
+      That last convolution starts at zero, so **at step 0 the model returns the classic render exactly** (tested),
+      and training moves away from it only where the losses push.
 
-Why the skips carry AdaIN-ed features, not the content's own
-    Huang & Belongie's decoder sees only ``relu4_1`` (stride 8): nuclei of 5-10 px are blurred and shifted, and the
-    output no longer matches the instance labels it is meant to illustrate. Skip connections bring the content's
-    geometry back at full resolution, but a plain skip of the content's ``relu1_1`` (which holds nearly the whole
-    image) lets the decoder copy the content's colours and ignore the style: the style loss must then fight the
-    skip. Here every path into the decoder is AdaIN-ed first (as WCT2, Yoo et al. ICCV 2019, also transforms the
-    high-frequency components it passes through its wavelet skips, and as the photorealistic "AdaIN with skip
-    connections" variants do): each skip already has the style's first- and second-order statistics at its
-    own level while keeping the content's layout, so the easiest thing for the decoder is to invert the stylised
-    features, which keeps edges where the labels put them *and* transfers colour (``relu1_1``), local contrast and
-    texture (``relu2_1``, ``relu3_1``). ``alpha`` blends every level, so ``alpha=0`` reconstructs the content.
-    The loss itself (below) does not demand pixel alignment (``relu4_1`` is coarse, the style terms are global):
-    alignment comes from the architecture making inversion the cheapest solution, and the tests check it (an edge
-    off the pooling grid stays within a pixel after a few dozen steps of a tiny decoder).
-
-Losses (:func:`adain_losses`)
-    Huang & Belongie's: content loss = MSE between the output's ``relu4_1`` and the AdaIN target ``t_4``; style loss
-    = sum over ``relu1_1..relu4_1`` of the MSE of the per-channel means plus that of the standard deviations
-    between the output and the style; total = content + ``style_weight`` x style, ``style_weight = 10`` (Gong et
-    al.'s setting).
-
-Training pairs (the :class:`~napari_nucsynth.models.ModelSpec` hooks used by :func:`napari_nucsynth.train.train`)
-    The style of sample ``i`` is the (real, augmented) crop ``i - 1`` of the batch (``roll`` by one; a batch of one
-    styles a crop with itself). Its content is the crop itself or, for a share ``config["classic_fraction"]`` of
-    the samples (0.5 by default), the classic render of the crop's labels in the crop's own style: the input the
-    model sees at inference. That render of a 256-px crop costs about 50 ms on a CPU core (the reference analysis
-    of so small a tile is cheap), against seconds for a training step of VGG-19 on the CPU; on a GPU it is the
-    larger cost, so lower the fraction there. The choice and the render's seed are drawn from a hash of the crop,
-    so they follow the training loop's seed and a resumed run repeats them. :func:`validate` reports these losses
-    on held-out pairs (centre crops, each styled by the next image's); :func:`preview` renders one held-out pair.
+Training (the GAN core, :mod:`napari_nucsynth.models.gan`)
+    Each training crop is paired with the classic render of its own labels in its own style (computed in
+    :func:`targets`, seeded by a hash of the crop, so a resumed run repeats it): the content is that render, the
+    reference and the target are the real crop. Losses: hinge GAN against the core's multi-scale PatchGAN, which sees
+    the nuclear mask beside the image (so it checks that nuclei are where the masks say); feature matching x
+    ``lambda_feat``; a perceptual loss to the real crop in the encoder's features x ``lambda_perc``; the AdaIN style
+    loss (means and standard deviations of the output's features against the reference's, every level) x
+    ``style_weight``. The decoder's moving average renders and ships. :func:`validate` reports, on held-out pairs,
+    the perceptual distance to the real tile of the refined render and of the classic render it started from.
 
 Inference (:func:`stylize`) on images of any size
-    The image is padded to a multiple of 8 (VGG's three poolings; at least 16 px) and run in one piece up to
-    ``tile`` px, else in tiles of ``tile`` px that start at multiples of 8 (the pooling grid of every tile is the
-    whole image's) and overlap by ``2 * HALO``; each output pixel is taken from the one tile whose core (the tile
-    less ``HALO`` px on inner sides) holds it. ``HALO = 64`` px exceeds the network's receptive-field radius
-    (``relu4_1``'s is 37 px; through the decoder the output's is at most 59 px, measured from the support of the
-    gradient in the tests), so every kept pixel sees exactly what it would in a one-piece run. AdaIN normalises by
-    the *whole image's* content statistics, not each tile's (tile statistics would differ and leave seams): a tiled
-    run first accumulates them over the tiles' cores (one more encoder pass), then restyles and decodes, so a tiled
-    output equals the one-piece output up to float rounding (tested). Blending tiles
-    (:func:`napari_nucsynth.segment._tiling.predict_dense`) would not give that: its tiles see per-tile statistics
-    and its seams are averaged, not avoided. Deterministic: no random draw at inference.
-
-Cost
-    A 256 x 256 render on one CPU core is dominated by the fixed encoder (VGG-19 to ``relu4_1``, about 16 GMAC):
-    with the default ``width`` 0.25 the decoder adds about 15 %, the classic render about 10 ms. The reference's
-    statistics are computed once per reference (the renderer caches them).
+    Padded to a multiple of the encoder's largest stride, run in one piece up to ``tile`` px, else in tiles whose
+    cores partition the image and which keep ``halo`` px (more than the network's receptive-field radius; see
+    :attr:`AdaINModel.halo`) of context on inner sides, so every kept pixel sees what it would in a one-piece run.
+    AdaIN normalises by the whole image's statistics, accumulated over the tiles' cores first, so a tiled output
+    equals the one-piece output up to rounding (tested). Deterministic: no random draw at inference.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -82,27 +50,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._checks import as_labels, as_rgb
-from . import ModelSpec, register_model
-from .vgg import VGGEncoder, find_vgg19_weights, load_vgg19
+from . import gan
+from .features import FeatureNet, load_features
+from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 
 __all__ = [
-    "DEFAULT_LR", "HALO", "LAYERS", "SPEC", "STRIDES", "TILE", "AdaINModel", "SkipDecoder", "adain", "adain_losses", "build",
-    "collate", "default_config", "feature_stats", "loss", "mean_std", "optimizers", "predict", "preview",
-    "stylize", "targets", "training_content", "validate",
+    "DEFAULT_LR", "SPEC", "TILE", "AdaINModel", "ResidualDecoder", "adain", "adain_losses", "build",
+    "classic_content", "default_config", "feature_stats", "mean_std", "preview", "stylize", "targets", "validate",
 ]
 
-#: the encoder's output layers and their strides
-LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1")
-STRIDES = (1, 2, 4, 8)
 #: the variance floor of the feature statistics
 EPS = 1e-5
-#: px kept from each tile's inner borders at inference: more than the network's receptive-field radius, a multiple of 8
-HALO = 64
-#: Adam's peak learning rate when the trainer is given none (``ModelSpec.default_lr``): Huang & Belongie's 1e-4
-#: is for 160,000 iterations; the runs here are a few thousand steps under the loop's warm-up and cosine decay,
-#: where a small decoder learns much faster at 1e-3
-DEFAULT_LR = 1e-3
-#: default tile size at inference (px, a multiple of 8): images up to this size run in one piece
+#: the core's ``lr`` when the trainer is given none (generator at half, discriminator at twice): a refinement that
+#: starts at the identity wants small steps
+DEFAULT_LR = 2e-4
+#: default tile size at inference (px): images up to this size run in one piece
 TILE = 1024
 
 Stats = list[tuple[torch.Tensor, torch.Tensor]]
@@ -114,7 +76,8 @@ Stats = list[tuple[torch.Tensor, torch.Tensor]]
 
 def mean_std(feat: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and standard deviation (biased, ``sqrt(var + eps)``) of N x C x H x W
-    features, each N x C x 1 x 1."""
+    features, each N x C x 1 x 1 (computed in float32)."""
+    feat = feat.float()
     mean = feat.mean((2, 3), keepdim=True)
     var = feat.var((2, 3), keepdim=True, unbiased=False)
     return mean, (var + eps).sqrt()
@@ -138,69 +101,84 @@ def adain(content: torch.Tensor, style_mean: torch.Tensor, style_std: torch.Tens
 # the network
 
 
-def _conv(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
+def _conv(cin: int, cout: int, act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3)]
-    if relu:
-        layers.append(nn.ReLU())
+    if act:
+        layers.append(nn.LeakyReLU(0.2))
     return nn.Sequential(*layers)
 
 
-class SkipDecoder(nn.Module):
-    """VGG's mirror from ``relu4_1`` to RGB with a 1 x 1-projected skip of each shallower level (see the module
-    docstring). Channels ``256w, 128w, 64w`` at strides 4, 2, 1 (at least 4 each), ``w = width``.
+class ResidualDecoder(nn.Module):
+    """From the encoder's AdaIN-ed levels (shallow to deep) and the content image to a residual image.
 
-    ``forward(feats)`` takes the four (AdaIN-ed) levels ``[relu1_1, relu2_1, relu3_1, relu4_1]`` and returns
-    N x 3 x H x W RGB in about [0, 1] (unclamped; :func:`stylize` clamps), ``H x W`` the ``relu1_1`` size."""
+    Level ``k`` gets ``max(8, round(channels[k] * width))`` channels; the deepest is convolved, then at each
+    shallower level the path is upsampled (nearest) to that level's size, concatenated with a 1 x 1 projection of
+    the level and convolved twice; at full resolution the path is concatenated with the content and convolved, and
+    a last 3 x 3 convolution, initialised to zero, gives the residual.
+    """
 
-    def __init__(self, width: float = 0.25):
+    def __init__(self, channels: Sequence[int], width: float = 0.25):
         super().__init__()
         if not width > 0:
             raise ValueError(f"width must be a positive multiplier of the decoder's channels, got {width!r}")
-        c1, c2, c3 = (max(4, round(n * width)) for n in (64, 128, 256))
-        self.channels = (c1, c2, c3)
-        self.head = _conv(512, c3)                                    # stride 8 (mirror of conv4_1)
-        self.skip3, self.skip2, self.skip1 = nn.Conv2d(256, c3, 1), nn.Conv2d(128, c2, 1), nn.Conv2d(64, c1, 1)
-        self.dec3 = nn.Sequential(_conv(2 * c3, c3), _conv(c3, c2))   # stride 4 (conv3_x)
-        self.dec2 = nn.Sequential(_conv(2 * c2, c2), _conv(c2, c1))   # stride 2 (conv2_x)
-        self.dec1 = nn.Sequential(_conv(2 * c1, c1), _conv(c1, 3, relu=False))  # stride 1 (conv1_x)
+        ch = [max(8, round(c * width)) for c in channels]
+        self.widths = tuple(ch)
+        self.head = _conv(channels[-1], ch[-1])
+        self.skips = nn.ModuleList(nn.Conv2d(channels[k], ch[k], 1) for k in range(len(channels) - 1))
+        self.blocks = nn.ModuleList(nn.Sequential(_conv(ch[k + 1] + ch[k], ch[k]), _conv(ch[k], ch[k]))
+                                    for k in range(len(channels) - 1))
+        self.full = _conv(ch[0] + 3, ch[0])
+        self.out = _conv(ch[0], 3, act=False)
+        nn.init.zeros_(self.out[1].weight)  # the identity at step 0
+        nn.init.zeros_(self.out[1].bias)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        f1, f2, f3, f4 = feats
-        x = self.head(f4)
-        for dec, skip, f in ((self.dec3, self.skip3, f3), (self.dec2, self.skip2, f2), (self.dec1, self.skip1, f1)):
-            x = F.interpolate(x, size=f.shape[-2:], mode="nearest")
-            x = dec(torch.cat([x, skip(f)], 1))
-        return x
+    def forward(self, feats: Sequence[torch.Tensor], content: torch.Tensor) -> torch.Tensor:
+        x = self.head(feats[-1])
+        for k in range(len(feats) - 2, -1, -1):
+            x = F.interpolate(x, size=feats[k].shape[-2:], mode="nearest")
+            x = self.blocks[k](torch.cat([x, self.skips[k](feats[k])], 1))
+        x = F.interpolate(x, size=content.shape[-2:], mode="nearest")
+        return self.out(self.full(torch.cat([x, content.to(x.dtype)], 1)))
 
 
-class AdaINModel(nn.Module):
-    """Frozen VGG-19 encoder + AdaIN at every level + :class:`SkipDecoder`.
+class AdaINModel(GANModel):
+    """Frozen encoder + AdaIN at every level + :class:`ResidualDecoder` over the content, and the GAN core's
+    discriminator (nuclear mask + image).
 
     ``forward(content, style, alpha=1.0)`` (N x 3 x H x W RGB in [0, 1] each; style of any size) returns the
-    stylised content, N x 3 x H x W (H, W multiples of 8 keep the decoder's upsampling exact; others work).
-    ``vgg_source`` says which VGG-19 weights the encoder holds; it is saved with the state dict.
+    refined content ``content + residual`` (unclamped; :func:`stylize` clamps). ``decoder`` trains; its moving
+    average ``ema["decoder"]`` renders.
     """
 
-    def __init__(self, encoder: VGGEncoder, width: float = 0.25, config: dict | None = None):
+    G_MODULES = ("decoder",)
+
+    def __init__(self, encoder: FeatureNet, config: dict):
         super().__init__()
-        if tuple(encoder.layers) != LAYERS:
-            raise ValueError(f"the AdaIN encoder must return the layers {LAYERS}, got {encoder.layers}")
-        self.encoder = encoder
-        self.decoder = SkipDecoder(width)
-        self.config = dict(config or {})
+        self.config = dict(config)
+        self.feature_net = encoder
+        self.decoder = ResidualDecoder(encoder.channels, float(self.config["width"]))
+        self.discriminator = MultiscaleDiscriminator(1 + 3, int(self.config["ndf"]), int(self.config["d_layers"]),
+                                                     int(self.config["num_d"]))
+        self.init_gan()
 
     @property
-    def vgg_source(self) -> str:
-        return self.encoder.source
+    def encoder(self) -> FeatureNet:
+        return self.feature_net
 
-    # the VGG weights' provenance travels with the state dict (a uint8 tensor, so that the training loop's
-    # ``v.detach().cpu()`` and ``torch.load(weights_only=True)`` take it like any other entry)
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor(list(self.encoder.source.encode("utf-8")), dtype=torch.uint8)
+    @property
+    def features_source(self) -> str:
+        return self.feature_net.source
 
-    def set_extra_state(self, state) -> None:
-        if isinstance(state, torch.Tensor):
-            self.encoder.source = bytes(state.to(torch.uint8).tolist()).decode("utf-8")
+    @property
+    def multiple(self) -> int:
+        """Inputs are padded to multiples of this (the encoder's largest stride, at least 2 px per deepest cell)."""
+        return int(max(self.feature_net.strides))
+
+    @property
+    def halo(self) -> int:
+        """Context (px) each inference tile keeps beyond its core: 12 cells of the deepest level, more than the
+        receptive-field radius of encoder and decoder together (measured in the tests)."""
+        return 12 * self.multiple
 
     def stylised_features(self, content_feats: Sequence[torch.Tensor], style_stats: Stats, *, alpha: float = 1.0,
                           content_stats: Stats | None = None) -> list[torch.Tensor]:
@@ -208,114 +186,133 @@ class AdaINModel(nn.Module):
         out = []
         for k, f in enumerate(content_feats):
             cm, cs = content_stats[k] if content_stats is not None else (None, None)
-            out.append(adain(f, *style_stats[k], content_mean=cm, content_std=cs, alpha=alpha))
+            out.append(adain(f.float(), *style_stats[k], content_mean=cm, content_std=cs, alpha=alpha))
         return out
 
-    def forward(self, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        stats = [mean_std(f) for f in self.encoder(style)]
-        return self.decoder(self.stylised_features(self.encoder(content), stats, alpha=alpha))
+    def refine(self, content: torch.Tensor, style_stats: Stats, *, alpha: float = 1.0,
+               content_stats: Stats | None = None, ema: bool = True) -> torch.Tensor:
+        """``content + residual`` with the given reference statistics (the EMA decoder unless ``ema=False``)."""
+        dec = self.ema["decoder"] if ema else self.decoder
+        feats = self.stylised_features(self.feature_net(content), style_stats, alpha=alpha,
+                                       content_stats=content_stats)
+        return content + dec(feats, content).to(content.dtype)
+
+    def forward(self, content: torch.Tensor, style: torch.Tensor, alpha: float = 1.0,
+                ema: bool = False) -> torch.Tensor:
+        stats = [mean_std(f) for f in self.feature_net(style)]
+        return self.refine(content, stats, alpha=alpha, ema=ema)
+
+    # the GAN core's hooks
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nuclear mask (what the discriminator sees beside the image) and the real crop in [-1, 1]."""
+        return batch["semantic"].float(), batch["image"].float() * 2 - 1
+
+    def generate(self, batch: dict, cond, real, *, ema: bool = False) -> tuple[torch.Tensor, dict]:
+        """The refined classic render (in [-1, 1]) of each crop, the crop as reference; extra loss: the AdaIN style
+        loss x ``style_weight``."""
+        style = batch["image"].float()
+        s_feats = self.feature_net(style)
+        s_stats = [mean_std(f) for f in s_feats]
+        out = self.refine(batch["content"].float(), s_stats, ema=ema)
+        extra = {}
+        sw = float(self.config.get("style_weight", 0.0))
+        if sw:
+            extra["g_style"] = _style_loss(self.feature_net(out), s_stats) * sw
+        return out * 2 - 1, extra
+
+
+def _style_loss(o_feats: Sequence[torch.Tensor], s_stats: Stats) -> torch.Tensor:
+    """Huang & Belongie's style loss: MSE of the per-channel means plus that of the standard deviations, summed
+    over levels."""
+    loss = 0
+    for f, (sm, ss) in zip(o_feats, s_stats):
+        om, os_ = mean_std(f)
+        loss = loss + F.mse_loss(om, sm) + F.mse_loss(os_, ss)
+    return loss
 
 
 def adain_losses(model: AdaINModel, content: torch.Tensor, style: torch.Tensor, *,
                  style_weight: float | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """Huang & Belongie's losses of one batch: ``(total, logs, output)``.
-
-    ``content`` and ``style`` are N x 3 x H x W in [0, 1] (same N; style may differ in size). Content loss: MSE of
-    the output's ``relu4_1`` to the AdaIN target; style loss: sum over the four levels of the MSE of per-channel
-    means and of standard deviations; total = content + ``style_weight`` x style (the model's
-    ``config["style_weight"]``, 10, when None). Logs: ``loss``, ``content``, ``style`` (floats)."""
-    sw = float(model.config.get("style_weight", 10.0) if style_weight is None else style_weight)
-    n = content.shape[0]
-    if content.shape[-2:] == style.shape[-2:]:
-        feats = model.encoder(torch.cat([content, style]))
-        c_feats, s_feats = [f[:n] for f in feats], [f[n:] for f in feats]
-    else:
-        c_feats, s_feats = model.encoder(content), model.encoder(style)
-    s_stats = [mean_std(f) for f in s_feats]
-    targets_ = model.stylised_features(c_feats, s_stats)
-    out = model.decoder(targets_)
-    o_feats = model.encoder(out)
-    content_loss = F.mse_loss(o_feats[-1], targets_[-1])
-    style_loss = out.new_zeros(())
-    for f, (sm, ss) in zip(o_feats, s_stats):
-        om, os_ = mean_std(f)
-        style_loss = style_loss + F.mse_loss(om, sm) + F.mse_loss(os_, ss)
+    """The refinement's non-adversarial losses of a batch, ``(total, logs, output)`` (used by the joint loop,
+    which brings its own discriminator): content loss (MSE of the output's deepest features to the AdaIN target)
+    + ``style_weight`` x style loss (the model's ``style_weight`` when None). Inputs in [0, 1]; the live
+    decoder."""
+    sw = float(model.config.get("style_weight", 1.0) if style_weight is None else style_weight)
+    s_stats = [mean_std(f) for f in model.feature_net(style)]
+    c_feats = model.feature_net(content)
+    t = model.stylised_features(c_feats, s_stats)
+    out = content + model.decoder(t, content)
+    o_feats = model.feature_net(out)
+    content_loss = F.mse_loss(o_feats[-1].float(), t[-1])
+    style_loss = _style_loss(o_feats, s_stats)
     total = content_loss + sw * style_loss
-    logs = {"loss": float(total.detach()), "content": float(content_loss.detach()),
-            "style": float(style_loss.detach())}
-    return total, logs, out
+    return total, {"loss": float(total.detach()), "content": float(content_loss.detach()),
+                   "style": float(style_loss.detach())}, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# building (the encoder is loaded once per weights file and copied: VGG-19's construction takes about a second)
-
-_ENCODERS: OrderedDict = OrderedDict()
-
-
-def _encoder(weights) -> VGGEncoder:
-    """A fresh copy of the encoder for ``weights`` ("auto", "random", None = "random", or a file)."""
-    path = None if weights in (None, "random") else find_vgg19_weights(weights)
-    key = "random" if path is None else (str(path.resolve()), path.stat().st_mtime)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = load_vgg19("random" if path is None else path, layers=LAYERS)
-        while len(_ENCODERS) > 2:
-            _ENCODERS.popitem(last=False)
-    enc = copy.deepcopy(_ENCODERS[key])
-    enc.source = _ENCODERS[key].source
-    return enc
+# building
 
 
 def default_config() -> dict:
-    """``width`` (decoder channel multiplier), ``style_weight`` (10, Gong et al.), ``classic_fraction`` (share of
-    training contents that are classic renders), ``pretrained`` (the VGG-19 weights: "auto", a file, or "random"; None = "random", used when the weights come
-    from a checkpoint) and ``vgg`` (filled in by :func:`build`: the encoder's ``source``)."""
-    return {"width": 0.25, "style_weight": 10.0, "classic_fraction": 0.5, "pretrained": "auto", "vgg": None}
+    """``width`` (decoder channels as a share of the encoder's), ``encoder`` (the feature network:
+    ``"hovernet"``, ``"vgg19"`` where ImageNet weights are local, ``"vgg19-random"``), ``style_weight``,
+    ``pretrained`` ("auto": build the encoder from ``encoder``'s weights; None: the weights come from a state
+    dict loaded next) and the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
+    ``features_source`` is filled in by :func:`build`."""
+    return {**GAN_DEFAULTS, "width": 0.25, "encoder": "hovernet", "style_weight": 1.0, "lambda_perc": 1.0,
+            "pretrained": "auto", "features_source": None}
+
+
+def _skeleton(name: str) -> FeatureNet:
+    """The encoder's structure with no trained weights (they come from a checkpoint)."""
+    from .features import FEATURES
+
+    if name == "hovernet" or str(name).startswith("hovernet:"):
+        from .hovernet import HoVerNet
+
+        with torch.random.fork_rng(devices=[]):
+            net = HoVerNet(backbone="resnet18", width=8, pretrained=None)
+        stages = [net.stem, nn.Sequential(net.pool, net.layer1), net.layer2, net.layer3]
+        return FeatureNet(stages, ("stem", "layer1", "layer2", "layer3"), (64, 64, 128, 256), (2, 4, 8, 16),
+                          "unloaded", mean=HoVerNet.MEAN, std=HoVerNet.STD)
+    if name in ("vgg19", "vgg19-random"):
+        return load_features("vgg19-random")
+    raise ValueError(f"unknown adain encoder {name!r}; choose from {', '.join(FEATURES)}")
 
 
 def build(config: dict | None = None) -> AdaINModel:
-    """The model of ``config`` (defaults filled in). When it loads VGG weights (``pretrained`` not None), it writes
-    the encoder's ``source`` into ``config["vgg"]`` (the dict passed in), so the training loop's checkpoint
-    records it; with ``pretrained=None`` the encoder (and its ``source``) comes from the state dict loaded next."""
+    """The model of ``config`` (defaults filled in). With ``pretrained`` not None it loads the encoder's weights
+    and writes their ``source`` into ``config["features_source"]`` (the dict passed in, so the training loop's
+    checkpoint records it); with ``pretrained=None`` the encoder's weights and source come from the state dict
+    loaded next."""
     cfg = {**default_config(), **(config or {})}
-    frac = float(cfg["classic_fraction"])
-    if not 0.0 <= frac <= 1.0:
-        raise ValueError(f"classic_fraction must be in [0, 1], got {frac!r}")
-    enc = _encoder(cfg["pretrained"])
-    model = AdaINModel(enc, width=float(cfg["width"]), config=cfg)
-    if config is not None and cfg["pretrained"] is not None:
-        config["vgg"] = enc.source
-        model.config["vgg"] = enc.source
-    return model
+    unknown = set(cfg) - set(default_config())
+    if unknown:
+        raise ValueError(f"unknown adain config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
+    if cfg["pretrained"] is None:
+        enc = _skeleton(str(cfg["encoder"]))
+    else:
+        enc = load_features(str(cfg["encoder"]))
+        cfg["features_source"] = enc.source
+        if config is not None:
+            config["features_source"] = enc.source
+    return AdaINModel(enc, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # training hooks
 
 
-def targets(image: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Nothing per sample: the contents are made in :func:`loss` (they depend on the model's config) from the crops
-    and labels that :func:`collate` keeps."""
-    return {}
+def _crop_seed(rgb: np.ndarray) -> int:
+    """A seed drawn from the crop's bytes (so it follows the training loop's seed and a resumed run repeats it)."""
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=4).digest(), "little")
 
 
-def collate(samples, device) -> dict:
-    """``image`` (N x 3 x H x W float in [0, 1]) and ``style`` (the batch rolled by one: sample ``i`` is styled by
-    crop ``i - 1``) on ``device``; ``rgb`` and ``labels``: the crops and their labels as numpy arrays."""
-    rgb = [np.ascontiguousarray(s[0]) for s in samples]
-    x = torch.from_numpy(np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)).to(device)
-    return {"image": x, "style": x.roll(1, 0), "rgb": rgb, "labels": [np.asarray(s[1]) for s in samples]}
-
-
-def _crop_draws(rgb: np.ndarray) -> tuple[float, int]:
-    """A uniform number in [0, 1) and a seed, drawn from the crop's bytes (so they follow the training seed)."""
-    h = hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest()
-    return int.from_bytes(h[:8], "little") / 2.0**64, int.from_bytes(h[8:12], "little")
-
-
-def _classic_of(rgb: np.ndarray, lab: np.ndarray, seed: int) -> np.ndarray:
-    """The classic render of ``lab`` in the style of ``rgb`` (its own labels as style labels); the crop itself when
-    it has no nuclei to draw from."""
-    from ..render.classic import ClassicRenderer
+def classic_content(rgb: np.ndarray, lab: np.ndarray, seed: int) -> np.ndarray:
+    """The classic pre-synthesis of ``lab`` in the style of ``rgb`` (its own labels as style labels); the crop
+    itself when it has no nuclei to draw from."""
+    from ..presynthesis import ClassicRenderer
 
     if not np.asarray(lab).any():
         return rgb
@@ -325,96 +322,62 @@ def _classic_of(rgb: np.ndarray, lab: np.ndarray, seed: int) -> np.ndarray:
         return rgb
 
 
-def training_content(model: AdaINModel, batch: dict, *, fraction: float | None = None) -> torch.Tensor:
-    """The batch's contents (N x 3 x H x W on the batch's device): each crop, or for a share ``fraction`` (the
-    model's ``classic_fraction`` when None) of them its classic render (see the module docstring)."""
-    frac = float(model.config.get("classic_fraction", 0.5) if fraction is None else fraction)
-    if frac <= 0 or "rgb" not in batch:
-        return batch["image"]
-    out = batch["image"].clone()
-    for i, (rgb, lab) in enumerate(zip(batch["rgb"], batch["labels"])):
-        u, seed = _crop_draws(rgb)
-        if u < frac:
-            c = _classic_of(rgb, lab, seed)
-            out[i] = torch.from_numpy(c.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)).to(out.device)
-    return out
+def targets(image: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per training crop: ``content`` (3 x H x W float32 in [0, 1]: the classic render of the crop's labels in
+    the crop's style) and ``semantic`` (1 x H x W float32 nuclear mask)."""
+    c = classic_content(image, labels, _crop_seed(image))
+    return {"content": np.ascontiguousarray(c.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0),
+            "semantic": (np.asarray(labels) > 0)[None].astype(np.float32)}
 
 
-def loss(model: AdaINModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of a batch from :func:`collate`: contents by :func:`training_content` (or
-    ``batch["content"]`` when given), styles ``batch["style"]``; see :func:`adain_losses`."""
-    content = batch["content"] if "content" in batch else training_content(model, batch)
-    total, logs, _ = adain_losses(model, content, batch["style"])
-    return total, logs
-
-
-def optimizers(model: AdaINModel, lr: float | None) -> dict:
-    """Adam over the decoder (the encoder is frozen) at ``lr`` (:data:`DEFAULT_LR` when None; the training loop
-    passes ``SPEC.default_lr`` when it is given none)."""
-    lr = float(DEFAULT_LR if lr is None else lr)
-    return {"opt": torch.optim.Adam(model.decoder.parameters(), lr=lr)}
-
-
-def _centre_crop(a: np.ndarray, size: int) -> np.ndarray:
+def _centre_crop(a: np.ndarray, size: int, multiple: int) -> np.ndarray:
     H, W = a.shape[:2]
-    s = min(size, H, W) // 8 * 8  # VGG pools three times
-    r, c = (H - s) // 2, (W - s) // 2
+    s = max(multiple, min(size, H, W) // multiple * multiple)
+    r, c = max(0, (H - s) // 2), max(0, (W - s) // 2)
     return a[r : r + s, c : c + s]
 
 
-def validate(model: AdaINModel, images, labels, device, *, crop: int = 256, max_pairs: int = 8) -> dict[str, float]:
-    """Losses on held-out pairs: the centre crop (``crop`` px) of each image as content (its classic render when
-    the model trains on some), styled by the next image's centre crop (its own corner crop when there is one
-    image). Returns ``val_loss``, ``val_content``, ``val_style`` (means)."""
-    imgs = [as_rgb(im, "validation image") for im in images][:max_pairs]
-    labs = [as_labels(lb, "validation labels") for lb in labels][:max_pairs]
-    pairs = [(im, lb) for im, lb in zip(imgs, labs) if min(im.shape[:2]) >= 16]  # relu4_1 at least 2 x 2
-    if not pairs:
-        return {}
-    imgs, labs = [p[0] for p in pairs], [p[1] for p in pairs]
-    use_classic = float(model.config.get("classic_fraction", 0.5)) > 0
-    logs_all = []
-    was_training = model.training
-    model.eval()
+def validate(model: AdaINModel, images, labels, device, *, crop: int = 256, max_pairs: int = 6) -> dict[str, float]:
+    """Held-out pairs (the centre ``crop`` of each): the classic render of its labels in its own style, refined by
+    the EMA decoder; the mean perceptual distance (the encoder's features, the core's weighting) and L1 to the real
+    crop of the refined render (``perc``, ``l1``) and of the classic render it started from (``perc_classic``,
+    ``l1_classic``)."""
+    net = model.feature_net
+    w = model.config.get("perc_weights", ())
+    rows = []
     with torch.no_grad():
-        for i, (im, lb) in enumerate(zip(imgs, labs)):
-            c, cl = _centre_crop(im, crop), _centre_crop(lb, crop)
-            if use_classic:
-                c = _classic_of(c, cl, seed=0)
-            if len(imgs) > 1:
-                s = _centre_crop(imgs[(i + 1) % len(imgs)], c.shape[0])
-            else:
-                s = im[: c.shape[0], : c.shape[1]]
-            ct, st = (torch.from_numpy(a.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)).to(device)
-                      for a in (c, s))
-            _, logs, _ = adain_losses(model, ct, st)
-            logs_all.append(logs)
-    model.train(was_training)
-    return {f"val_{k}": float(np.mean([lg[k] for lg in logs_all])) for k in ("loss", "content", "style")}
+        for im, lb in list(zip(images, labels))[:max_pairs]:
+            im = _centre_crop(as_rgb(im, "validation image"), crop, model.multiple)
+            lb = _centre_crop(as_labels(lb, "validation labels"), crop, model.multiple)
+            content = classic_content(im, lb, seed=0)
+            real_t, cont_t = (_to_tensor(a, device) for a in (im, content))
+            out = model.refine(cont_t, [mean_std(f) for f in net(real_t)]).clamp(0, 1)
+            rows.append((float(gan.perceptual(net, out, real_t, w)), float(gan.perceptual(net, cont_t, real_t, w)),
+                         float((out - real_t).abs().mean()), float((cont_t - real_t).abs().mean())))
+    if not rows:
+        return {}
+    m = np.mean(rows, axis=0)
+    return {"perc": float(m[0]), "perc_classic": float(m[1]), "l1": float(m[2]), "l1_classic": float(m[3])}
 
 
 def preview(model: AdaINModel, image, labels, device, *, crop: int = 256) -> np.ndarray:
-    """What the model makes of one pair: the classic render of the centre crop's labels in the crop's style
-    (seed 0), refined with the crop as style. RGB uint8, at most ``crop`` px square."""
-    im, lb = _centre_crop(as_rgb(image, "image"), crop), _centre_crop(as_labels(labels, "labels"), crop)
-    content = _classic_of(im, lb, seed=0)
-    return stylize(model, content, im, device=device)
-
-
-def predict(model, image, device, tta=False, progress=None, should_stop=None, **params):
-    """AdaIN makes images, not labels: there is nothing to segment with it."""
-    raise ValueError("'adain' is a generator (it renders images from masks), not a segmenter: use "
-                     "napari_nucsynth.render.render(labels, style, method='adain', checkpoint=...) "
-                     "or `nucsynth render --method adain`")
+    """One held-out pair side by side: the classic render of the centre crop's labels in the crop's style | its
+    refinement | the real crop. RGB uint8."""
+    im = _centre_crop(as_rgb(image, "image"), crop, model.multiple)
+    lb = _centre_crop(as_labels(labels, "labels"), crop, model.multiple)
+    content = classic_content(im, lb, seed=0)
+    out = stylize(model, content, im, device=device)
+    gap = np.full((im.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([content, gap, out, gap, im], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inference on images of any size
 
 
-def _tiles(length: int, tile: int, halo: int) -> list[tuple[int, int, int]]:
+def _tiles(length: int, tile: int, halo: int, m: int) -> list[tuple[int, int, int]]:
     """(start, core start, core end) of the tiles along one axis of a (padded) ``length``; starts and cores are
-    multiples of 8 when ``length``, ``tile`` and ``halo`` are. The cores partition ``[0, length)`` and lie at
+    multiples of ``m`` when ``length``, ``tile`` and ``halo`` are. The cores partition ``[0, length)`` and lie at
     least ``halo`` px inside their tile except at the ends."""
     if length <= tile:
         return [(0, 0, length)]
@@ -429,18 +392,18 @@ def _to_tensor(a: np.ndarray, device) -> torch.Tensor:
                             / np.float32(255.0)).to(device)
 
 
-def _pad8(img: np.ndarray) -> np.ndarray:
-    """Pad (by mirroring, bottom and right) to multiples of 8 and at least 16 px: ``relu4_1`` is then at least
-    2 x 2, which the decoder's reflection padding needs."""
+def _pad(img: np.ndarray, m: int) -> np.ndarray:
+    """Pad (by mirroring, bottom and right) to multiples of ``m`` and at least ``2 m`` px."""
     H, W = img.shape[:2]
-    ph, pw = max(16 - H, -H % 8), max(16 - W, -W % 8)
+    ph, pw = max(2 * m - H, -H % m), max(2 * m - W, -W % m)
     return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if ph or pw else img
 
 
-def _check_tiling(tile: int, halo: int) -> tuple[int, int]:
-    tile, halo = int(tile), int(halo)
-    if tile % 8 or halo % 8 or halo < 0 or tile < 2 * halo + 8:
-        raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 8 with tile >= 2 * halo + 8")
+def _check_tiling(model: AdaINModel, tile: int, halo: int | None) -> tuple[int, int]:
+    m = model.multiple
+    tile, halo = int(tile), int(model.halo if halo is None else halo)
+    if tile % m or halo % m or halo < 0 or tile < 2 * halo + m:
+        raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of {m} with tile >= 2 * halo + {m}")
     return tile, halo
 
 
@@ -448,22 +411,22 @@ class _StatsSum:
     """Per-channel sums of the features of the unpadded region at each level, over the tiles' cores (float32 sums
     per tile on the device, accumulated in float64 on the CPU: MPS has no float64)."""
 
-    def __init__(self, valid: tuple[int, int]):
-        self.valid = valid
-        self.s1 = [np.zeros(c) for c in (64, 128, 256, 512)]
-        self.s2 = [np.zeros(c) for c in (64, 128, 256, 512)]
-        self.n = [0] * 4
+    def __init__(self, valid: tuple[int, int], channels: Sequence[int], strides: Sequence[int]):
+        self.valid, self.strides = valid, tuple(strides)
+        self.s1 = [np.zeros(c) for c in channels]
+        self.s2 = [np.zeros(c) for c in channels]
+        self.n = [0] * len(channels)
 
     def add(self, feats: Sequence[torch.Tensor], r0: int, ra: int, rb: int, c0: int, ca: int, cb: int) -> None:
         """Add the core ``[ra, rb) x [ca, cb)`` (image px) of the features of the tile starting at ``(r0, c0)``."""
         H, W = self.valid
         for k, f in enumerate(feats):
-            s = STRIDES[k]
+            s = self.strides[k]
             i0, i1 = (ra - r0) // s, min(rb - r0, -(-H // s) * s - r0) // s
             j0, j1 = (ca - c0) // s, min(cb - c0, -(-W // s) * s - c0) // s
             if i1 <= i0 or j1 <= j0:
                 continue
-            reg = f[0, :, i0:i1, j0:j1]
+            reg = f[0, :, i0:i1, j0:j1].float()
             self.s1[k] += reg.sum((1, 2)).cpu().double().numpy()
             self.s2[k] += (reg * reg).sum((1, 2)).cpu().double().numpy()
             self.n[k] += (i1 - i0) * (j1 - j0)
@@ -482,11 +445,12 @@ def _accumulate_stats(model: AdaINModel, padded: np.ndarray, valid: tuple[int, i
                       tick: Callable[[], None]) -> Stats:
     """The whole image's per-channel (mean, std) at each level, from an encoder pass over the tiles."""
     Hp, Wp = padded.shape[:2]
-    acc = _StatsSum(valid)
-    for r0, ra, rb in _tiles(Hp, tile, halo):
-        for c0, ca, cb in _tiles(Wp, tile, halo):
+    net = model.feature_net
+    acc = _StatsSum(valid, net.channels, net.strides)
+    for r0, ra, rb in _tiles(Hp, tile, halo, model.multiple):
+        for c0, ca, cb in _tiles(Wp, tile, halo, model.multiple):
             tick()
-            acc.add(model.encoder(_to_tensor(padded[r0 : r0 + tile, c0 : c0 + tile], device)), r0, ra, rb, c0, ca, cb)
+            acc.add(net(_to_tensor(padded[r0 : r0 + tile, c0 : c0 + tile], device)), r0, ra, rb, c0, ca, cb)
     return acc.stats(device)
 
 
@@ -494,11 +458,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def feature_stats(model: AdaINModel, image, *, device=None, tile: int = TILE, halo: int = HALO,
+def feature_stats(model: AdaINModel, image, *, device=None, tile: int = TILE, halo: int | None = None,
                   should_stop: Callable[[], bool] | None = None) -> Stats:
-    """Per-channel (mean, std) of the image's VGG features at each level (a style's statistics), over the whole
-    image (tiled when larger than ``tile``). A list of four (1 x C x 1 x 1, 1 x C x 1 x 1) float32 pairs."""
-    tile, halo = _check_tiling(tile, halo)
+    """Per-channel (mean, std) of the image's encoder features at each level (a reference's statistics), over the
+    whole image (tiled when larger than ``tile``): a list of (1 x C x 1 x 1, 1 x C x 1 x 1) float32 pairs."""
+    tile, halo = _check_tiling(model, tile, halo)
     img = as_rgb(image, "style")
     dev = _model_device(model) if device is None else torch.device(device)
 
@@ -508,13 +472,14 @@ def feature_stats(model: AdaINModel, image, *, device=None, tile: int = TILE, ha
 
     model.eval()
     with torch.inference_mode():
-        return _accumulate_stats(model, _pad8(img), img.shape[:2], dev, tile, halo, tick)
+        return _accumulate_stats(model, _pad(img, model.multiple), img.shape[:2], dev, tile, halo, tick)
 
 
 def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=None, tile: int = TILE,
-            halo: int = HALO, progress: Callable[[int, int, str], None] | None = None,
+            halo: int | None = None, progress: Callable[[int, int, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-    """Restyle ``content`` (RGB image of any size) to ``style`` (an RGB image, or its :func:`feature_stats`).
+    """Refine ``content`` (an RGB image of any size, e.g. a classic render) in the style of ``style`` (an RGB image,
+    or its :func:`feature_stats`), by the model's EMA decoder.
 
     Parameters
     ----------
@@ -522,14 +487,16 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
         A trained model (put in eval mode here).
     content, style : arrays
         RGB uint8 images (converted by :func:`napari_nucsynth._checks.as_rgb`); ``style`` may instead be the
-        statistics :func:`feature_stats` returned (to restyle many contents to one reference).
+        statistics :func:`feature_stats` returned (to refine many contents for one reference).
     alpha : float
-        Content-style trade-off in [0, 1]: 1 fully stylised (default), 0 the decoder's reconstruction of the content.
+        In [0, 1]: how far the encoder features are moved to the reference's statistics (1, default) before the
+        decoder reads them; 0 keeps the content's own.
     device : torch device, optional
         Where to run (the model's device when None).
     tile, halo : int
-        Images up to ``tile`` px (after padding to a multiple of 8) run in one piece; larger ones in tiles of
-        ``tile`` px keeping all but ``halo`` px of their inner borders (see the module docstring). Multiples of 8.
+        Images up to ``tile`` px (after padding) run in one piece; larger ones in tiles of ``tile`` px keeping all
+        but ``halo`` px (default :attr:`AdaINModel.halo`) of their inner borders. Multiples of
+        :attr:`AdaINModel.multiple`.
     progress, should_stop : callables, optional
         ``progress(done, total, what)`` once per tile and pass; ``should_stop()`` checked before each, raising
         ``InterruptedError``.
@@ -538,17 +505,18 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
     -------
     (H, W, 3) uint8 RGB array, aligned with ``content``.
     """
-    tile, halo = _check_tiling(tile, halo)
+    tile, halo = _check_tiling(model, tile, halo)
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (1: fully stylised, 0: the content), got {alpha!r}")
+        raise ValueError(f"alpha must be in [0, 1] (1: the reference's statistics, 0: the content's), got {alpha!r}")
     img = as_rgb(content, "content")
     dev = _model_device(model) if device is None else torch.device(device)
     model.eval()
+    m = model.multiple
     H, W = img.shape[:2]
-    padded = _pad8(img)
+    padded = _pad(img, m)
     Hp, Wp = padded.shape[:2]
-    rows, cols = _tiles(Hp, tile, halo), _tiles(Wp, tile, halo)
+    rows, cols = _tiles(Hp, tile, halo, m), _tiles(Wp, tile, halo, m)
     one_piece = len(rows) == 1 and len(cols) == 1
     total = len(rows) * len(cols) * (1 if one_piece else 2)
     started = [0]
@@ -561,18 +529,21 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
         started[0] += 1
 
     out = np.empty((H, W, 3), np.uint8)
+    net = model.feature_net
     with torch.inference_mode():
         if isinstance(style, (list, tuple)):
-            s_stats = [(m.to(dev), s.to(dev)) for m, s in style]
+            s_stats = [(a.to(dev), b.to(dev)) for a, b in style]
         else:
             s_stats = feature_stats(model, style, device=dev, tile=tile, halo=halo, should_stop=should_stop)
         if one_piece:
             tick()
-            feats = model.encoder(_to_tensor(padded, dev))
-            acc = _StatsSum((H, W))
+            x = _to_tensor(padded, dev)
+            feats = net(x)
+            acc = _StatsSum((H, W), net.channels, net.strides)
             acc.add(feats, 0, 0, Hp, 0, 0, Wp)
             c_stats = acc.stats(dev)
-            y = model.decoder(model.stylised_features(feats, s_stats, alpha=alpha, content_stats=c_stats))
+            t = model.stylised_features(feats, s_stats, alpha=alpha, content_stats=c_stats)
+            y = x + model.ema["decoder"](t, x)
             out[:] = _to_uint8(y[0, :, :H, :W])
         else:
             c_stats = _accumulate_stats(model, padded, (H, W), dev, tile, halo, tick)
@@ -580,8 +551,8 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
                 for c0, ca, cb in cols:
                     tick()
                     x = _to_tensor(padded[r0 : r0 + tile, c0 : c0 + tile], dev)
-                    feats = model.encoder(x)
-                    y = model.decoder(model.stylised_features(feats, s_stats, alpha=alpha, content_stats=c_stats))
+                    t = model.stylised_features(net(x), s_stats, alpha=alpha, content_stats=c_stats)
+                    y = x + model.ema["decoder"](t, x)
                     rb_, cb_ = min(rb, H), min(cb, W)
                     if rb_ > ra and cb_ > ca:
                         out[ra:rb_, ca:cb_] = _to_uint8(y[0, :, ra - r0 : rb_ - r0, ca - c0 : cb_ - c0])
@@ -592,9 +563,8 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
 
 def _to_uint8(y: torch.Tensor) -> np.ndarray:
     """C x h x w float (RGB in [0, 1]) to h x w x 3 uint8."""
-    return (y.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return (y.float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-SPEC = register_model(ModelSpec(kind="adain", build=build, default_config=default_config, targets=targets,
-                                loss=loss, predict=predict, optimizers=optimizers, validate=validate,
-                                preview=preview, collate=collate, default_lr=DEFAULT_LR))
+SPEC = gan.gan_spec("adain", build=build, default_config=default_config, targets=targets, validate=validate,
+                    preview=preview, default_lr=DEFAULT_LR)

@@ -1,7 +1,7 @@
 """The ``adain`` renderer: Gong et al.'s refine-synthesis (WACV 2021). The masks are first rendered by the classic
-renderer in the style of the reference (real reference nuclei warped into them over its inpainted background),
-then an AdaIN network with skip connections (:mod:`napari_nucsynth.models.adain`) restyles that render to the
-reference, keeping every edge where the labels put it.
+pre-synthesis in the style of the reference (real reference nuclei warped into them over its inpainted
+background), then an AdaIN network (:mod:`napari_nucsynth.models.adain`) adds a learned residual to that render,
+with the reference's feature statistics: an untrained model returns the classic render unchanged.
 
 It needs a trained model: ``checkpoint=`` a file written by ``nucsynth train --model adain ...`` (or
 ``benchmarks/train_adain.py``); without one it uses the model shipped at ``data/models/adain_monuseg.pt`` when the
@@ -9,12 +9,11 @@ package has it, and otherwise says how to train one. Loaded models are cached pe
 device), and the reference's feature statistics per (model, reference), so re-rendering costs the classic fusion
 and one pass of the network.
 
-Which VGG-19 weights the model's encoder holds ("imagenet:vgg19-dcbb9e9d.pth", or the documented fallback
-"random:seed0" where ImageNet weights were not available when it was trained; see
-:mod:`napari_nucsynth.models.vgg`) is part of every render's record: after each call the module-level
-:data:`last_info` (and the renderer's ``last_info`` attribute) hold the checkpoint, its ``vgg`` source, its
-config, the training step, ``alpha`` and the device; :func:`model_info` says the same of a checkpoint without
-rendering.
+Which feature network the model's encoder is (by default "hovernet:hovernet_monuseg.pt#<sha>", the shipped
+segmenter's encoder; see :mod:`napari_nucsynth.models.features`) is part of every render's record: after each
+call the module-level :data:`last_info` (and the renderer's ``last_info`` attribute) hold the checkpoint, its
+``features`` source, its config, the training step, ``alpha`` and the device; :func:`model_info` says the same
+of a checkpoint without rendering.
 
 torch is imported only when a render runs: listing the renderers (at plugin start) stays light.
 """
@@ -32,7 +31,7 @@ from . import register
 
 __all__ = ["AdaINRenderer", "default_checkpoint", "last_info", "load_model", "model_info"]
 
-#: what the last ``adain`` render used: checkpoint, vgg (the encoder's weights), config, step, alpha, device
+#: what the last ``adain`` render used: checkpoint, features (the encoder), config, step, alpha, device
 last_info: dict = {}
 
 _MODELS: dict = {}
@@ -58,14 +57,15 @@ def _resolve_checkpoint(checkpoint) -> Path:
             "the 'adain' renderer needs a trained model, and none is shipped with this installation "
             f"({path} is absent). Train one on H&E tiles and their instance labels with\n"
             "    nucsynth train --model adain --images DIR --labels DIR --steps N --out CKPT\n"
-            "(N of a few thousand; a GPU helps), then pass checkpoint=CKPT (`nucsynth render --method adain "
+            "(benchmarks/train_adain.py says how the shipped model was made), then pass checkpoint=CKPT (`nucsynth render --method adain "
             "--checkpoint CKPT`), or use method='classic', which needs no training.")
     return path
 
 
 def load_model(checkpoint, device):
     """``(model, checkpoint dict without weights)`` of an adain checkpoint on ``device``, cached per (path,
-    modification time, device); one model at a time."""
+    modification time, device); one model at a time. A shipped checkpoint (the EMA decoder and the encoder only)
+    loads too."""
     from ..models import get_model, load_checkpoint
 
     path = Path(checkpoint)
@@ -74,8 +74,8 @@ def load_model(checkpoint, device):
         ck = load_checkpoint(path, kind="adain")
         model = get_model("adain").build({**ck["config"], "pretrained": None})
         try:
-            model.load_state_dict(ck["state_dict"])
-        except RuntimeError as exc:
+            model.load_shipped(ck["state_dict"])
+        except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{path} does not fit the adain model its config describes ({exc})") from None
         model.to(device).eval()
         meta = {k: v for k, v in ck.items() if k not in ("state_dict", "optimizer", "rng")}
@@ -87,24 +87,24 @@ def load_model(checkpoint, device):
 
 def model_info(checkpoint=None) -> dict:
     """What an adain checkpoint (the shipped one when None) holds, without loading its weights onto a device:
-    ``checkpoint``, ``vgg`` (the encoder's weights), ``config``, ``step``, ``metrics``, ``train_data``."""
+    ``checkpoint``, ``features`` (the encoder), ``config``, ``step``, ``metrics``, ``train_data``."""
     from ..models import load_checkpoint
 
     path = _resolve_checkpoint(checkpoint)
     ck = load_checkpoint(path, kind="adain")
-    return {"checkpoint": str(path), "vgg": _vgg_of(ck), "config": dict(ck["config"]), "step": int(ck["step"]),
+    return {"checkpoint": str(path), "features": _features_of(ck), "config": dict(ck["config"]), "step": int(ck["step"]),
             "metrics": dict(ck.get("metrics", {})), "train_data": dict(ck.get("train_data", {}))}
 
 
-def _vgg_of(ck: dict) -> str:
-    """The encoder's weights as the checkpoint records them (its state dict's extra state, else its config)."""
-    extra = ck.get("state_dict", {}).get("_extra_state")
+def _features_of(ck: dict) -> str:
+    """The encoder as the checkpoint records it (its state dict's extra state, else its config)."""
+    extra = ck.get("state_dict", {}).get("feature_net._extra_state")
     if extra is not None:
         try:
             return bytes(extra.tolist()).decode("utf-8")
         except (AttributeError, UnicodeDecodeError, ValueError):
             pass
-    return str(ck.get("config", {}).get("vgg") or "unknown")
+    return str(ck.get("config", {}).get("features_source") or "unknown")
 
 
 def _style_stats(model, model_key, style: np.ndarray, device, should_stop):
@@ -127,8 +127,8 @@ class AdaINRenderer:
     """Classic render of the masks, refined by a trained AdaIN network (see the module docstring)."""
 
     name = "adain"
-    description = ("classic render refined by a trained AdaIN network with skip connections (Gong et al. 2021): "
-                   "the reference's colour and texture statistics, edges kept on the masks; needs a checkpoint")
+    description = ("classic render refined by a trained AdaIN residual network (Gong et al. 2021) in the "
+                   "reference's feature statistics; starts from the classic render, learned on the GAN core")
     needs_checkpoint = True
     default_checkpoint = default_checkpoint()  # the shipped model's path (the widget checks whether it exists)
 
@@ -140,20 +140,20 @@ class AdaINRenderer:
                  tile: int | None = None) -> np.ndarray:
         """Render ``labels`` in the style of ``style`` (see :func:`napari_nucsynth.render.render`).
 
-        ``alpha`` in [0, 1] trades the reference's style (1, default) against the classic render (0: the network's
-        reconstruction of it); ``tile`` (px, a multiple of 8; default :data:`napari_nucsynth.models.adain.TILE`)
+        ``alpha`` in [0, 1]: how far the network's features are moved to the reference's statistics (1, default;
+        0 keeps the classic render's own); ``tile`` (px, a multiple of the encoder's largest stride; default :data:`napari_nucsynth.models.adain.TILE`)
         bounds the network's memory on large outputs, with the same result. ``seed`` fixes the classic render (the
         network is deterministic). Afterwards :data:`last_info` (and ``self.last_info``) say what was used, the
-        VGG-19 weights included.
+        feature network included.
         """
-        from .classic import ClassicRenderer
+        from ..presynthesis import ClassicRenderer
 
         lab = as_labels(labels, "labels")
         ref = as_rgb(style, "style")
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (1: the reference's style, 0: the network's reconstruction of "
-                             f"the classic render), got {alpha!r}")
+            raise ValueError(f"alpha must be in [0, 1] (1: the reference's statistics, 0: the classic render's), "
+                             f"got {alpha!r}")
         path = _resolve_checkpoint(checkpoint)
 
         from ..devices import resolve_device
@@ -176,7 +176,7 @@ class AdaINRenderer:
         stage(2, "AdaIN refinement")
         out = stylize(model, content, stats, alpha=alpha, device=dev, tile=TILE if tile is None else tile,
                       should_stop=should_stop)
-        info = {"method": "adain", "checkpoint": str(path), "vgg": model.vgg_source, "config": dict(meta["config"]),
+        info = {"method": "adain", "checkpoint": str(path), "features": model.features_source, "config": dict(meta["config"]),
                 "step": int(meta["step"]), "alpha": alpha, "device": str(dev)}
         self.last_info = info
         last_info.clear()
