@@ -1,9 +1,13 @@
 """Readers and writers of label maps, images, napari points CSV files and the field's datasets (Qt-free)."""
 
 from ._files import (
+    EXTENSIONS,
+    check_output,
     read_image,
     read_labels,
     read_points_csv,
+    verify_image,
+    write_image,
     write_labels,
     write_points_csv,
 )
@@ -25,9 +29,11 @@ from .formats import (
 )
 
 __all__ = [
+    "EXTENSIONS",
     "FORMATS",
     "PANNUKE_CLASSES",
     "Sample",
+    "check_output",
     "export_pairs",
     "find_pannuke_pair",
     "find_tile",
@@ -44,6 +50,8 @@ __all__ = [
     "read_points_csv",
     "rle_decode",
     "rle_encode",
+    "verify_image",
+    "write_image",
     "write_labels",
     "write_manifest",
     "write_points_csv",

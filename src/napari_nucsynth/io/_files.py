@@ -2,6 +2,9 @@
 
 Label maps are never written as 8-bit: ``.tif``/``.tiff`` as uint32 TIFF, ``.png`` as 16-bit PNG (refused when
 an id exceeds 65,535), ``.npy`` as uint32.
+
+Every error is a ``ValueError`` that names the file: a missing file, an extension no reader or writer here knows
+(:data:`EXTENSIONS`), a file that cannot be decoded (truncated, damaged, not what its extension says).
 """
 
 from __future__ import annotations
@@ -14,7 +17,48 @@ import numpy as np
 
 from .._checks import as_labels, as_points
 
-_LABEL_EXT = (".tif", ".tiff", ".png", ".npy")
+#: The file extensions each kind of file is read and written with.
+EXTENSIONS = {
+    "labels": (".tif", ".tiff", ".png", ".npy"),
+    "image": (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"),
+    "points": (".csv",),
+}
+_NOUNS = {"labels": "a label map", "image": "an image", "points": "a napari points CSV file"}
+
+
+def check_output(path, kind: str, *, name: str = "output") -> Path:
+    """``path`` as a :class:`~pathlib.Path` once a ``kind`` file (``"labels"``, ``"image"``, ``"points"``) can be
+    written there: an extension of ``EXTENSIONS[kind]`` and a folder that exists. Call it before the work whose
+    result it will hold.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` (e.g. ``"--out"``), the path and the extensions accepted.
+    """
+    path = Path(path)
+    exts = EXTENSIONS[kind]
+    if path.suffix.lower() not in exts:
+        got = f"unsupported extension {path.suffix}" if path.suffix else "no extension"
+        raise ValueError(f"{name} {path}: {got}; {_NOUNS[kind]} must end in {', '.join(exts)}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{name} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def _decode(path: Path, what: str, read):
+    """``read(path)``, with a missing file or one that cannot be decoded as ``what`` raised as a ValueError that
+    names the path (imageio, Pillow and tifffile raise OSError, SyntaxError, struct.error, zlib.error... for a
+    truncated or damaged file, none of them naming it)."""
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    try:
+        return read(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any undecodable file is the same user error
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"cannot read {path} as {_NOUNS.get(what, what)}: {why}") from None
 
 
 def _atomic(path: Path, write) -> None:
@@ -31,24 +75,25 @@ def read_labels(path) -> np.ndarray:
     """Read an instance label map (TIFF, PNG or .npy) as uint32; raises ValueError for anything else."""
     path = Path(path)
     ext = path.suffix.lower()
-    if not path.is_file():
-        raise ValueError(f"label file not found: {path}")
-    if ext == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif ext in (".tif", ".tiff"):
-        import tifffile
-
-        arr = tifffile.imread(path)
-    elif ext == ".png":
-        import imageio.v3 as iio
-
-        arr = iio.imread(path)
-    else:
-        raise ValueError(f"unsupported label file {path.name}: use one of {', '.join(_LABEL_EXT)}")
-    arr = np.squeeze(np.asarray(arr))
+    if ext not in EXTENSIONS["labels"]:
+        raise ValueError(f"unsupported label file {path}: use one of {', '.join(EXTENSIONS['labels'])}")
+    arr = np.squeeze(np.asarray(_decode(path, "labels", _read_label_array)))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         raise ValueError(f"{path.name} is a colour image, not an instance label map")
     return as_labels(arr, f"labels in {path.name}").astype(np.uint32)
+
+
+def _read_label_array(path: Path):
+    ext = path.suffix.lower()
+    if ext == ".npy":
+        return np.load(path, allow_pickle=False)
+    if ext in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    import imageio.v3 as iio
+
+    return iio.imread(path)
 
 
 def write_labels(path, labels) -> Path:
@@ -56,7 +101,7 @@ def write_labels(path, labels) -> Path:
 
     The write is atomic (a temporary file, then a rename).
     """
-    path = Path(path)
+    path = check_output(path, "labels")
     ext = path.suffix.lower()
     lab = as_labels(labels)
     if lab.size and int(lab.max()) > np.iinfo(np.uint32).max:
@@ -72,18 +117,49 @@ def write_labels(path, labels) -> Path:
         import imageio.v3 as iio
 
         _atomic(path, lambda p: iio.imwrite(p, lab.astype(np.uint16), extension=".png"))
-    elif ext == ".npy":
-        _atomic(path, lambda p: np.save(p, lab))
     else:
-        raise ValueError(f"unsupported label file {path.name}: use one of {', '.join(_LABEL_EXT)}")
+        _atomic(path, lambda p: np.save(p, lab))
     return path
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image file as an array (no conversion)."""
+    """Read an image file as an array (no conversion); a missing or undecodable file raises a ValueError naming it."""
     import imageio.v3 as iio
 
-    return np.asarray(iio.imread(Path(path)))
+    return np.asarray(_decode(Path(path), "image", iio.imread))
+
+
+def write_image(path, image) -> Path:
+    """Write an RGB(A) or grey uint8 image by extension (``EXTENSIONS["image"]``), atomically."""
+    import imageio.v3 as iio
+
+    path = check_output(path, "image")
+    _atomic(path, lambda p: iio.imwrite(p, np.asarray(image), extension=path.suffix.lower()))
+    return path
+
+
+def verify_image(path) -> Path:
+    """Check that an image file can be read, without decoding what need not be: a PNG by its chunk checksums (about
+    1 ms for a 1000 x 1000 tile against 30 ms to decode it), other formats by reading them.
+
+    Raises
+    ------
+    ValueError
+        Naming the file: missing, truncated or damaged.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        read_image(path)
+        return path
+
+    def _verify(p):
+        from PIL import Image
+
+        with Image.open(p) as im:
+            im.verify()
+
+    _decode(path, "image", _verify)
+    return path
 
 
 def read_points_csv(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,8 +171,11 @@ def read_points_csv(path) -> tuple[np.ndarray, np.ndarray | None]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"points file not found: {path}")
-    with path.open(newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    try:
+        with path.open(newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read {path} as {_NOUNS['points']}: {e}") from None
     if not rows:
         return np.zeros((0, 2)), None
     header = [c.strip() for c in rows[0]]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import as_labels, as_rgb
+from ._files import EXTENSIONS
 
 __all__ = [
     "PANNUKE_CLASSES",
@@ -51,7 +52,7 @@ __all__ = [
 #: PanNuke's mask channels 0-4, in order (channel 5 is background); type ids are channel + 1.
 PANNUKE_CLASSES = ("neoplastic", "inflammatory", "connective", "dead", "epithelial")
 
-_IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_IMAGE_EXT = EXTENSIONS["image"]
 _LABEL_SUFFIXES = ("_masks", "_mask", "_labels", "_label", "_inst", "_seg")
 _IMAGE_SUFFIXES = ("_img", "_image")
 _U32_MAX = int(np.iinfo(np.uint32).max)
@@ -720,7 +721,7 @@ def pair_files(images, labels=None) -> tuple[dict[str, Path], dict[str, Path], P
     same = img_dir.resolve() == lab_dir.resolve()
     lab_files: dict[str, Path] = {}
     for p in sorted(lab_dir.iterdir()):
-        if p.suffix.lower() not in (".png", ".tif", ".tiff", ".npy") or p.name.startswith("."):
+        if p.suffix.lower() not in EXTENSIONS["labels"] or p.name.startswith("."):
             continue
         stem = _strip(p.stem, _LABEL_SUFFIXES)
         if same and stem == p.stem:
