@@ -142,7 +142,14 @@ def load_checkpoint(path, *, kind: str | None = None, map_location="cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file (RuntimeError, UnpicklingError, struct.error...)
-        raise ValueError(f"{path} is not a readable napari-nucsynth checkpoint ({type(exc).__name__}: {exc})") from None
+        import zipfile
+
+        why = ""
+        if zipfile.is_zipfile(path):  # torch.save's archive, damaged or holding objects weights_only refuses: say why
+            text = str(exc).split("WeightsUnpickler error:")[-1]  # torch's own reason, not its advice
+            why = f" ({type(exc).__name__}: {' '.join(text.split())[:200]})"
+        # anything else (an image, random bytes) is simply not a checkpoint: torch's error (KeyError: 101...) says nothing
+        raise ValueError(f"{path} is not a napari-nucsynth checkpoint: not a readable torch.save file{why}") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt or "kind" not in ckpt:
         raise ValueError(f"{path} is not a napari-nucsynth checkpoint (no 'format' and 'kind' entries)")
     if ckpt["format"] != CHECKPOINT_FORMAT:
