@@ -50,10 +50,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _data import SEGMENT_HELDOUT, load_image, load_labels, organ, tile_ids
 
-TINY_GEN = {"adain": {"width": 0.125, "pretrained": "random"},
+TINY_GEN = {"adain": {"width": 0.125, "ndf": 8, "d_layers": 2, "num_d": 1},
             "sian": {"ngf": 4, "ngf_max": 16, "n_up": 2, "noise_nc": 2, "style_dim": 8, "nef": 4, "enc_layers": 3,
-                     "ndf": 8, "d_layers": 2, "num_d": 2, "vgg_weights": "random", "vgg_layers": ["relu1_1", "relu2_1"],
-                     "tile": 256, "blend": 8}}
+                     "ndf": 8, "d_layers": 2, "num_d": 2, "tile": 256, "blend": 8}}
 TINY_SEG = {"hovernet": {"width": 8},
             "maskrcnn": {"fpn_channels": 32, "representation_size": 128, "mask_channels": 16, "mask_layers": 2,
                          "semantic_channels": 16}}
