@@ -1,20 +1,67 @@
-"""What the widgets that run one job at a time in a napari worker share (Render, Segment).
+"""What the widgets that run work in a background thread share.
 
-:class:`WorkerWidget` is the job lifecycle: the run button that becomes Cancel, progress reports from the worker
-thread to the UI, cancellation at the job's next progress report, errors to the status line (a ``ValueError`` is
-bad input, its message says what to change) or to a napari notification with the traceback (anything else is a
-bug), and a re-run of the latest settings when they changed while a job ran. :class:`CloseWatcher` notices a
-docked widget being closed; :func:`release_gpu_memory` gives cached GPU memory back when a job ends.
+:func:`start_worker` is how every widget starts one: the work's exception goes to the widget's own handler and
+nowhere else, and :func:`error_message` is the status line it shows. :class:`WorkerWidget` is the lifecycle of
+the widgets that run one job at a time (Render, Segment): the run button that becomes Cancel, progress reports
+from the worker thread to the UI, cancellation at the job's next progress report, errors to the status line, and a
+re-run of the latest settings when they changed while a job ran. :class:`CloseWatcher` notices a docked widget
+being closed; :func:`release_gpu_memory` gives cached GPU memory back when a job ends.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
 
 from magicgui.widgets import Container
 from qtpy.QtCore import QEvent, QObject
+
+logger = logging.getLogger(__name__)
+
+
+def start_worker(work: Callable[[], object], *, returned: Callable[[object], None] | None = None,
+                 errored: Callable[[BaseException], None] | None = None,
+                 finished: Callable[[], None] | None = None):
+    """Run ``work()`` in a thread; ``returned(value)``, ``errored(exc)`` and ``finished()`` run on the UI thread.
+
+    An exception of ``work`` is handled once, by ``errored``. napari's ``create_worker`` would also relay it to
+    napari's notification manager (a traceback pop-up on top of the widget's own message) and, unless told to
+    ignore errors, raise it again on the UI thread, which aborts a process that drives the viewer with
+    ``processEvents`` (PyQt turns an exception in a slot into a fatal error: SIGABRT). superqt's worker, the one
+    napari's wraps, does neither when ``_ignore_errors`` is set. Warnings raised in the thread still reach napari's
+    notifications, as they did. Keep the returned worker referenced until it has finished.
+    """
+    from superqt.utils import create_worker
+
+    worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+    if returned is not None:
+        worker.returned.connect(returned)
+    if errored is not None:
+        worker.errored.connect(errored)
+    if finished is not None:
+        worker.finished.connect(finished)
+    worker.warned.connect(_relay_warning)
+    worker.start()
+    return worker
+
+
+def _relay_warning(args: tuple) -> None:
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.receive_warning(*args)
+
+
+def error_message(exc: BaseException, action: str, failure: str,
+                  expected: tuple[type[BaseException], ...] = (ValueError,)) -> str:
+    """The status line for an error of a widget's work: ``"Cannot <action>: <message>"`` for the ``expected``
+    kinds (bad input: the message says what to change), else ``"<failure> failed: <type>: <message>"`` with the
+    traceback written to the log (a bug)."""
+    if isinstance(exc, expected):
+        return f"Cannot {action}: {exc}"
+    logger.error("%s failed", failure, exc_info=(type(exc), exc, exc.__traceback__))
+    return f"{failure} failed: {type(exc).__name__}: {exc}"
 
 
 class Cancelled(Exception):
@@ -33,13 +80,22 @@ class Job:
 
 class CloseWatcher(QObject):
     """Calls ``callback`` when ``widget``, once docked, loses its parent: napari's ``remove_dock_widget`` (the
-    dock's close button) reparents the inner widget to None rather than destroying it."""
+    dock's close button) reparents the inner widget to None rather than destroying it. A widget docked inside a
+    wrapper (:class:`~napari_nucsynth._widgets._dock.ScrollDock`) hands the watch to it with :meth:`watch`."""
 
     def __init__(self, widget, callback):
         super().__init__(widget)
         self._callback = callback
         self._docked = False
+        self._watched = widget
         widget.installEventFilter(self)
+
+    def watch(self, outer) -> None:
+        """Watch ``outer`` (the widget napari docks, which holds ``widget``) instead."""
+        self._watched.removeEventFilter(self)
+        self._watched = outer
+        self._docked = outer.parent() is not None
+        outer.installEventFilter(self)
 
     def eventFilter(self, obj, event):
         if event.type() == QEvent.Type.ParentChange:
@@ -109,19 +165,14 @@ class WorkerWidget(Container):
 
     def _start(self, job: Job, work: Callable[[], object], on_result: Callable[[object], None], status: str) -> None:
         """Run ``work`` in a worker for ``job``; ``on_result(value)`` gets what it returns (on the UI thread)."""
-        from napari.qt.threading import create_worker
-
         self._job = job
         self._dirty = False
         self.run_button.text = "Cancel"
         self.progress.max, self.progress.value = 1, 0
         self.status.value = status
-        worker = create_worker(work, _ignore_errors=True)  # errors go to the status line (see _on_error)
-        worker.returned.connect(lambda value: None if job.cancelled or job is not self._job else on_result(value))
-        worker.errored.connect(lambda exc: self._on_error(job, exc))
-        worker.finished.connect(lambda: self._on_finished(job))
-        self._worker = worker
-        worker.start()
+        self._worker = start_worker(
+            work, returned=lambda value: None if job.cancelled or job is not self._job else on_result(value),
+            errored=lambda exc: self._on_error(job, exc), finished=lambda: self._on_finished(job))
 
     def cancel(self, reason: str = "Cancelled.") -> None:
         """Stop the running job (at its next check) and drop its result."""
@@ -159,13 +210,7 @@ class WorkerWidget(Container):
             job.cancelled = True
             return
         self._on_failed()
-        if isinstance(exc, ValueError):  # bad input: the message says what to change
-            self.status.value = f"Cannot {self.action}: {exc}"
-            return
-        self.status.value = f"{self.failure} failed: {type(exc).__name__}: {exc}"
-        from napari.utils.notifications import notification_manager
-
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)  # a bug: keep the traceback
+        self.status.value = error_message(exc, self.action, self.failure)
 
     def _on_finished(self, job: Job) -> None:
         if job is not self._job:
