@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_nucsynth._widgets._dock import ScrollDock
 from napari_nucsynth._widgets.points_to_masks import PointsToMasksWidget
 from napari_nucsynth.masks import rasterize
 
@@ -60,6 +61,117 @@ def test_each_edit_is_one_undo_step(viewer_with_points):
     assert np.array_equal(labels.data, before)
 
 
+def _agree(points, labels, widget) -> int:
+    """The points, the masks, the sampler and the status tell the same story; returns the number of nuclei."""
+    n = len(points.data)
+    assert set(np.unique(labels.data)) == set(range(n + 1)), "one mask per point, ids 1..N"
+    assert np.array_equal(widget._sampler.points, np.asarray(points.data))
+    assert np.array_equal(labels.data, rasterize(widget._sampler.shapes, labels.data.shape))
+    assert f"{n} nuclei" in widget.status.value, widget.status.value
+    return n
+
+
+def test_undo_on_the_masks_takes_the_click_back(make_napari_viewer, recwarn):
+    """Issue 20's scenario through the Plugins menu (the widget sees napari's proxied viewer): a click, then Ctrl+Z
+    on the masks layer; the point goes with its mask, the status follows, and redo brings both back."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-nucsynth", "monuseg")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    widget = dock._magic_widget
+    points, labels = viewer.layers["centroids"], viewer.layers["centroids masks"]
+    points.features = {"class": np.arange(len(points.data)) % 3}
+    n0 = len(points.data)
+    points.add([[200.0, 210.0]])
+    assert len(points.data) == n0 + 1 and labels.data[200, 210] == n0 + 1
+    assert _agree(points, labels, widget) == n0 + 1
+    labels.undo()
+    assert _agree(points, labels, widget) == n0
+    assert "Undone" in widget.status.value
+    assert list(points.features["class"]) == list(np.arange(n0) % 3)
+    labels.redo()
+    assert _agree(points, labels, widget) == n0 + 1
+    assert "Redone" in widget.status.value and np.allclose(points.data[-1], [200.0, 210.0])
+    private = [str(w.message) for w in recwarn if "Private attribute" in str(w.message)]
+    assert not private, private  # napari's proxied viewer: public API only
+
+
+def test_undo_and_redo_of_moves_deletions_and_resamples(viewer_with_points):
+    viewer, points, widget = viewer_with_points
+    labels = _masks(viewer)
+    history = [(np.array(points.data), labels.data.copy())]
+
+    def edit(fn):
+        fn()
+        history.append((np.array(points.data), labels.data.copy()))
+
+    edit(lambda: points.add([[200.0, 40.0]]))
+    edit(lambda: setattr(points, "data", np.array([[90.0, 200.0], [120.0, 150.0], [200.0, 40.0]])))  # a move
+
+    def delete_second():
+        points.selected_data = {1}
+        points.remove_selected()
+
+    edit(delete_second)
+    edit(lambda: setattr(widget.seed, "value", 7))  # Resample all: one step too
+    edit(lambda: points.add([[30.0, 220.0]]))
+    for pts, masks in reversed(history[:-1]):  # undo everything, one step at a time
+        labels.undo()
+        assert np.array_equal(points.data, pts) and np.array_equal(labels.data, masks)
+        _agree(points, labels, widget)
+    for pts, masks in history[1:]:  # and redo it
+        labels.redo()
+        assert np.array_equal(points.data, pts) and np.array_equal(labels.data, masks)
+        _agree(points, labels, widget)
+    points.add([[60.0, 230.0]])  # the incremental path goes on from there
+    assert labels.data[60, 230] == len(points.data)
+    _agree(points, labels, widget)
+
+
+def test_edits_by_hand_keep_their_own_undo(viewer_with_points):
+    viewer, points, widget = viewer_with_points
+    labels = _masks(viewer)
+    points.add([[200.0, 40.0]])
+    labels.selected_label = 9
+    labels.paint((20, 230), 9)  # a brush stroke by hand
+    assert labels.data[20, 230] == 9
+    labels.undo()  # undoes the stroke only
+    assert labels.data[20, 230] == 0 and len(points.data) == 3
+    labels.undo()  # then the click
+    assert len(points.data) == 2
+    _agree(points, labels, widget)
+    labels.paint((20, 230), 9)  # a new stroke ends the redo history, in napari and in the widget
+    labels.redo()
+    assert len(points.data) == 2 and labels.data[20, 230] == 9
+
+
+def test_ctrl_z_on_the_points_layer_undoes_on_the_masks(viewer_with_points, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, points, widget = viewer_with_points
+    labels = _masks(viewer)
+    points.add([[200.0, 40.0]])
+    viewer.layers.selection.active = points
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    assert len(points.data) == 2 and labels.data[200, 40] == 0
+    qtbot.keyClick(canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    assert len(points.data) == 3 and labels.data[200, 40] == 3
+    _agree(points, labels, widget)
+
+
+def test_an_undo_while_the_masks_are_hidden(viewer_with_points):
+    viewer, points, widget = viewer_with_points
+    labels = _masks(viewer)
+    points.add([[200.0, 40.0]])
+    labels.visible = False
+    labels.undo()  # napari sends no event for a hidden layer
+    points.add([[40.0, 200.0]])  # the next click: the masks follow the points as they are
+    assert len(points.data) == 4
+    _agree(points, labels, widget)
+    labels.visible = True
+    _agree(points, labels, widget)
+
+
 def test_resample_all_uses_the_seed(viewer_with_points):
     viewer, _, widget = viewer_with_points
     labels = _masks(viewer)
@@ -102,8 +214,64 @@ def test_widget_opens_through_the_plugin_menu(make_napari_viewer):
     """The path a user takes (Plugins menu): npe2 builds the widget and hands it the viewer."""
     viewer = make_napari_viewer()
     viewer.open_sample("napari-nucsynth", "monuseg")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    assert isinstance(dock, ScrollDock)  # docked in a scroll area (see test_docks_fit_the_screen)
+    widget = dock._magic_widget
     assert isinstance(widget, PointsToMasksWidget)
+    assert viewer.window.dock_widgets["Points to masks (napari-nucsynth)"] is widget
     assert widget.points_combo.value is viewer.layers["centroids"]
     masks = viewer.layers["centroids masks"].data
     assert masks.shape == (400, 400) and masks.max() == len(viewer.layers["centroids"].data)
+
+
+def test_a_failed_prior_fit_is_the_status_line_only(viewer_with_points, qtbot, popups):
+    """Issue 20: fitting the prior to an empty Labels layer showed the message and napari's traceback pop-up."""
+    viewer, _, widget = viewer_with_points
+    empty = viewer.add_labels(np.zeros((256, 256), np.uint32), name="empty")
+    widget.prior_combo.value = empty
+    qtbot.waitUntil(lambda: widget._fit_worker is not None and not widget._fit_worker.is_running, timeout=20000)
+    qtbot.waitUntil(lambda: widget.status.value.startswith("Cannot fit the prior:"), timeout=20000)
+    assert "at least 3" in widget.status.value and popups == []
+
+
+SCRIPT = """
+import time
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_nucsynth._widgets.points_to_masks import PointsToMasksWidget
+
+viewer = napari.Viewer(show=False)
+viewer.add_image(np.full((64, 64, 3), 200, np.uint8), rgb=True)
+viewer.add_points(np.array([[10.0, 10.0]]), name="clicks")
+empty = viewer.add_labels(np.zeros((64, 64), np.uint32), name="empty")
+widget = PointsToMasksWidget(viewer)
+widget.points_combo.value = viewer.layers["clicks"]
+widget.prior_combo.value = empty
+t0 = time.time()
+while time.time() - t0 < 30 and not widget.status.value.startswith("Cannot"):
+    QApplication.processEvents()
+    time.sleep(0.01)
+print("STATUS:", widget.status.value)
+viewer.close()
+"""
+
+
+def test_a_script_driving_the_viewer_survives_a_failed_fit(tmp_path):
+    """Issue 20: in a script that drives the viewer with processEvents, the same error aborted the process
+    (SIGABRT: the worker's error was raised again inside a Qt slot)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "drive.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "STATUS: Cannot fit the prior" in out.stdout
+
+
+def test_long_status_lines_wrap(viewer_with_points):
+    _, _, widget = viewer_with_points
+    width = widget.native.sizeHint().width()
+    widget.status.value = "Cannot fit the prior: " + "a long message " * 60
+    assert widget.status.native.wordWrap() and widget.native.sizeHint().width() <= max(width, 400)

@@ -1,37 +1,98 @@
 """The Points -> Masks widget: clicked centroids become nucleus instance masks as they are clicked.
 
 Thin by design: the computation is :class:`napari_nucsynth.masks.MaskSampler`; this module only follows the
-Points layer's events, writes the changed pixels into the Labels layer (one undo step per user action) and
-fits a shape prior off the UI thread.
+Points layer's events, writes the changed pixels into the Labels layer (one undo step per user action), keeps
+the points in step with the masks' undo and redo, and fits a shape prior off the UI thread.
 """
+
+from collections import deque
+from dataclasses import dataclass
 
 import napari
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
 
-from ..masks import MaskSampler, Patch, ShapePrior
+from ..masks import MaskSampler, NucleusShapes, Patch, ShapePrior, rasterize
+from ._dock import wrapping_label
+from ._outputs import ERRORS, MASKS, output_kind
+from ._worker import error_message, start_worker
 
 _DEFAULT_PRIOR = "default (MoNuSeg)"
+#: Steps of the widget's own undo journal; napari keeps as many in a Labels layer's history.
+HISTORY = 100
+#: Keys bound on the followed Points layer: they undo and redo on the masks layer (napari's Points layers have no
+#: undo), so a click and its mask undo together whichever of the two layers is selected.
+UNDO_KEY, REDO_KEY = "Control-Z", "Control-Shift-Z"
+
+
+@dataclass
+class _State:
+    """What an undo or redo restores: the Points layer's data and features, and the sampler's state."""
+
+    data: np.ndarray
+    features: object  # the Points layer's features table (a pandas DataFrame)
+    sampler: MaskSampler
+    points: np.ndarray
+    classes: np.ndarray
+    shapes: NucleusShapes
+
+
+@dataclass
+class _Step:
+    """One write of the widget into the masks layer (one step of napari's undo history) and the states around it."""
+
+    pixels: tuple
+    old: np.ndarray
+    new: np.ndarray
+    before: _State
+    after: _State
+
+
+def _copy_shapes(shapes: NucleusShapes) -> NucleusShapes:
+    return shapes.take(np.arange(len(shapes)))  # an index array copies (the sampler edits its shapes in place)
 
 
 class PointsToMasksWidget(Container):
-    """Choose a Points layer; every point added, moved or deleted updates the output Labels layer."""
+    """Choose a Points layer; every point added, moved or deleted updates the output Labels layer.
+
+    Undo: each edit of the points is one step of the masks layer's undo history, and the widget keeps a journal of
+    its own steps beside it: the pixels each one changed (their values before and after) and the state of the
+    points (data and features) and of the sampler before and after it. napari announces an undo or redo of a
+    Labels layer only as a repaint of its data (``set_data``, which any other refresh also sends), so at each one
+    the widget compares the pixels of its latest step with the journal: if they hold their values from before the
+    step, it was undone, and the points and the sampler go back to their state before it; if the pixels of the
+    latest undone step hold their values after it, it was redone. A click and its mask thus undo together, and the
+    points, the masks and the status agree after any number of undos and redos, whichever layer had focus (Ctrl+Z
+    and Ctrl+Shift+Z on the Points layer undo and redo on the masks layer). This was chosen over recounting the
+    masks after a change: ids shift when a point is deleted and a moved point's mask comes back elsewhere, so only
+    the states themselves can put the points back. Each check reads the pixels of one step. Edits by hand keep
+    their own undo steps (undoing them moves no point), and one (napari's ``paint``) ends the journal's redo history
+    as it ends napari's. A masks layer hidden during an undo sends nothing: it is synchronised when shown again, or
+    at the next point edit, whose points then win (the masks follow them). Features edited without a point edit (a
+    script setting classes) become part of the present state. The journal holds :data:`HISTORY` steps, as many as
+    napari's history, and starts again when the Points or masks layer is replaced or *Follow point edits* is off.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = viewer
         self._points_layer = None
         self._labels_layer = None
+        self._watched_labels = None  # the masks layer whose events the widget follows
         self._sampler: "MaskSampler | None" = None
         self._prior: "ShapePrior | None" = None
         self._fit_worker = None
+        self._undo: deque = deque(maxlen=HISTORY)  # the journal: the widget's writes, oldest first
+        self._redo: list = []  # the undone ones, latest undone last
+        self._state: "_State | None" = None  # the points and sampler as of the last write
+        self._busy = False  # the widget itself is writing the masks or restoring the points
 
         self.points_combo = ComboBox(label="Points", choices=self._points_choices, nullable=True)
         self.prior_combo = ComboBox(label="Shape prior", choices=self._prior_choices)
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.follow = CheckBox(text="Follow point edits", value=True)
         self.resample_btn = PushButton(text="Resample all")
-        self.status = Label(value="")
+        self.status = wrapping_label()
         self.extend([self.points_combo, self.prior_combo, self.seed, self.follow, self.resample_btn, self.status])
 
         self.points_combo.changed.connect(self._on_points_layer)
@@ -54,7 +115,7 @@ class PointsToMasksWidget(Container):
         labels = [
             (f"fit to {layer.name}", layer)
             for layer in self.viewer.layers
-            if isinstance(layer, Labels) and layer is not self._labels_layer
+            if isinstance(layer, Labels) and layer is not self._labels_layer and output_kind(layer) != ERRORS
         ]
         return [(_DEFAULT_PRIOR, None), *labels]
 
@@ -66,13 +127,18 @@ class PointsToMasksWidget(Container):
 
     # ---- wiring ------------------------------------------------------------------------------------------------
     def _on_points_layer(self, layer=None):
-        if self._points_layer is not None:
+        old = self._points_layer
+        if old is not None:
             try:
-                self._points_layer.events.data.disconnect(self._on_points_data)
-            except (TypeError, ValueError):
+                old.events.data.disconnect(self._on_points_data)
+                old.events.features.disconnect(self._on_points_features)
+                for key in (UNDO_KEY, REDO_KEY):
+                    old.bind_key(key, None)
+            except (TypeError, ValueError, RuntimeError):
                 pass
         self._points_layer = layer
         self._labels_layer = None
+        self._forget()
         if layer is None:
             self.status.value = "Add a Points layer and click nuclei centroids."
             return
@@ -81,6 +147,9 @@ class PointsToMasksWidget(Container):
             self._points_layer = None
             return
         layer.events.data.connect(self._on_points_data)
+        layer.events.features.connect(self._on_points_features)
+        layer.bind_key(UNDO_KEY, self._undo_masks, overwrite=True)
+        layer.bind_key(REDO_KEY, self._redo_masks, overwrite=True)
         self.resample_all()
 
     def _on_prior(self, layer=None):
@@ -88,16 +157,16 @@ class PointsToMasksWidget(Container):
             self._prior = None
             self.resample_all()
             return
-        from napari.qt.threading import create_worker
-
         labels = np.asarray(layer.data)
         self.status.value = f"Fitting the shape prior to {layer.name}..."
-        worker = create_worker(ShapePrior.fit, labels, seed=0)
-        # a fit that finishes after the user has chosen another prior is dropped
-        worker.returned.connect(lambda prior: self.prior_combo.value is layer and self._prior_fitted(prior))
-        worker.errored.connect(lambda e: setattr(self.status, "value", f"Cannot fit the prior: {e}"))
-        self._fit_worker = worker
-        worker.start()
+        # a fit that finishes (or fails) after the user has chosen another prior is dropped
+        self._fit_worker = start_worker(
+            lambda: ShapePrior.fit(labels, seed=0),
+            returned=lambda prior: self.prior_combo.value is layer and self._prior_fitted(prior),
+            errored=lambda exc: self.prior_combo.value is layer and self._fit_failed(exc))
+
+    def _fit_failed(self, exc: BaseException) -> None:
+        self.status.value = error_message(exc, "fit the prior", "Fitting the prior")
 
     def _prior_fitted(self, prior: ShapePrior):
         self._prior = prior
@@ -133,25 +202,125 @@ class PointsToMasksWidget(Container):
             existing = [lyr for lyr in self.viewer.layers if isinstance(lyr, Labels) and lyr.name == name]
             if existing and existing[0].data.shape == tuple(shape) and existing[0].data.dtype == np.uint32:
                 layer = existing[0]
+                layer.metadata[MASKS] = self._points_layer.name
             else:
-                layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=name, opacity=0.5)
+                layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint32), name=name, opacity=0.5,
+                                               metadata={MASKS: self._points_layer.name})
                 # keep the Points layer on top so the user can go on clicking
                 self.viewer.layers.selection.active = self._points_layer
             self._labels_layer = layer
+            self._watch_labels(layer)
             self.prior_combo.reset_choices()
         return layer
 
+    # ---- undo and redo (see the class docstring) ---------------------------------------------------------------
+    def _watch_labels(self, layer) -> None:
+        old = self._watched_labels
+        if old is layer:
+            return
+        if old is not None:
+            try:
+                old.events.set_data.disconnect(self._on_masks_changed)
+                old.events.paint.disconnect(self._on_masks_painted)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._forget()
+        layer.events.set_data.connect(self._on_masks_changed)
+        layer.events.paint.connect(self._on_masks_painted)
+        self._watched_labels = layer
+
+    def _forget(self) -> None:
+        """Start the journal again (the layers it was about are gone or were replaced)."""
+        self._undo.clear()
+        self._redo.clear()
+        self._state = None
+
+    def _snapshot(self) -> _State:
+        s, layer = self._sampler, self._points_layer
+        return _State(np.array(layer.data, copy=True), layer.features.copy(), s, s.points.copy(), s.classes.copy(),
+                      _copy_shapes(s.shapes))
+
+    def _restore(self, state: _State, points: bool = True) -> None:
+        """Put the sampler (and, with ``points``, the Points layer) back in ``state``; the masks are already there."""
+        s = state.sampler
+        s.points, s.classes, s.shapes = state.points.copy(), state.classes.copy(), _copy_shapes(state.shapes)
+        s.labels = rasterize(s.shapes, s.shape)
+        self._sampler = s
+        self._state = state
+        if not points:
+            return
+        layer = self._points_layer
+        self._busy = True
+        try:
+            layer.selected_data = set()
+            layer.data = state.data.copy()
+            layer.features = state.features.copy()
+        finally:
+            self._busy = False
+
+    def _sync(self, points: bool = True) -> bool:
+        """Follow undos and redos of the masks layer that happened since the last call; True when there were any."""
+        layer = self._labels_layer
+        if layer is None or not (self._undo or self._redo):
+            return False
+        data, state, what = layer.data, None, ""
+        while self._undo and np.array_equal(data[self._undo[-1].pixels], self._undo[-1].old):
+            step = self._undo.pop()
+            self._redo.append(step)
+            state, what = step.before, "Undone"
+        while state is None and self._redo and np.array_equal(data[self._redo[-1].pixels], self._redo[-1].new):
+            step = self._redo.pop()
+            self._undo.append(step)
+            state, what = step.after, "Redone"
+        if state is None:
+            return False
+        self._restore(state, points=points)
+        self.status.value = f"{what}: {len(state.points)} nuclei."
+        return True
+
+    def _on_points_features(self, _=None) -> None:
+        """Features edited without a data event (e.g. classes set by a script) are part of the present state."""
+        state, layer = self._state, self._points_layer
+        if not self._busy and state is not None and layer is not None and len(layer.features) == len(state.data):
+            state.features = layer.features.copy()
+
+    def _on_masks_changed(self, _=None) -> None:
+        if not self._busy:
+            self._sync()
+
+    def _on_masks_painted(self, _=None) -> None:
+        if not self._busy:  # an edit by hand: napari's redo history ends here, so does the journal's
+            self._redo.clear()
+
+    def _undo_masks(self, _layer=None) -> None:
+        if self._labels_layer is not None and self._labels_layer in self.viewer.layers:
+            self._labels_layer.undo()
+
+    def _redo_masks(self, _layer=None) -> None:
+        if self._labels_layer is not None and self._labels_layer in self.viewer.layers:
+            self._labels_layer.redo()
+
     def _write(self, new: np.ndarray, rows: slice = slice(None), cols: slice = slice(None)) -> None:
-        """Write ``new`` into the labels layer's ``[rows, cols]`` as one undoable action."""
+        """Write ``new`` into the labels layer's ``[rows, cols]`` as one undoable action, and journal it."""
         layer = self._labels_layer
         old = layer.data[rows, cols]
         changed = np.nonzero(old != new)
+        after = self._snapshot()
         if changed[0].size == 0:
+            self._state = after
             return
-        r0 = rows.start or 0
-        c0 = cols.start or 0
-        with layer.block_history():
-            layer.data_setitem((changed[0] + r0, changed[1] + c0), new[changed])
+        pixels = (changed[0] + (rows.start or 0), changed[1] + (cols.start or 0))
+        step = _Step(pixels, old[changed], new[changed], self._state, after)  # (fancy indexing copies)
+        self._busy = True
+        try:
+            with layer.block_history():
+                layer.data_setitem(pixels, step.new)
+        finally:
+            self._busy = False
+        if step.before is not None:  # (the first write into a new layer has no state to go back to)
+            self._undo.append(step)
+        self._redo.clear()
+        self._state = after
 
     def resample_all(self) -> None:
         """Resample every nucleus from the current points, seed and prior."""
@@ -177,10 +346,17 @@ class PointsToMasksWidget(Container):
         from napari.layers.base._base_constants import ActionType
 
         action = getattr(event, "action", None)
-        if not self.follow.value or action not in (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED):
+        if self._busy or action not in (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED):
             return
+        if not self.follow.value:
+            self._forget()  # the masks no longer follow the points: an undo cannot put both back
+            return
+        if self._labels_layer is None or self._labels_layer not in self.viewer.layers:
+            self.resample_all()
+            return
+        self._sync(points=False)  # an undo not seen yet (a hidden masks layer): the masks follow these points
         s = self._sampler
-        if s is None or self._labels_layer is None or self._labels_layer not in self.viewer.layers:
+        if s is None:
             self.resample_all()
             return
         data = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2)
