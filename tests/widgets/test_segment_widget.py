@@ -372,7 +372,8 @@ def test_train_a_model_is_offered_when_a_method_has_none(make_napari_viewer, tmp
 def test_widget_opens_from_the_plugin_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-nucsynth", "monuseg")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Segment")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Segment")
+    widget = dock._magic_widget
     assert isinstance(widget, SegmentWidget)
     assert widget.image_combo.value is viewer.layers["H&E (MoNuSeg crop)"]
     assert list(widget.method.choices) == segmenters()
@@ -402,3 +403,82 @@ def test_watershed_through_the_widget(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: not np.array_equal(out.data, before), timeout=TIMEOUT)
     _wait_idle(widget, qtbot)
     assert np.array_equal(out.data, segment(crop, method="watershed", **widget.params()))
+
+
+class _Broken(_FakeNoModel):
+    """A segmenter that fails: with bad input (ValueError) or with a bug (anything else)."""
+
+    name = "broken (test)"
+    error = ValueError("the tile is too pale")
+
+    def predict_maps(self, image, **kw):
+        raise self.error
+
+
+def test_opens_on_the_best_method_that_has_a_model(make_napari_viewer, tmp_path, monkeypatch):
+    """Issue 20: not watershed (AJI 0.43 on the sample) when the trained hovernet (0.61) ships."""
+    from napari_nucsynth.segment.hovernet import HoVerNetSegmenter
+
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))  # nothing saved
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    if default_checkpoint().is_file():
+        assert widget.method.value == "hovernet"
+        assert widget.checkpoint.value is None and widget.status.value == ""  # the shipped model, nothing to say
+    monkeypatch.setattr(HoVerNetSegmenter, "default_checkpoint", tmp_path / "missing.pt")  # a clone without it
+    widget = SegmentWidget(viewer)
+    seg = widget._segmenter()
+    assert widget.method.value != "hovernet"
+    assert not seg.needs_checkpoint or widget._ckpt.has_model(widget.method.value)  # one that can run
+
+
+def _run_broken(widget, qtbot, monkeypatch) -> None:
+    monkeypatch.setitem(_REGISTRY, _Broken.name, _Broken)
+    widget.method.reset_choices()
+    widget.method.value = _Broken.name
+    widget.run()
+    _wait_idle(widget, qtbot)
+
+
+def test_switching_method_clears_the_old_message(setup, qtbot, popups, monkeypatch):
+    viewer, _, widget = setup
+    _run_broken(widget, qtbot, monkeypatch)
+    assert widget.status.value == "Cannot segment: the tile is too pale"
+    widget.method.value = FAKE_B  # a method that can run: nothing to say about it
+    assert widget.status.value == "" and popups == []
+
+
+def test_a_bug_in_a_segmenter_is_the_status_line_only(setup, qtbot, popups, monkeypatch):
+    """Issue 20: an error shows once, in the status line; no napari traceback pop-up on top of it."""
+    viewer, _, widget = setup
+    monkeypatch.setattr(_Broken, "error", RuntimeError("index 3 is out of bounds"))
+    _run_broken(widget, qtbot, monkeypatch)
+    assert widget.status.value == "Segmentation failed: RuntimeError: index 3 is out of bounds"
+    assert popups == [] and not _outputs(viewer) and widget.segment_btn.text == "Segment"
+
+
+def test_a_model_that_finds_nothing_says_why_it_may(setup, qtbot):
+    viewer, _, widget = setup
+    widget._param_widgets["threshold"].value = 1.0  # nothing is that dark: the "model" finds no nucleus
+    _wait_idle(widget, qtbot)
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert "0 nuclei" in widget.status.value and "found no nucleus" in widget.status.value
+    assert "undertrained" in widget.status.value and "model" in widget.status.value
+    widget.method.value = FAKE_B  # a method without a model: 0 nuclei is a plain result
+    widget._param_widgets["threshold"].value = 1.0
+    _wait_idle(widget, qtbot)
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert "0 nuclei" in widget.status.value and "found no nucleus" not in widget.status.value
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_aloud(setup, tmp_path):
+    _, _, widget = setup
+    png = tmp_path / "tile.png"
+    png.write_bytes(b"png")
+    widget.browse.value = png
+    assert "tile.png is not a checkpoint" in widget.status.value and ".pt" in widget.status.value
+    assert png not in widget.checkpoint.choices and widget.checkpoint.value is None
+    widget.browse.value = tmp_path / "gone.pt"
+    assert "does not exist" in widget.status.value

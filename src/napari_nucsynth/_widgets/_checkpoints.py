@@ -53,7 +53,7 @@ class CheckpointPicker:
     model...*, shown only when the method needs a model and has none) for the method that ``current()`` names;
     ``current() -> (method or None, needs_checkpoint)``; ``shipped(method)`` is the path of the method's shipped
     model or None; ``train(method)`` is what *Train a model...* does. Call :meth:`refresh` when the method changes;
-    ``status(message)`` reports a picked file."""
+    ``status(message)`` reports a picked file, or why it was not taken (not a ``.pt`` file, or missing)."""
 
     def __init__(self, current: Callable[[], tuple[str | None, bool]], status: Callable[[str], None] | None = None,
                  shipped: Callable[[str], Path | None] | None = None, train: Callable[[str], None] | None = None):
@@ -121,7 +121,13 @@ class CheckpointPicker:
 
     def _on_browse(self, _=None):
         path = self.browse.value
-        if not isinstance(path, Path) or path.suffix != ".pt" or not path.is_file() or not self.combo.enabled:
+        if not isinstance(path, Path) or str(path) in ("", ".") or not self.combo.enabled:
+            return
+        problem = (f"{path.name} is not a checkpoint: pick a .pt file saved by nucsynth train or the Train widget."
+                   if path.suffix != ".pt" else None if path.is_file() else f"{path} does not exist.")
+        if problem is not None:  # say so: a file silently ignored looks like a file in use
+            if self._status:
+                self._status(problem)
             return
         method, _ = self._current()
         path = path.resolve()

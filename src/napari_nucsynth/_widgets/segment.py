@@ -22,7 +22,6 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     FloatSlider,
-    Label,
     ProgressBar,
     PushButton,
     Slider,
@@ -32,11 +31,16 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..segment import get_segmenter, segmenters
 from ._checkpoints import CheckpointPicker, open_train_widget
+from ._dock import wrapping_label
+from ._outputs import SEGMENTATION, output_name
 from ._worker import Cancelled, CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a parameter change before post-processing starts (a slider drag is one re-run).
 PARAM_DEBOUNCE_MS = 60
-_MARK = "nucsynth_segmentation_of"  # metadata key that marks the widget's output layers
+_MARK = SEGMENTATION  # metadata key that marks the widget's output layers
+#: The methods from best to worst on MoNuSeg (AJI of the sample: hovernet 0.61, watershed 0.43): the widget opens
+#: on the first that is registered and can run (a model shipped, saved or picked, or none needed).
+PREFERRED = ("hovernet", "maskrcnn", "stardist", "cellpose", "watershed")
 
 
 class _Job(Job):
@@ -96,18 +100,18 @@ class SegmentWidget(WorkerWidget):
 
         self.image_combo = ComboBox(label="Image", choices=self._image_choices)
         self.method = ComboBox(label="Method", choices=lambda _=None: segmenters())  # refreshed with the layers
-        if "watershed" in self.method.choices:
-            self.method.value = "watershed"
         self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg),
                                       shipped=lambda m: getattr(self._segmenter(m), "default_checkpoint", None),
                                       train=self._open_train)
+        best = self._best_method()
+        if best is not None:
+            self.method.value = best
         self.checkpoint, self.browse, self.train_model_btn = self._ckpt.combo, self._ckpt.browse, self._ckpt.train_btn
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
         self.segment_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
+        self.status = wrapping_label()
         self.extend([self.image_combo, self.method, self.checkpoint, self.browse, self.train_model_btn, self.device,
                      self.tta, self.segment_btn, self.progress, self.status])
 
@@ -146,6 +150,15 @@ class SegmentWidget(WorkerWidget):
                 raise
             return None
 
+    def _best_method(self) -> str | None:
+        """The first method of :data:`PREFERRED` that is registered and can run now; else the first registered."""
+        methods = list(self.method.choices)
+        for method in (m for m in PREFERRED if m in methods):
+            seg = self._segmenter(method)
+            if seg is not None and (not getattr(seg, "needs_checkpoint", False) or self._ckpt.has_model(method)):
+                return method
+        return methods[0] if methods else None
+
     def _method_needs(self) -> tuple[str | None, bool]:
         seg = self._segmenter()
         return self.method.value, seg is not None and bool(getattr(seg, "needs_checkpoint", False))
@@ -165,12 +178,16 @@ class SegmentWidget(WorkerWidget):
             self.cancel(f"'{job.layer.name}' was removed: its segmentation was cancelled.")
 
     def _on_method(self, _=None):
+        """Show the method's parameters and checkpoints; the status line now speaks of this method (a message about
+        the previous one, e.g. its error, goes), unless a job is running."""
         self._ckpt.refresh()
         self._build_params(self._segmenter())
         method, needs = self._method_needs()
         if needs and not self._ckpt.has_model(method):
             self.status.value = (f"'{method}' needs a trained model and has none: train one here (Train a model...) "
                                  f"or with nucsynth train --model {method}, or pick a checkpoint file.")
+        elif self._job is None:
+            self.status.value = ""
 
     def _open_train(self, method: str) -> None:
         self.status.value = open_train_widget(self.viewer, method)
@@ -314,12 +331,22 @@ class SegmentWidget(WorkerWidget):
         n = len(np.unique(labels)) - (1 if labels.size and labels.min() == 0 else 0)
         self.progress.value = self.progress.max
         how = "post-processed cached network outputs" if job.post_only else "segmented"
-        self.status.value = f"'{out.name}': {n} nuclei ({how} in {secs:.2f} s)."
+        self.status.value = f"'{out.name}': {n} nuclei ({how} in {secs:.2f} s).{self._none_found(job, n)}"
+
+    def _none_found(self, job: _Job, n: int) -> str:
+        """A hint when a model found no nucleus: a model trained for a few steps, or for other images, does that."""
+        seg = self._segmenter(job.method)
+        if n or not getattr(seg, "needs_checkpoint", False):
+            return ""
+        ckpt = job.key[5]
+        which = f"The checkpoint {Path(ckpt).name}" if ckpt else f"The {job.method} model"
+        return (f" {which} found no nucleus: it may be undertrained (a run of a few steps finds nothing) or made "
+                "for other images. Try another checkpoint or lower thresholds, or train it longer.")
 
     def _output_layer(self, image_layer, method: str, labels: np.ndarray):
         from napari.layers import Labels
 
-        name = f"segmentation: {image_layer.name} ({method})"
+        name = output_name(SEGMENTATION, f"{image_layer.name} ({method})")
         mine = self._outputs.setdefault(image_layer, {})
         layer = mine.get(method)
         if layer is None or layer not in self.viewer.layers:
