@@ -95,6 +95,9 @@ def test_start_stop_resume_cycle(setup, qtbot, tmp_path):
     qtbot.waitUntil(lambda: widget.plot.points >= 3, timeout=TIMEOUT)  # the loss plot gets the steps
     assert {"loss"} <= set(widget.plot.series)
     qtbot.waitUntil(lambda: "steps/s" in widget.live_text and "left" in widget.live_text, timeout=TIMEOUT)
+    # the status line says it too, from the first measured steps (issue 20: it said "starting" for the whole run)
+    qtbot.waitUntil(lambda: "steps/s" in widget.status.value and "left." in widget.status.value, timeout=TIMEOUT)
+    assert widget.status.value.startswith("Training hovernet: step ")
     widget.plot.grab()  # paints (also when the viewer is hidden)
     assert widget.plot.redraws >= 1
     widget.start_btn.native.click()  # the button reads Stop
@@ -215,13 +218,8 @@ def test_bad_input_is_a_message(setup, qtbot, tmp_path):
     assert not widget.running and "JSON" in widget.status.value
 
 
-def test_error_in_training_is_notified_and_the_checkpoint_kept(setup, qtbot, monkeypatch, tmp_path):
-    from napari.utils.notifications import notification_manager
-
+def test_error_in_training_is_the_status_line_and_the_checkpoint_kept(setup, qtbot, monkeypatch, popups):
     import napari_nucsynth.train as train_mod
-
-    errors = []
-    monkeypatch.setattr(notification_manager, "receive_error", lambda *a, **k: errors.append(a))
 
     def broken(kind, images, labels, *, steps, out, on_update=None, **kw):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +232,9 @@ def test_error_in_training_is_notified_and_the_checkpoint_kept(setup, qtbot, mon
     widget = setup[3]
     widget.start()
     _wait_idle(widget, qtbot)
-    assert len(errors) == 1 and errors[0][0] is RuntimeError
-    assert "Training failed" in widget.status.value and "is kept" in widget.status.value
+    assert popups == []  # issue 20: once, in the status line (the traceback goes to the log), not a pop-up too
+    assert widget.status.value.startswith("Training hovernet failed: RuntimeError: CUDA error: out of memory")
+    assert "is kept" in widget.status.value
     assert widget.start_btn.text == "Start"
 
 
@@ -304,3 +303,60 @@ def test_joint_is_listed_when_installed(make_napari_viewer, qtbot, monkeypatch, 
     _wait_idle(widget, qtbot)
     assert calls == [("sian", "hovernet", "acgan", 1)]
     assert widget.result.path.name.startswith("joint-") and "train preview: joint" in viewer.layers
+
+
+def test_default_pairs_leave_out_the_plugins_outputs(setup):
+    """Issue 20: Start must not train on a prediction or an error overlay because they were preselected."""
+    from napari_nucsynth._widgets._outputs import ERRORS, MASKS, SEGMENTATION, output_name
+
+    viewer, image, labels, widget = setup
+    shape = labels.data.shape
+    seg = viewer.add_labels(np.zeros(shape, np.uint32), name=output_name(SEGMENTATION, "H&E (hovernet)"),
+                            metadata={SEGMENTATION: "H&E"})
+    errors = viewer.add_labels(np.zeros(shape, np.uint32), name="errors: something")  # marked by its name only
+    masks = viewer.add_labels(np.zeros(shape, np.uint32), name="clicks masks", metadata={MASKS: "clicks"})
+    widget.pairs.value = []
+    widget._reset()
+    assert widget.pairs.value == [(image, labels)]
+    offered = {lab for _, lab in widget.pairs.choices}
+    assert seg in offered and masks in offered  # still there to choose on purpose (pseudo-labels, clicked masks)
+    assert errors not in offered and errors not in widget.fit_to.choices  # TP/FP/FN classes are not nuclei
+    assert ERRORS not in errors.metadata
+
+
+def test_presets_set_the_length_of_the_run(setup):
+    from napari_nucsynth._widgets.train import CUSTOM, PRESETS, QUICK, STANDARD
+
+    _, _, _, widget = setup
+    assert widget.preset.value == CUSTOM  # the fixture set steps, crop and batch by hand
+    widget.preset.value = QUICK
+    assert (widget.steps.value, widget.crop.value, widget.batch.value) == (300, 128, 4)
+    assert widget.preset.value == QUICK
+    widget.crop.value = 96  # a field edited by hand: the run is no longer the preset
+    assert widget.preset.value == CUSTOM and widget.steps.value == 300
+    widget.preset.value = STANDARD
+    assert all(getattr(widget, k).value == v for k, v in PRESETS[STANDARD].items())
+
+
+def test_the_cost_on_a_cpu_is_said_before_start(setup):
+    from napari_nucsynth._widgets.train import QUICK, STANDARD
+
+    _, _, _, widget = setup
+    widget.status.value = "Training finished at step 12/12 in 0:03; saved x.pt."
+    widget.preset.value = STANDARD
+    widget.device.value = "cpu"
+    text = widget.status.value
+    assert text.startswith("On the CPU, 1000 steps of 256-px crops (batch 4) take about 28 min to 2.8 h"), text
+    assert QUICK in text and "time left is shown" in text
+    widget.preset.value = QUICK  # short enough: the hint goes
+    assert widget.status.value == ""
+
+
+def test_the_plugin_manifest_docks_it_in_a_scroll_area(make_napari_viewer):
+    from napari_nucsynth._widgets._dock import ScrollDock
+
+    viewer = make_napari_viewer()
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Train")
+    assert isinstance(dock, ScrollDock) and isinstance(dock._magic_widget, TrainWidget)
+    widget = dock._magic_widget
+    assert widget.preset.value == "Standard (1000 steps)" and widget.steps.value == 1000
