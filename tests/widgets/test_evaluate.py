@@ -40,6 +40,32 @@ def test_table_and_error_overlay(make_napari_viewer, qtbot):
     widget.run()
     qtbot.waitUntil(lambda: widget.run_btn.enabled, timeout=20000)
     assert sum(layer.name.startswith("errors") for layer in viewer.layers) == 1
+    # the overlay holds classes, not nuclei: it is never offered as a ground truth or a prediction
+    overlay = viewer.layers["errors: pred"]
+    assert overlay.metadata == {"nucsynth_errors_of": "pred"}
+    assert overlay not in widget.truth.choices and overlay not in widget.pred.choices
+
+
+def test_failures_are_the_status_line_only(make_napari_viewer, qtbot, popups, monkeypatch):
+    """Issue 20: an error shows once, in the status line, not also as napari's traceback pop-up."""
+    import napari_nucsynth._widgets.evaluate as evaluate
+
+    viewer = make_napari_viewer()
+    truth, pred = _pair()
+    viewer.add_labels(truth, name="truth")
+    viewer.add_labels(pred, name="pred")
+    widget = EvaluateWidget(viewer)
+    for error, status in ((ValueError("labels must be integers"), "Cannot evaluate: labels must be integers"),
+                          (MemoryError("4 GB"), "Evaluation failed: MemoryError: 4 GB")):
+
+        def broken(*a, error=error):
+            raise error
+
+        monkeypatch.setattr(evaluate, "instance_metrics", broken)
+        widget.run()
+        qtbot.waitUntil(lambda: widget.run_btn.enabled, timeout=20000)
+        assert widget.status.value == status and widget.result is None
+    assert popups == []
 
 
 def test_shape_mismatch_is_a_message(make_napari_viewer):

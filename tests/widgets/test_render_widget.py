@@ -268,7 +268,8 @@ def test_removing_the_labels_cancels_their_render(make_napari_viewer, qtbot, sam
 def test_widget_opens_from_the_plugin_manifest(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-nucsynth", "monuseg")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Render")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Render")
+    widget = dock._magic_widget
     assert isinstance(widget, RenderWidget)
     assert widget.style_combo.value is viewer.layers["H&E (MoNuSeg crop)"]
     assert widget.labels_combo.value is viewer.layers["nuclei (MoNuSeg labels)"]
@@ -310,6 +311,25 @@ def test_a_clicked_point_appears_in_the_live_render(make_napari_viewer, qtbot, s
     nucleus = masks.data == len(points.data)
     assert rgb_to_hed(out.data)[nucleus, 0].mean() > rgb_to_hed(before)[nucleus, 0].mean() + 0.05
     assert viewer.layers.selection.active is points  # the user can go on clicking
+
+
+def test_prefers_the_masks_made_from_the_clicks(make_napari_viewer):
+    """Issue 20: after Points to masks, Render opens on the masks just made, not on the sample's ground truth."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-nucsynth", "monuseg")
+    viewer.window.add_plugin_dock_widget("napari-nucsynth", "Points to masks")
+    masks = viewer.layers["centroids masks"]
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Render")
+    widget = dock._magic_widget
+    assert widget.labels_combo.value is masks
+    assert viewer.layers["nuclei (MoNuSeg labels)"] in widget.labels_combo.choices  # still there to choose
+
+
+def test_output_marks_are_the_shared_ones():
+    """The Render widget's marks are the ones the other widgets recognise its outputs by."""
+    from napari_nucsynth._widgets import _outputs, render
+
+    assert (render._MARK, render._GALLERY) == (_outputs.RENDER, _outputs.GALLERY)
 
 
 class _LearnedRenderer:

@@ -185,3 +185,53 @@ def test_classes_are_shown_edited_and_exported(make_napari_viewer, qtbot, tmp_pa
     assert np.array_equal(back["p1"].types, typed[1][3])
     cats = {c["id"]: c["name"] for c in json.loads((out / "annotations.json").read_text())["categories"]}
     assert cats[1] == "epithelial" and cats[2] == "lymphocyte"
+
+
+def test_undo_stays_within_the_pair_without_private_napari(make_napari_viewer, dataset, recwarn):
+    """Through the Plugins menu the widget gets napari's proxied viewer, which warns (FutureWarning) at every
+    private attribute: loading a pair must use none, and still leave nothing of the previous pair to undo."""
+    viewer = make_napari_viewer()
+    _, dock = viewer.window.add_plugin_dock_widget("napari-nucsynth", "Review")
+    w = dock._magic_widget
+    assert w.open(dataset), w.status.value
+    layer = viewer.layers[LABELS_NAME]
+    layer.mode = "paint"
+    with layer.block_history():
+        layer.data_setitem((np.array([20]), np.array([28])), 7)
+    w.accept()
+    shown = np.array(layer.data)
+    layer.undo()  # nothing to undo: the edit belonged to p0
+    assert w.current_id == "p1" and np.array_equal(layer.data, shown)
+    assert layer.mode == "paint" and layer.editable  # the user's tool is kept
+    with layer.block_history():  # and p1's own edits undo as before
+        layer.data_setitem((np.array([0]), np.array([0])), 5)
+    layer.undo()
+    assert np.array_equal(layer.data, shown)
+    private = [str(x.message) for x in recwarn if "Private attribute" in str(x.message)]
+    assert not private, private
+
+
+def test_export_errors_name_the_checkbox_and_are_not_popups(make_napari_viewer, qtbot, dataset, tmp_path, popups,
+                                                           monkeypatch):
+    viewer, w = _widget(make_napari_viewer, dataset)
+    w.accept()
+    w.out.value = tmp_path / "export"
+    for _ in range(2):  # the second export meets the first one's files
+        w.export()
+        qtbot.waitUntil(lambda: not w.exporting, timeout=TIMEOUT)
+    assert w.status.value.startswith("Cannot export: ") and "exists" in w.status.value
+    assert f"Tick '{w.overwrite.text}'" in w.status.value and "overwrite=True" not in w.status.value
+    w.overwrite.value = True
+    w.export()
+    qtbot.waitUntil(lambda: not w.exporting, timeout=TIMEOUT)
+    assert "Exported 1" in w.status.value
+
+    import napari_nucsynth._widgets.review as review
+
+    def broken(*a, **k):
+        raise KeyError("pairs")
+
+    monkeypatch.setattr(review, "export_pairs", broken)
+    w.export()
+    qtbot.waitUntil(lambda: not w.exporting, timeout=TIMEOUT)
+    assert w.status.value == "Export failed: KeyError: 'pairs'" and popups == []

@@ -6,9 +6,12 @@ adds the overlay layer.
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, Table
+from magicgui.widgets import ComboBox, Container, PushButton, Table
 
 from ..metrics import ERROR_CLASSES, METRICS, error_map, instance_metrics
+from ._dock import wrapping_label
+from ._outputs import ERRORS, output_kind, output_name
+from ._worker import error_message, start_worker
 
 #: Overlay colours, as pathologists read error maps: green found, red spurious, yellow missed.
 ERROR_COLOURS = {0: "transparent", 1: "#2ca02c", 2: "#d62728", 3: "#ffd700", None: "transparent"}
@@ -28,8 +31,8 @@ class EvaluateWidget(Container):
         self.pred = ComboBox(label="Prediction", choices=self._labels_choices)
         self.run_btn = PushButton(text="Evaluate")
         self.table = Table(value={"metric": [], "value": []})
-        self.legend = Label(value="overlay: green = true positive, red = false positive, yellow = false negative")
-        self.status = Label(value="")
+        self.legend = wrapping_label("overlay: green = true positive, red = false positive, yellow = false negative")
+        self.status = wrapping_label()
         self.extend([self.truth, self.pred, self.run_btn, self.table, self.legend, self.status])
         self.run_btn.changed.connect(lambda _=None: self.run())
         viewer.layers.events.inserted.connect(self._reset)
@@ -41,7 +44,8 @@ class EvaluateWidget(Container):
     def _labels_choices(self, _=None):
         from napari.layers import Labels
 
-        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels) and not lyr.name.startswith("errors")]
+        return [(lyr.name, lyr) for lyr in self.viewer.layers
+                if isinstance(lyr, Labels) and output_kind(lyr) != ERRORS]  # an overlay holds classes, not nuclei
 
     def _reset(self, _=None):
         self.truth.reset_choices()
@@ -59,8 +63,6 @@ class EvaluateWidget(Container):
         if t.data.shape != p.data.shape:
             self.status.value = f"The layers differ in shape: {t.data.shape} and {p.data.shape}."
             return
-        from napari.qt.threading import create_worker
-
         true, pred = np.asarray(t.data), np.asarray(p.data)
 
         def compute():
@@ -68,28 +70,23 @@ class EvaluateWidget(Container):
 
         self.status.value = "Evaluating..."
         self.run_btn.enabled = False
-        worker = create_worker(compute)
-        worker.returned.connect(lambda res: self._show(res, p.name))
-        worker.errored.connect(self._failed)
-        worker.finished.connect(lambda: setattr(self.run_btn, "enabled", True))
-        self._worker = worker
-        worker.start()
+        self._worker = start_worker(compute, returned=lambda res: self._show(res, p.name), errored=self._failed,
+                                    finished=lambda: setattr(self.run_btn, "enabled", True))
 
     def _failed(self, exc):
-        self.status.value = f"Evaluation failed: {exc}"
+        self.status.value = error_message(exc, "evaluate", "Evaluation")
 
     def _show(self, res, pred_name: str):
         values, errors = res
         self.result = values
         self.table.value = {"metric": [_LABELS[k] for k in METRICS], "value": [f"{values[k]:.4f}" for k in METRICS]}
-        name = f"errors: {pred_name}"
+        name = output_name(ERRORS, pred_name)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = errors
         else:
             from napari.utils.colormaps import DirectLabelColormap
 
-            self.viewer.add_labels(
-                errors, name=name, opacity=0.6, colormap=DirectLabelColormap(color_dict=ERROR_COLOURS)
-            )
+            self.viewer.add_labels(errors, name=name, opacity=0.6, metadata={ERRORS: pred_name},
+                                   colormap=DirectLabelColormap(color_dict=ERROR_COLOURS))
         counts = np.bincount(errors.ravel(), minlength=4)
         self.status.value = "Pixels: " + ", ".join(f"{ERROR_CLASSES[i]} {counts[i]}" for i in (1, 2, 3))

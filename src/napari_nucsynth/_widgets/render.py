@@ -31,6 +31,7 @@ from ..devices import available_devices
 from ..models import checkpoint_dir
 from ..render import gallery, get_renderer, interpolatable_methods, interpolate, render, renderers
 from ._checkpoints import CheckpointPicker, open_train_widget
+from ._outputs import MASKS, output_kind
 from ._worker import CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
 #: Milliseconds of quiet after a labels edit before a live re-render starts (edits in between restart the wait).
@@ -173,9 +174,11 @@ class RenderWidget(WorkerWidget):
 
     # ---- layer choices -----------------------------------------------------------------------------------------
     def _labels_choices(self, _=None):
+        """Every Labels layer, the masks made from clicks (Points to masks) first: the default is what to render."""
         from napari.layers import Labels
 
-        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels)]
+        labels = [lyr for lyr in self.viewer.layers if isinstance(lyr, Labels)]
+        return [(lyr.name, lyr) for lyr in sorted(labels, key=lambda lyr: output_kind(lyr) != MASKS)]
 
     def _style_choices(self, _=None):
         """Every Image layer but the widget's own outputs; RGB ones first, so the default is a sensible one."""

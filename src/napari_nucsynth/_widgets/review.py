@@ -38,7 +38,8 @@ from ..io.review import (
     read_review,
     record,
 )
-from ._worker import CloseWatcher
+from ._dock import wrapping_label
+from ._worker import CloseWatcher, error_message, start_worker
 
 #: Viewer shortcuts while the widget is open (none clashes with napari's Labels-layer keys: 1-7, E, P, F, L, Z,
 #: M, X, B, -, =, [, ], Escape, Enter).
@@ -88,8 +89,7 @@ class ReviewWidget(Container):
         self.folder = FileEdit(label="Dataset", mode="d")
         self.folder.tooltip = "A folder with a manifest.json, or a folder of image + label pairs"
         self.open_btn = PushButton(text="Open")
-        self.pair_info = Label(value="No dataset open.")
-        self.pair_info.native.setWordWrap(True)
+        self.pair_info = wrapping_label("No dataset open.")
         self.accept_btn = PushButton(text="Accept (Shift+A)")
         self.reject_btn = PushButton(text="Reject (Shift+R)")
         self.skip_btn = PushButton(text="Skip (Shift+S)")
@@ -104,8 +104,7 @@ class ReviewWidget(Container):
         self.overwrite = CheckBox(text="overwrite existing files", value=False)
         self.export_btn = PushButton(text="Export accepted")
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)
+        self.status = wrapping_label()
         self.extend([self.folder, self.open_btn, self.pair_info, row1, row2, self.counter, self.fmt, self.out,
                      self.overwrite, self.export_btn, self.progress, self.status])
 
@@ -249,13 +248,17 @@ class ReviewWidget(Container):
 
     @staticmethod
     def _clear_history(layer) -> None:
-        """Forget the undo/redo history (it belongs to the previous pair)."""
-        reset = getattr(layer, "_reset_history", None)
-        if callable(reset):
-            reset()
-        else:  # pragma: no cover - a napari without the private helper
-            for name in ("_undo_history", "_redo_history"):
-                getattr(layer, name, []).clear()
+        """Forget the undo/redo history (it belongs to the previous pair).
+
+        napari has no public call for it; a Labels layer that stops being editable drops its history (napari 0.5 to
+        0.9), so the layer is made read-only and editable again, in its tool mode. The private ``_reset_history``
+        printed a FutureWarning on every pair through the viewer napari hands to plugins and goes in napari 0.10.
+        ``test_undo_stays_within_the_pair`` checks that the history is gone.
+        """
+        mode = layer.mode
+        layer.editable = False
+        layer.editable = True
+        layer.mode = mode
 
     def _current_labels(self) -> np.ndarray | None:
         return self._layer_data(self._labels_layer, self._baseline)
@@ -397,7 +400,6 @@ class ReviewWidget(Container):
             return
         overwrite = bool(self.overwrite.value)
 
-        from napari.qt.threading import create_worker
         from superqt.utils import ensure_main_thread
 
         job = {"cancelled": False, "n": len(pairs), "out": out, "fmt": fmt}
@@ -417,12 +419,9 @@ class ReviewWidget(Container):
         self.export_btn.text = "Cancel export"
         self.progress.max, self.progress.value = max(len(pairs), 1), 0
         self.status.value = f"Exporting {len(pairs)} accepted pairs as {fmt} to {out}..."
-        worker = create_worker(work, _ignore_errors=True)
-        worker.returned.connect(lambda manifest: self._on_exported(job, manifest))
-        worker.errored.connect(lambda exc: self._on_export_error(job, exc))
-        worker.finished.connect(lambda: self._on_export_finished(job))
-        self._worker = worker
-        worker.start()
+        self._worker = start_worker(work, returned=lambda manifest: self._on_exported(job, manifest),
+                                    errored=lambda exc: self._on_export_error(job, exc),
+                                    finished=lambda: self._on_export_finished(job))
 
     def _on_exported(self, job: dict, manifest: dict) -> None:
         if self._closed:
@@ -437,13 +436,12 @@ class ReviewWidget(Container):
     def _on_export_error(self, job: dict, exc: BaseException) -> None:
         if self._closed:
             return
-        if isinstance(exc, (ValueError, FileExistsError, OSError)):
-            self.status.value = f"Cannot export: {exc}"
+        if isinstance(exc, FileExistsError):  # the library's message names its argument; the user has a checkbox
+            what = str(exc).split(";")[0]
+            self.status.value = (f"Cannot export: {what}. Tick '{self.overwrite.text}' to replace it, or export to "
+                                 "another folder.")
             return
-        self.status.value = f"Export failed: {type(exc).__name__}: {exc}"
-        from napari.utils.notifications import notification_manager
-
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+        self.status.value = error_message(exc, "export", "Export", expected=(ValueError, OSError))
 
     def _on_export_finished(self, job: dict) -> None:
         if job is not self._export_job:
