@@ -27,7 +27,13 @@ Ctrl-C or SIGTERM stops after the current step, saves the checkpoint and prints 
 same step count, optimiser and random state.
 
 ``nucsynth generate`` shows a progress bar on a terminal (a line every 5 s otherwise); an interrupted run (Ctrl-C,
-``kill -9``) continues with the same command plus ``--resume`` (docs/generate.md).
+``kill -9``) continues with the same command plus ``--resume`` (docs/generate.md). It reads every style tile before
+it writes anything, and refuses to start when one cannot be read.
+
+Errors, for every command: a file that cannot be read (missing, truncated, not what it should be), an output whose
+extension its writer does not know, a size that cannot fit in memory, a setting that makes no sense: one line on
+stderr, ``nucsynth <command>: error: <what is wrong, naming the file>``, and exit status 2, before any output is
+written where that can be known in advance. ``NUCSYNTH_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -40,10 +46,38 @@ import time
 from pathlib import Path
 
 
+#: Bytes of memory a pixel costs at peak, measured: ``sample-masks`` (the uint32 map, its copy on the way to the
+#: writer and the writer's) and ``generate`` (per rendering process, for one pair: image, labels, masks, the
+#: renderer's float maps).
+_BYTES_PER_PIXEL = {"sample-masks": 12, "generate": 150}
+
+
+def _check_memory(option: str, shape, command: str, processes: int = 1) -> None:
+    """Refuse an output size that cannot fit in the memory available now, before the work starts (numpy's
+    ``MemoryError`` comes late, and on Linux an allocation that succeeds may still end with the process killed)."""
+    h, w = (int(v) for v in shape)
+    if h <= 0 or w <= 0:
+        return  # the operation's own check says what is wrong
+    need = h * w * _BYTES_PER_PIXEL[command] * processes
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except Exception:  # noqa: BLE001 - no way to know: MemoryError, if it comes, is reported by main()
+        return
+    if need > avail:
+        gib = 2**30
+        raise ValueError(f"{option} {h} {w}: {h} x {w} pixels need about {need / gib:,.1f} GiB of memory"
+                         f"{f' ({processes} processes)' if processes > 1 else ''} and {avail / gib:,.1f} GiB are "
+                         "available; ask for a smaller size")
+
+
 def _sample_masks(args) -> int:
-    from .io import read_labels, read_points_csv, write_labels
+    from .io import check_output, read_labels, read_points_csv, write_labels
     from .masks import ShapePrior, sample_masks
 
+    check_output(args.out, "labels", name="--out")
+    _check_memory("--shape", args.shape, "sample-masks")
     points, classes = read_points_csv(args.points)
     prior = None
     if args.prior:
@@ -56,9 +90,10 @@ def _sample_masks(args) -> int:
 
 
 def _random_points(args) -> int:
-    from .io import read_labels, write_points_csv
+    from .io import check_output, read_labels, write_points_csv
     from .points import fit_point_process, random_points
 
+    check_output(args.out, "points", name="--out")
     like = read_labels(args.like)
     params = fit_point_process(like)
     shape = tuple(args.shape) if args.shape else like.shape
@@ -69,42 +104,40 @@ def _random_points(args) -> int:
 
 
 def _render(args) -> int:
-    import imageio.v3 as iio
-
-    from .io import read_image, read_labels
+    from .io import check_output, read_image, read_labels, write_image
     from .render import render
 
+    path = check_output(args.out, "image", name="--out")
     labels = read_labels(args.labels)
     style = read_image(args.style)
     style_labels = read_labels(args.style_labels) if args.style_labels else None
     out = render(labels, style, method=args.method, style_labels=style_labels, seed=args.seed, device=args.device,
                  checkpoint=args.checkpoint)
-    path = Path(args.out)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    iio.imwrite(tmp, out)
-    tmp.replace(path)
+    write_image(path, out)
     print(f"wrote {path} ({out.shape[0]} x {out.shape[1]}, method {args.method})")
     return 0
 
 
 def _segment(args) -> int:
-    from .io import read_image, write_labels
-    from .segment import segment
+    from .io import check_output, read_image, write_labels
+    from .segment import get_segmenter, segment
 
-    image, out = Path(args.image), Path(args.out)
-    if not image.is_file():
-        raise ValueError(f"image file not found: {image}")
-    if out.suffix.lower() not in _LABEL_SUFFIXES:
-        raise ValueError(f"unsupported label file {out.name}: use one of {', '.join(_LABEL_SUFFIXES)}")
-    try:
-        img = read_image(image)
-    except Exception as e:  # noqa: BLE001 - imageio raises OSError, struct.error, ... for files that are not images
-        raise ValueError(f"cannot read {image} as an image: {e}") from None
+    out = check_output(args.out, "labels", name="--out")
+    if args.checkpoint is not None and not getattr(get_segmenter(args.method), "needs_checkpoint", True):
+        raise ValueError(f"--checkpoint {args.checkpoint}: the {args.method} method runs no trained model; "
+                         f"use a --method that does ({', '.join(_model_segmenters())})")
+    img = read_image(args.image)
     labels = segment(img, method=args.method, checkpoint=args.checkpoint, device=args.device, tta=args.tta)
     write_labels(out, labels)
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {int(labels.max())} nuclei, method {args.method}"
           + (", tta" if args.tta else "") + ")")
     return 0
+
+
+def _model_segmenters() -> list[str]:
+    from .segment import get_segmenter, segmenters
+
+    return [m for m in segmenters() if getattr(get_segmenter(m), "needs_checkpoint", True)]
 
 
 def _average(args) -> int:
@@ -382,12 +415,12 @@ def _train_joint(args, config, world, stop, kw):
                        **extra, **kw)
 
 
-_LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
-
-
 def _label_files(path: Path) -> dict[str, Path]:
+    from .io import EXTENSIONS
+
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _LABEL_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in EXTENSIONS["labels"] and not p.name.startswith("."))
         stems: dict[str, Path] = {}
         for f in files:
             if f.stem in stems:
@@ -463,9 +496,35 @@ class _GenerateReport:
             self.bar = None
 
 
+def _check_styles(styles: Path) -> None:
+    """Every image file of the style folder can be read: a bad tile is named before anything is written (rather than
+    failing the run when a pair first draws it)."""
+    from .io import EXTENSIONS, verify_image
+
+    if not styles.is_dir():
+        return  # generate() says what --styles must be
+    tiles = sorted(p for p in styles.iterdir()
+                   if p.is_file() and p.suffix.lower() in EXTENSIONS["image"] and not p.name.startswith("."))
+    bad = []
+    for p in tiles:
+        try:
+            verify_image(p)
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError(f"--styles {styles}: {len(bad)} of {len(tiles)} tiles cannot be read, so nothing was "
+                         f"written (remove or replace them): {'; '.join(bad)}")
+
+
 def _generate(args) -> int:
     from .generate import generate
 
+    _check_memory("--size", args.size, "generate", processes=max(1, args.workers))
+    _check_styles(Path(args.styles))
+    if args.checkpoint is not None and Path(args.checkpoint).is_file():
+        from .models import load_checkpoint
+
+        load_checkpoint(args.checkpoint)  # a file that is no checkpoint is refused before anything is written
     report = _GenerateReport()
     with _StopOnSignal(announce=False) as stop:
         try:
@@ -522,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("random-points", help="a random nucleus layout fitted to a real label map")
     p.add_argument("--like", required=True, help="a real instance label map to fit the point process to")
-    p.add_argument("--out", required=True, help="napari points CSV to write")
+    p.add_argument("--out", required=True, help="napari points CSV to write (.csv)")
     p.add_argument("--process", choices=("poisson", "hardcore", "cluster"), default="cluster")
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="layout size (default: that of --like)")
     p.add_argument("--seed", type=int, default=None)
@@ -538,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", help="trained model of a learned renderer (default: the shipped one, if any)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (learned renderers)")
-    p.add_argument("--out", required=True, help="output image (.png)")
+    p.add_argument("--out", required=True, help="output image: .png, .tif, .tiff, .jpg, .jpeg or .bmp")
     p.set_defaults(func=_render)
 
     p = sub.add_parser("evaluate", help="instance metrics (AJI, AJI+, Dice, Dice 2, DQ/SQ/PQ, F1) of predictions")
@@ -656,14 +715,44 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as a message: bad input or settings (ValueError), files (OSError), memory (numpy's
+    MemoryError, torch's out-of-memory error when torch is loaded). Anything else is a bug and keeps its traceback."""
+    errors: list[type[BaseException]] = [ValueError, OSError, MemoryError]
+    oom = getattr(getattr(sys.modules.get("torch"), "cuda", None), "OutOfMemoryError", None)
+    if isinstance(oom, type):
+        errors.append(oom)
+    return tuple(errors)
+
+
+def _message(e: BaseException) -> str:
+    """One line that says what is wrong (and names the file: OSError carries it in ``filename``)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 is not None else "")
+    elif isinstance(e, (ValueError, OSError)):
+        msg = str(e)
+    else:  # out of memory: numpy says what it tried to allocate; torch adds a paragraph of allocator advice
+        msg = "out of memory: " + ". ".join(str(e).split(". ")[:2])
+    return " ".join(msg.split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors a user can fix are one line on stderr and exit status 2 (see the module docstring);
+    Ctrl-C is exit status 130 (``train`` and ``generate`` first stop cleanly and save)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:
-        print(f"nucsynth {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if os.environ.get("NUCSYNTH_DEBUG"):
+            raise
+        print(f"\nnucsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if os.environ.get("NUCSYNTH_DEBUG"):
+            raise
+        print(f"nucsynth {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 
