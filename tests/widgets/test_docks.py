@@ -50,3 +50,18 @@ def test_dropdowns_follow_renames_and_closing_stops_the_widget(make_napari_viewe
     widget._cache = ("key", np.zeros(1))
     viewer.window.remove_dock_widget(dock_widget)  # the dock's close button
     assert widget._cache is None  # the widget learnt that it was closed (maps freed, jobs cancelled)
+
+
+def test_a_dock_widens_when_its_content_needs_it(make_napari_viewer, qtbot):
+    """Controls added after docking (a method's parameters, a longer text) widen the dock instead of being clipped
+    on the right (the scroll area kept the size it had when docked)."""
+    from magicgui.widgets import PushButton
+
+    viewer = make_napari_viewer(show=True)
+    _, dock = viewer.window.add_plugin_dock_widget(PLUGIN, "Evaluate")
+    _settle(qtbot)
+    before = dock.viewport().width()
+    dock._magic_widget.append(PushButton(text="a control wider than the dock was " * 3))
+    _settle(qtbot)
+    need = dock.widget().minimumSizeHint().width()
+    assert need > before and dock.viewport().width() >= need

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 from magicgui.widgets import Label
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import QEvent, QSize, Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
 
 from ._worker import CloseWatcher
@@ -37,9 +37,13 @@ DOCKS = {
 
 
 def wrapping_label(value: str = "") -> Label:
-    """A status label whose long lines wrap instead of widening the dock."""
+    """A status label whose long lines wrap instead of widening the dock; it takes the row's whole width (a wrapping
+    label would otherwise get a narrow width of Qt's choosing, and wrap short lines)."""
     label = Label(value=value)
     label.native.setWordWrap(True)
+    policy = label.native.sizePolicy()  # (keeps the height-for-width that word wrap set)
+    policy.setHorizontalPolicy(QSizePolicy.Policy.Expanding)
+    label.native.setSizePolicy(policy)
     return label
 
 
@@ -61,6 +65,13 @@ class ScrollDock(QScrollArea):
         watcher = content.findChild(CloseWatcher)
         if watcher is not None:  # the dock's close button reparents this wrapper, not the widget inside it
             watcher.watch(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+        """The content's size needs changed (a control added, a longer text): so do the dock's, which Qt would
+        otherwise keep from when it was docked, clipping the controls on the right."""
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(obj, event)
 
     def reset_choices(self, *_) -> None:
         """napari calls this on layer list changes: refresh the widget's dropdowns."""
