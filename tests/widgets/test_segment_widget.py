@@ -482,3 +482,20 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_aloud(setup, tmp_path):
     assert png not in widget.checkpoint.choices and widget.checkpoint.value is None
     widget.browse.value = tmp_path / "gone.pt"
     assert "does not exist" in widget.status.value
+
+
+def test_methods_without_a_model_are_labelled_in_the_list(make_napari_viewer, monkeypatch, tmp_path):
+    """Issue 20, item 10: a newcomer sees which methods run out of the box before choosing one."""
+    from napari_nucsynth.segment import get_segmenter
+
+    monkeypatch.setenv("NUCSYNTH_MODELS", str(tmp_path))  # no saved models
+    if getattr(get_segmenter("maskrcnn"), "default_checkpoint", None) is not None and \
+            get_segmenter("maskrcnn").default_checkpoint.is_file():
+        pytest.skip("a maskrcnn model ships: nothing to label")
+    viewer = make_napari_viewer()
+    w = SegmentWidget(viewer)
+    labels = {w.method.choices[i]: w.method.native.itemText(i) for i in range(len(w.method.choices))}
+    assert labels["maskrcnn"].startswith("maskrcnn (no model yet")
+    assert labels["watershed"] == "watershed" and labels["hovernet"] == "hovernet"  # the shipped model runs
+    w.method.value = "maskrcnn"  # still choosable: the status says how to train one
+    assert w.method.value == "maskrcnn" and "Train a model" in w.status.value

@@ -34,6 +34,18 @@ def _list_checkpoints(kind: str, folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+class MethodBox:
+    """Mixin for widgets with a method box ``self.method`` and a :class:`CheckpointPicker` ``self._ckpt``: napari
+    resets every dropdown on layer changes, and a method whose label just changed (a model saved for it) must
+    stay chosen."""
+
+    def reset_choices(self, *args) -> None:
+        value = self.method.value
+        with self.method.changed.blocked():
+            super().reset_choices(*args)
+        self._ckpt.relabel_all(self.method, keep=value)
+
+
 def open_train_widget(viewer, kind: str) -> str:
     """Dock the Train widget (or show the docked one) with model ``kind`` chosen; returns a status line."""
     try:
@@ -98,6 +110,40 @@ class CheckpointPicker:
         out += [(p.name, p) for p in saved]
         out += [(str(p), p) for p in self._browsed.get(method, []) if p not in saved]
         return out
+
+    def method_choices(self, names, get) -> list[tuple[str, str]]:
+        """Dropdown choices ``(label, name)`` for the method names: a method that needs a model and has none is
+        labelled so (``"maskrcnn (no model yet: Train a model...)"``), so that a newcomer sees before choosing it
+        which methods run out of the box. ``get(name)`` is the registry's instance."""
+        out = []
+        for name in names:
+            try:
+                needs = bool(getattr(get(name), "needs_checkpoint", False))
+            except ValueError:
+                needs = False
+            label = f"{name} (no model yet: Train a model...)" if needs and not self.has_model(name) else name
+            out.append((label, name))
+        return out
+
+    def relabel_all(self, combo, keep=None) -> None:
+        """Rebuild a method box's list in registry order with the labels of :meth:`method_choices` (magicgui keys
+        items by label: an item whose label changes would move to the end, or lose the selection), keeping the
+        choice (or choosing ``keep``) without firing a change event."""
+        value = combo.value if keep is None else keep
+        with combo.changed.blocked():
+            combo.native.clear()
+            combo.reset_choices()
+            if value in combo.choices:
+                combo.value = value
+
+    def relabel(self, combo) -> None:
+        """Re-read a method box's labels when its chosen method has a model now (saved or picked since), keeping
+        the choice and firing no change event."""
+        if combo.value is not None and self.has_model(combo.value) and "no model" in combo.current_choice:
+            with combo.changed.blocked():
+                value = combo.value
+                combo.reset_choices()
+                combo.value = value
 
     def has_model(self, method: str) -> bool:
         """Whether ``method`` has a model to run: a shipped one, a saved one or a picked file."""

@@ -30,7 +30,7 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..models import checkpoint_dir
 from ..render import gallery, get_renderer, interpolatable_methods, interpolate, render, renderers
-from ._checkpoints import CheckpointPicker, open_train_widget
+from ._checkpoints import CheckpointPicker, MethodBox, open_train_widget
 from ._outputs import MASKS, output_kind
 from ._worker import CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
@@ -48,7 +48,7 @@ class _GalleryJob(Job):
     """A gallery in flight: a moved style slider waits for it instead of cancelling it."""
 
 
-class RenderWidget(WorkerWidget):
+class RenderWidget(MethodBox, WorkerWidget):
     """Render a Labels layer as a synthetic H&E image in the style of a reference Image layer.
 
     The result goes into an RGB Image layer named ``"render: <labels name>"`` with the labels layer's scale and
@@ -92,11 +92,13 @@ class RenderWidget(WorkerWidget):
         self.style_combo = ComboBox(label="Style", choices=self._style_choices)
         self.style_labels_combo = ComboBox(label="Style labels", choices=self._style_labels_choices)
         methods = renderers()
-        self.method = ComboBox(label="Method", choices=lambda _=None: renderers(),  # refreshed with the layers
+        # refreshed with the layers; methods without a model are labelled so
+        self.method = ComboBox(label="Method", choices=self._method_choices,
                                value="classic" if "classic" in methods else methods[0])
         self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg),
                                       shipped=lambda m: getattr(get_renderer(m), "default_checkpoint", None),
                                       train=self._open_train)
+        self._ckpt.relabel_all(self.method)
         self.checkpoint, self.browse, self.train_model_btn = self._ckpt.combo, self._ckpt.browse, self._ckpt.train_btn
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
@@ -150,10 +152,16 @@ class RenderWidget(WorkerWidget):
             r = None
         return method, r is not None and bool(getattr(r, "needs_checkpoint", False))
 
+    def _method_choices(self, _=None):
+        names = renderers()
+        picker = getattr(self, "_ckpt", None)  # built after the method box
+        return picker.method_choices(names, get_renderer) if picker is not None else names
+
     def _on_method(self, _=None):
         """Enable the checkpoint controls for learned renderers; say so when one has no model to run yet. Show the
         style interpolation controls for methods that can blend styles."""
         self._ckpt.refresh()
+        self._ckpt.relabel(self.method)
         can = self._can_interpolate()
         self.style_b.visible = self.position.visible = can
         if can and self.style_b.value is self.style_combo.value:  # a second style is what the slider is for
@@ -193,8 +201,9 @@ class RenderWidget(WorkerWidget):
 
     def _reset(self, _=None):
         """Refresh the dropdowns (a choice that still exists stays chosen) and drop a removed live layer."""
-        for combo in (self.labels_combo, self.style_combo, self.style_labels_combo, self.style_b, self.method):
-            combo.reset_choices()  # a renderer registered since (e.g. by another plugin) appears too
+        for combo in (self.labels_combo, self.style_combo, self.style_labels_combo, self.style_b):
+            combo.reset_choices()
+        self._ckpt.relabel_all(self.method)  # a renderer registered since (e.g. by another plugin) appears too
         self._ckpt.refresh()
         if self._live_layer is not None and self._live_layer not in self.viewer.layers:
             self._connect_live()

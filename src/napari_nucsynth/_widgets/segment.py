@@ -30,7 +30,7 @@ from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
 from ..segment import get_segmenter, segmenters
-from ._checkpoints import CheckpointPicker, open_train_widget
+from ._checkpoints import CheckpointPicker, MethodBox, open_train_widget
 from ._dock import wrapping_label
 from ._outputs import SEGMENTATION, output_name
 from ._worker import Cancelled, CloseWatcher, Job, WorkerWidget, release_gpu_memory
@@ -61,7 +61,7 @@ def _param_specs(seg) -> dict:
     return dict(getattr(seg, "params", None) or {})
 
 
-class SegmentWidget(WorkerWidget):
+class SegmentWidget(MethodBox, WorkerWidget):
     """Segment the nuclei of an Image layer with a registered segmenter.
 
     The result goes into a uint32 Labels layer named ``"segmentation: <image name> (<method>)"`` with the image
@@ -99,10 +99,12 @@ class SegmentWidget(WorkerWidget):
         self.result: np.ndarray | None = None  # the last labels (for scripts and tests)
 
         self.image_combo = ComboBox(label="Image", choices=self._image_choices)
-        self.method = ComboBox(label="Method", choices=lambda _=None: segmenters())  # refreshed with the layers
+        # refreshed with the layers; methods without a model are labelled so
+        self.method = ComboBox(label="Method", choices=self._method_choices)
         self._ckpt = CheckpointPicker(self._method_needs, lambda msg: setattr(self.status, "value", msg),
                                       shipped=lambda m: getattr(self._segmenter(m), "default_checkpoint", None),
                                       train=self._open_train)
+        self._ckpt.relabel_all(self.method)
         best = self._best_method()
         if best is not None:
             self.method.value = best
@@ -137,6 +139,11 @@ class SegmentWidget(WorkerWidget):
         imgs = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
         return [(lyr.name, lyr) for lyr in sorted(imgs, key=lambda lyr: not lyr.rgb)]
 
+    def _method_choices(self, _=None):
+        names = segmenters()
+        picker = getattr(self, "_ckpt", None)  # built after the method box
+        return picker.method_choices(names, get_segmenter) if picker is not None else names
+
     def _segmenter(self, method: str | None = None, strict: bool = False):
         """An instance of the chosen (or named) segmenter; None when there is none (unless ``strict``: then an
         unregistered name is the registry's ``ValueError``)."""
@@ -166,7 +173,7 @@ class SegmentWidget(WorkerWidget):
     def _reset(self, _=None):
         """Refresh the dropdowns (a choice that still exists stays chosen); drop what belonged to a removed image."""
         self.image_combo.reset_choices()
-        self.method.reset_choices()  # a segmenter registered since (e.g. by another plugin) appears
+        self._ckpt.relabel_all(self.method)  # a segmenter registered since (e.g. by another plugin) appears
         self._ckpt.refresh()
         layers = self.viewer.layers
         if self._cache is not None and self._cache[0][0] not in layers:
@@ -181,6 +188,7 @@ class SegmentWidget(WorkerWidget):
         """Show the method's parameters and checkpoints; the status line now speaks of this method (a message about
         the previous one, e.g. its error, goes), unless a job is running."""
         self._ckpt.refresh()
+        self._ckpt.relabel(self.method)
         self._build_params(self._segmenter())
         method, needs = self._method_needs()
         if needs and not self._ckpt.has_model(method):
