@@ -25,24 +25,22 @@ from napari_nucsynth.io import (
 )
 from napari_nucsynth.stain import clahe, stain_domains
 
-MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train"
 SIZE = (128, 128)
 
 
 @pytest.fixture(scope="module")
-def bank(tmp_path_factory) -> Path:
+def bank(tmp_path_factory, monuseg_tiles, load_tile) -> Path:
     """Four 160 x 160 crops of MoNuSeg tiles (and their labels in labels/) in a temporary folder."""
-    if not (MONUSEG / "images").is_dir():
-        pytest.skip("MoNuSeg training tiles not found")
     import imageio.v3 as iio
 
     root = tmp_path_factory.mktemp("bank")
     (root / "labels").mkdir()
-    for f in sorted((MONUSEG / "images").glob("*.png"))[:4]:
-        img = read_image(f)[:160, :160, :3]
-        lab = read_labels(MONUSEG / "labels" / f.name)[:160, :160]
-        iio.imwrite(root / f.name, img)
-        write_labels(root / "labels" / (f.stem + ".tif"), lab)
+    tiles = [(t, *load_tile(t)) for t in monuseg_tiles]
+    tiles = [(t, img, lab) for t, img, lab in tiles if img is not None and min(img.shape[:2]) >= 160][:4]
+    assert len(tiles) == 4
+    for stem, img, lab in tiles:
+        iio.imwrite(root / f"{stem}.png", img[:160, :160, :3])
+        write_labels(root / "labels" / f"{stem}.tif", lab[:160, :160])
     return root
 
 

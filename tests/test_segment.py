@@ -18,13 +18,13 @@ from napari_nucsynth.tiling import (
     tta_instances,
 )
 
-TILE = "TCGA-A7-A13F-01Z-00-DX1"  # breast, ~360 nuclei of mixed sizes
+TILE = "TCGA-A7-A13F-01Z-00-DX1"  # breast, ~360 nuclei of mixed sizes; the fixture ships its [:400, :400]
 
 
 @pytest.fixture(scope="module")
 def crop(load_tile):
     img, lab = load_tile(TILE)
-    return img[300:556, 300:556], lab[300:556, 300:556]
+    return img[144:400, 144:400], lab[144:400, 144:400]
 
 
 def _contiguous(lab: np.ndarray) -> bool:
@@ -287,7 +287,7 @@ def test_segment_tiled_small_image_one_call():
 def test_segment_tiled_real_crop_splits_no_nuclei(load_tile):
     from napari_nucsynth.segment.watershed import _density, _threshold, watershed_labels
 
-    img = load_tile(TILE)[0][100:484, 200:584]
+    img = load_tile(TILE)[0][16:400, 16:400]
     thr = _threshold(_density(img, 1.0), 1.1)
 
     def fn(t):
