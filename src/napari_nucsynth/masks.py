@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from ._checks import SeedLike, as_classes, as_labels, as_points, as_rng, as_shape
+from ._checks import SeedLike, as_classes, as_labels, as_points, as_rgb, as_rng, as_shape
 
 __all__ = [
     "ClassPrior",
@@ -41,6 +41,18 @@ __all__ = [
     "direction_map",
     "descriptors",
 ]
+
+#: Masks fitted to a real image's nuclei live in :mod:`napari_nucsynth.annotate`; these names are re-exported here
+#: lazily (importing this module does not import that one).
+_ANNOTATE_NAMES = frozenset({"fit_masks", "MaskFitter", "FitResult", "fit_methods"})
+
+
+def __getattr__(name: str):
+    if name in _ANNOTATE_NAMES:
+        from . import annotate
+
+        return getattr(annotate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Fourier harmonics used to make contours irregular (k = 2..K_MAX).
 HARMONICS = np.arange(2, 7)
@@ -180,6 +192,57 @@ class ShapePrior:
         prior = cls(pooled=pooled, per_class=per_class, source=source)
         if calibrate:
             _calibrate(prior, label_maps, tiles, rng)
+        return prior
+
+    @classmethod
+    def from_image(
+        cls,
+        image,
+        *,
+        segmenter="hovernet",
+        checkpoint=None,
+        device: str = "auto",
+        calibrate: bool = True,
+        seed: SeedLike = 0,
+        progress=None,
+        should_stop=None,
+    ) -> "ShapePrior":
+        """Fit the prior to an image's own nuclei, found by a segmenter (so that points in the style of a tissue get
+        nuclei of that tissue's size).
+
+        Parameters
+        ----------
+        image : array
+            An H&E image (RGB uint8; grey, RGBA, uint16 and float in [0, 1] converted by
+            :func:`napari_nucsynth._checks.as_rgb`).
+        segmenter : str or callable
+            A registered segmenter (:func:`napari_nucsynth.segment.segmenters`; default the shipped ``hovernet``),
+            or a function ``image -> instance labels``.
+        checkpoint, device, progress, should_stop
+            Passed to the segmenter (see :func:`napari_nucsynth.segment.segment`).
+        calibrate, seed
+            As :meth:`fit`.
+
+        Raises
+        ------
+        ValueError
+            If the image is not an image by the conventions, or the segmenter finds fewer than 3 nuclei in it.
+        """
+        rgb = as_rgb(image, "image")
+        if callable(segmenter):
+            labels, name = segmenter(rgb), getattr(segmenter, "__name__", "a function")
+        else:
+            from .segment import segment  # a layer above this module: imported only when asked for
+
+            labels, name = segment(rgb, method=segmenter, checkpoint=checkpoint, device=device, progress=progress,
+                                   should_stop=should_stop), segmenter
+        labels = as_labels(labels, "the segmenter's labels")
+        n = int(np.unique(labels[labels > 0]).size)
+        if n < 3:
+            raise ValueError(f"the {name} segmenter found {n} nuclei in the image; a shape prior needs at least 3 "
+                             "(use an image with stained nuclei, or ShapePrior.fit on its labels)")
+        prior = cls.fit(labels, calibrate=calibrate, seed=seed)
+        prior.source = f"from_image ({name}, {n} nuclei)"
         return prior
 
     @classmethod
