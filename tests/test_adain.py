@@ -288,3 +288,21 @@ def test_listing_renderers_does_not_import_torch():
     code = ("import sys; from napari_nucsynth.render import renderers; assert 'adain' in renderers(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_shipped_model_renders_out_of_the_box():
+    """The shipped adain model (trained on the CPU, docs/generators.md) loads without a checkpoint argument, says
+    what it is, and refines the classic render (close to it, not equal)."""
+    from napari_nucsynth._sample_data import load_monuseg_crop
+
+    path = adain_render.default_checkpoint()
+    if not path.is_file():
+        pytest.skip("no adain model ships with this version")
+    img, lab = load_monuseg_crop()
+    lab, img = lab[:128, :128], img[:, :, :3]
+    out = render(lab, img, method="adain", seed=0, device="cpu")
+    classic = render(lab, img, method="classic", seed=0)
+    info = adain_render.model_info()
+    assert info["features"].startswith("hovernet:") and info["step"] > 0
+    assert out.shape == classic.shape and not np.array_equal(out, classic)
+    assert np.abs(out.astype(int) - classic).mean() < 20  # a refinement, not another image
