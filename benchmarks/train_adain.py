@@ -82,6 +82,7 @@ def main() -> None:
             Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
             iio.imwrite(Path(args.preview_dir) / f"step{u.step:06d}.png", u.image)
 
+    start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0  # before the run overwrites it
     res = train("adain", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
                 config=config, device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop,
                 lr=lr, val_images=v_imgs or None, val_labels=v_labs or None, val_fraction=0,
@@ -100,7 +101,6 @@ def main() -> None:
                         train_data=ck["train_data"],
                         state_dict={k: v for k, v in ck["state_dict"].items() if k.startswith(SHIPPED_PREFIX)})
     seconds = time.perf_counter() - t0
-    start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0
     print(json.dumps({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
                       "features": ck["config"].get("features_source"), "config": ck["config"], "last_losses": last,
                       "metrics": res.metrics, "train_seconds": round(res.seconds, 1),

@@ -125,6 +125,7 @@ def main() -> None:
                 Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
                 iio.imwrite(Path(args.preview_dir) / f"step{u.step:06d}.png", u.image)
 
+        start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0  # before the run overwrites it
         res = train("sian", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
                     config=json.loads(args.config), device=args.device, seed=args.seed, batch_size=args.batch_size,
                     crop=args.crop, lr=args.lr, val_fraction=0, val_images=v_imgs or None,
@@ -142,7 +143,6 @@ def main() -> None:
             save_checkpoint(res.path, kind="sian", config=ck["config"], step=ck["step"], metrics=ck["metrics"],
                             train_data=ck["train_data"],
                             state_dict={k: v for k, v in ck["state_dict"].items() if k.startswith(SHIPPED_PREFIX)})
-        start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0
         result.update({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
                        "metrics": res.metrics, "features_source": ck["config"].get("features_source"),
                        "train_seconds": round(res.seconds, 1),
