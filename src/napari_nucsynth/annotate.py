@@ -353,7 +353,11 @@ def image_maps(image, *, method: str = "auto", checkpoint=None, device: str = "a
         if not path.exists():
             raise ValueError(f"checkpoint {path} does not exist")
         ck = (str(path.resolve()), path.stat().st_mtime)
-    dev = device if m.needs_checkpoint else None
+    dev = None
+    if m.needs_checkpoint:  # "auto" and the device it resolves to share one cache entry
+        from .devices import resolve_device
+
+        dev = resolve_device(device)
     key = (m.name, ck, str(dev), tuple(sorted(p.items())), _image_key(rgb))
     if key in _CACHE:
         _CACHE.move_to_end(key)
