@@ -21,6 +21,9 @@ every method). A method without a checkpoint (and without a shipped default) is 
   warm-up with the reference already analysed (the classic renderer's reference cache warm, the learned
   models loaded); target <= 0.3 s. With a CUDA GPU (``--device cuda``), learned models' images per second at
   batch 32 as well.
+- style following: the distance between the mean optical density (3 channels, ``log(255 / RGB)``) of each render
+  and of its style tile, against the same distance to the tile whose masks were rendered (a renderer that ignored
+  the style would sit near the latter) and between the real tiles of each pair (0.65 here).
 - background sameness: for each held-out tile as the style, the masks of two other held-out tiles (512 x 512
   crops) rendered with the same seed; the SSIM (7 x 7 windows, ``skimage``) of the two renders averaged over the
   pixels that are background in both masks, at least 4 px from any nucleus; the mean over the 6 styles. 1 would be
@@ -99,11 +102,13 @@ def main() -> None:
                  "segmenter_pq_on_real_tiles": float(np.mean(real_pq)), "not_run": skipped, "methods": {}}
     renders: dict[str, list] = {}
     for m in methods:
-        fakes, pqs, info = [], [], {}
+        fakes, pqs, info, od_style, od_masks = [], [], {}, [], []
         for j, (t, s) in enumerate(jobs):
             img = render(labs[t], reals[s], method=m, style_labels=labs[s], seed=args.seed + j, device=args.device,
                          checkpoint=ckpts[m])
             fakes.append(img)
+            od_style.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[s]))))
+            od_masks.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[t]))))
             pqs.append(instance_metrics(labs[t], segment(img, **seg_kw))["pq"])
         renders[m] = fakes
         groups_f = [tiles.index(t) for t, _ in jobs]
@@ -126,6 +131,7 @@ def main() -> None:
             "c2st_accuracy_mean": float(np.mean(accs)), "c2st_accuracies": accs,
             "mask_fidelity_pq_mean": float(np.mean(pqs)), "mask_fidelity_pq": [round(float(p), 4) for p in pqs],
             "render_256_one_core_s_median": float(np.median(secs)), "checkpoint": ckpts[m], "info": info,
+            "od_distance_to_style": float(np.mean(od_style)), "od_distance_to_masks_tile": float(np.mean(od_masks)),
             "background_ssim_mean": _background_sameness(m, ckpts[m], tiles, reals, labs, args.seed, args.device),
         }
         if m != "classic" and args.device.startswith("cuda") and torch.cuda.is_available():
@@ -162,6 +168,11 @@ def _gpu_throughput(method, ckpt, lab, style, style_lab, device) -> float:
         render(lab, style, method=method, style_labels=style_lab, seed=i, device=device, checkpoint=ckpt)
     torch.cuda.synchronize()
     return 32 / (time.perf_counter() - t0)
+
+
+def _mean_od(img: np.ndarray) -> np.ndarray:
+    """Mean optical density per RGB channel."""
+    return np.log(255.0 / np.maximum(img.reshape(-1, 3).astype(np.float64), 1.0)).mean(0)
 
 
 def _background_sameness(method, ckpt, tiles, reals, labs, seed, device) -> float:

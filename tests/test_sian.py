@@ -347,3 +347,24 @@ def test_ema_renders_and_follows_the_live_generator(load_tile):
     with torch.no_grad():
         model.generator.conv_img.weight.add_(1.0)
     assert np.array_equal(S.render(model, lab[:64, :64], img[:64, :64], seed=0), before)
+
+
+def test_the_shipped_model_renders_and_interpolates_out_of_the_box():
+    """The shipped sian model (trained on the CPU, docs/generators.md) renders without a checkpoint argument, any
+    size, reproducibly; the style slider's interpolation runs on it."""
+    from napari_nucsynth._sample_data import load_monuseg_crop
+    from napari_nucsynth.render import interpolate, render
+    from napari_nucsynth.render import sian as sian_render
+
+    if not sian_render.default_checkpoint().is_file():
+        pytest.skip("no sian model ships with this version")
+    img, lab = load_monuseg_crop()
+    lab = lab[:100, :120]
+    out = render(lab, img, method="sian", seed=1, device="cpu")
+    assert out.shape == (100, 120, 3) and np.array_equal(out, render(lab, img, method="sian", seed=1, device="cpu"))
+    other = np.ascontiguousarray(img[::-1, ::-1, :3] // 2 + 100)
+    mid = interpolate(lab, img, other, 0.5, method="sian", seed=1, device="cpu")
+    assert mid.shape == out.shape and not np.array_equal(mid, out)
+    ck = load_checkpoint(sian_render.default_checkpoint(), kind="sian")
+    assert ck["config"]["features_source"].startswith("hovernet:") and ck["step"] > 0
+    assert all(k.startswith("ema.") for k in ck["state_dict"])  # only what renders ships
