@@ -25,6 +25,15 @@ MONUSEG_FIXTURE = REPO / "tests" / "data" / "monuseg"
 SAMPLE_TILE = "TCGA-49-4488-01Z-00-DX1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The tests' on-disk caches (analysed styles, point-process fits) go to a temporary folder, not the user's
+    ``~/.cache/napari-nucsynth``; subprocesses inherit it through the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NUCSYNTH_CACHE", str(tmp_path_factory.mktemp("nucsynth-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def monuseg_dir() -> Path:
     """The shipped MoNuSeg fixture folder (``images/``, ``labels/``, ``annotations_xml/``, as the challenge lays

@@ -1,0 +1,201 @@
+"""The on-disk cache of analysed styles (napari_nucsynth.presynthesis): the same bits as without it, keyed by
+content and code, damaged files ignored and rewritten, one analysis across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_nucsynth import presynthesis as P
+from napari_nucsynth.render import render
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty cache folder, an empty in-memory cache, and small references (the tests' crops) on disk too
+    (in this process; spawned processes keep the 384 x 384 floor)."""
+    monkeypatch.setenv("NUCSYNTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "_CACHE", type(P._CACHE)())
+    monkeypatch.setattr(P, "DISK_CACHE_MIN_PIXELS", 0)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def style(load_tile):
+    img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")
+    return img[:160, :160].copy(), lab[:160, :160].copy()
+
+
+def _counting(monkeypatch, module, name) -> list:
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _same_analysis(a: P.ReferenceStyle, b: P.ReferenceStyle) -> bool:
+    return a.n_detected == b.n_detected and all(
+        getattr(a, f).dtype == getattr(b, f).dtype and np.array_equal(getattr(a, f), getattr(b, f)) for f in P._LAYOUT)
+
+
+def test_a_cached_analysis_renders_bit_for_bit_as_a_fresh_one(cache, load_tile, monkeypatch):
+    img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")  # 400 x 400: on disk in any process
+    target = load_tile("TCGA-38-6178-01Z-00-DX1")[1][:96, :128]
+    fresh = P.analyse_reference(img, lab)
+    calls = _counting(monkeypatch, P, "analyse_reference")
+    first = render(target, img, style_labels=lab, seed=4)  # analysed and stored
+    (stored,) = (cache / "styles").glob("*.npz")
+    P._CACHE.clear()
+    again = render(target, img, style_labels=lab, seed=4)  # read back from disk
+    assert len(calls) == 1
+    assert _same_analysis(P._cached_reference(img, lab), fresh)
+    monkeypatch.setenv("NUCSYNTH_CACHE", "off")
+    P._CACHE.clear()
+    without = render(target, img, style_labels=lab, seed=4)
+    assert np.array_equal(first, again) and np.array_equal(first, without)
+    assert stored.is_file() and len(calls) == 2  # off: analysed again, nothing read
+    # the same arrays from another process (the file is all it shares with this one)
+    code = ("import numpy as np, sys\n"
+            "from napari_nucsynth import presynthesis as P\n"
+            "from napari_nucsynth.render import render\n"
+            "P.analyse_reference = None  # a cache miss would fail\n"
+            "d = np.load(sys.argv[1])\n"
+            "np.save(sys.argv[2], render(d['target'], d['img'], style_labels=d['lab'], seed=4))\n")
+    np.savez(cache.parent / "in.npz", img=img, lab=lab, target=target)
+    env = {**__import__("os").environ, "NUCSYNTH_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "-c", code, str(cache.parent / "in.npz"), str(cache.parent / "out.npy")],
+                       capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.load(cache.parent / "out.npy"), first)
+
+
+def test_the_key_is_the_content_the_labels_and_the_code(cache, style, monkeypatch):
+    img, lab = style
+    P._cached_reference(img, lab)
+    P._cached_reference(img.copy(), lab.copy())  # the same content: the same entry
+    assert len(list((cache / "styles").glob("*.npz"))) == 1
+    P._cached_reference(img, None)  # detected nuclei instead of the labels
+    P._cached_reference(img, lab.astype(np.uint16))  # the labels' dtype is part of the key
+    brighter = np.clip(img.astype(int) + 1, 0, 255).astype(np.uint8)
+    P._cached_reference(brighter, lab)
+    assert len(list((cache / "styles").glob("*.npz"))) == 4
+    # other analysis code: other files, never the old ones
+    P._CACHE.clear()
+    monkeypatch.setattr(P, "_analysis_version", lambda: "another version")
+    calls = _counting(monkeypatch, P, "analyse_reference")
+    P._cached_reference(img, lab)
+    assert len(calls) == 1 and len(list((cache / "styles").glob("*.npz"))) == 5
+    assert P.code_version(P.analyse_reference) != P.code_version(P.reference_background)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty", "other_key"])
+def test_a_damaged_cache_file_is_ignored_and_rewritten(cache, style, monkeypatch, damage):
+    img, lab = style
+    fresh = P._cached_reference(img, lab)
+    (path,) = (cache / "styles").glob("*.npz")
+    data = path.read_bytes()
+    if damage == "flip":
+        data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    elif damage == "garbage":
+        data = b"not a cache file" * 100
+    elif damage == "empty":
+        data = b""
+    else:  # a valid file of another reference under this name
+        P._CACHE.clear()
+        P._cached_reference(img[:128, :128].copy(), lab[:128, :128].copy())
+        other = next(p for p in (cache / "styles").glob("*.npz") if p != path)
+        data = other.read_bytes()
+    path.write_bytes(data)
+    P._CACHE.clear()
+    calls = _counting(monkeypatch, P, "analyse_reference")
+    assert _same_analysis(P._cached_reference(img, lab), fresh)
+    assert len(calls) == 1  # analysed again ...
+    P._CACHE.clear()
+    assert _same_analysis(P._cached_reference(img, lab), fresh) and len(calls) == 1  # ... and the file rewritten
+
+
+def test_unwritable_or_off_cache_still_renders(tmp_path, style, monkeypatch):
+    img, lab = style
+    monkeypatch.setattr(P, "_CACHE", type(P._CACHE)())
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("NUCSYNTH_CACHE", str(tmp_path / "file"))
+    a = P._cached_reference(img, lab)
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("NUCSYNTH_CACHE", off)
+        assert P.cache_dir() is None and P.style_cache_dir() is None
+    monkeypatch.delenv("NUCSYNTH_CACHE")
+    assert P.style_cache_dir() == Path.home() / ".cache" / "napari-nucsynth" / "styles"
+    assert _same_analysis(a, P.analyse_reference(img, lab))
+
+
+def test_least_recently_used_files_are_evicted(cache, style, monkeypatch):
+    img, lab = style
+    crops = [(img[i : i + 100, :100].copy(), lab[i : i + 100, :100].copy()) for i in (0, 20, 40)]
+    P._cached_reference(*crops[0])
+    (first,) = (cache / "styles").glob("*.npz")
+    monkeypatch.setattr(P, "DISK_CACHE_BYTES", int(first.stat().st_size * 2.5))
+    P._cached_reference(*crops[1])
+    P._CACHE.clear()
+    P._cached_reference(*crops[0])  # read back: now the more recently used of the two
+    import os
+    import time
+
+    os.utime(first, (time.time() + 5, time.time() + 5))
+    P._cached_reference(*crops[2])
+    files = list((cache / "styles").glob("*.npz"))
+    assert len(files) == 2 and first in files
+
+
+def test_processes_that_need_a_new_style_analyse_it_once(cache, load_tile, tmp_path):
+    """Two processes asking for the same new reference at once: one analyses it, the other waits and reads it."""
+    img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")
+    np.savez(tmp_path / "style.npz", img=img, lab=lab)
+    code = ("import sys, numpy as np\n"
+            "from napari_nucsynth import presynthesis as P\n"
+            "real = P.analyse_reference\n"
+            "def counted(*a, **k):\n"
+            "    open(sys.argv[2], 'a').write('analysed\\n')\n"
+            "    return real(*a, **k)\n"
+            "P.analyse_reference = counted\n"
+            "d = np.load(sys.argv[1])\n"
+            "r = P._cached_reference(d['img'], d['lab'])\n"
+            "np.save(sys.argv[3], r.background)\n")
+    env = {**__import__("os").environ, "NUCSYNTH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "style.npz"), str(tmp_path / "log.txt"),
+                               str(tmp_path / f"bg{i}.npy")], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert (tmp_path / "log.txt").read_text().count("analysed") == 1
+    assert np.array_equal(np.load(tmp_path / "bg0.npy"), np.load(tmp_path / "bg1.npy"))
+
+
+def test_pinned_references_are_hashed_once(cache, style, load_tile, monkeypatch):
+    import gc
+
+    img, lab = style
+    target = load_tile("TCGA-38-6178-01Z-00-DX1")[1][:64, :64]
+    ref, ref_lab = P.pin_reference(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), lab)  # RGBA: to RGB
+    assert ref.shape == img.shape and not ref.flags.writeable and not ref_lab.flags.writeable
+    assert lab.flags.writeable  # the caller's own arrays are left as they were
+    keys = _counting(monkeypatch, P, "_content_key")
+    a = [render(target, ref, style_labels=ref_lab, seed=s) for s in range(3)]
+    assert keys == []  # never hashed again
+    assert np.array_equal(a[1], render(target, img, style_labels=lab, seed=1)) and len(keys) == 1
+    render(target, ref, style_labels=lab, seed=1)  # other labels than the pinned ones: hashed
+    assert len(keys) == 2
+    n = len(P._PINNED)
+    del ref, ref_lab, a
+    gc.collect()
+    assert len(P._PINNED) == n - 1  # forgotten with the arrays
