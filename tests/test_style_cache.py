@@ -1,8 +1,10 @@
-"""The on-disk cache of analysed styles (napari_nucsynth.presynthesis): the same bits as without it, keyed by
-content and code, damaged files ignored and rewritten, one analysis across processes."""
+"""The on-disk caches of analysed styles (napari_nucsynth.presynthesis) and point-process fits (generate): the same
+bits as without them, keyed by content and code, damaged files ignored and rewritten, one analysis across
+processes, and a second ``generate`` run that analyses and fits nothing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_nucsynth import generate as G
 from napari_nucsynth import presynthesis as P
+from napari_nucsynth.io import write_labels
 from napari_nucsynth.render import render
 
 
@@ -179,6 +183,117 @@ def test_processes_that_need_a_new_style_analyse_it_once(cache, load_tile, tmp_p
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     assert (tmp_path / "log.txt").read_text().count("analysed") == 1
     assert np.array_equal(np.load(tmp_path / "bg0.npy"), np.load(tmp_path / "bg1.npy"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate: a second run over the same styles analyses and fits nothing, and writes the same pairs
+
+
+@pytest.fixture
+def bank(tmp_path, load_tile) -> Path:
+    import imageio.v3 as iio
+
+    root = tmp_path / "bank"
+    (root / "labels").mkdir(parents=True)
+    for stem in ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1"):
+        img, lab = load_tile(stem)
+        iio.imwrite(root / f"{stem}.png", img[:160, :160])
+        write_labels(root / "labels" / f"{stem}.png", lab[:160, :160])
+    return root
+
+
+def test_generate_twice_analyses_and_fits_once(cache, bank, tmp_path, monkeypatch):
+    from napari_nucsynth import points
+
+    analyses = _counting(monkeypatch, P, "analyse_reference")
+    fits = _counting(monkeypatch, points, "fit_point_process")
+    kw = {"random_points": True, "size": (96, 96), "seed": 3}
+    a = G.generate(8, bank, tmp_path / "a", **kw)
+    used = len({p["meta"]["style"]["index"] for p in a["pairs"]})
+    assert len(analyses) == used and len(fits) == 3  # each style tile once (styles' labels fit the layouts)
+    assert len(list((cache / "styles").glob("*.npz"))) == used and len(list((cache / "fits").glob("*.json"))) == 3
+    P._CACHE.clear()
+    b = G.generate(8, bank, tmp_path / "b", **kw)
+    assert len(analyses) == used and len(fits) == 3  # nothing new
+    assert [p["meta"] for p in a["pairs"]] == [p["meta"] for p in b["pairs"]]
+    assert a["generate"]["fits"] == b["generate"]["fits"]
+    for p in a["pairs"]:
+        for x, y in zip(G.read_pair(tmp_path / "a", p["id"]), G.read_pair(tmp_path / "b", p["id"])):
+            assert np.array_equal(x, y)
+    # the same as a run without any cache, and regenerate reproduces the pairs
+    monkeypatch.setenv("NUCSYNTH_CACHE", "off")
+    P._CACHE.clear()
+    c = G.generate(8, bank, tmp_path / "c", **kw)
+    assert a["generate"]["fits"] == json.loads(json.dumps(c["generate"]["fits"]))
+    for p in a["pairs"]:
+        for x, y in zip(G.read_pair(tmp_path / "a", p["id"]), G.read_pair(tmp_path / "c", p["id"])):
+            assert np.array_equal(x, y)
+    assert G.verify(tmp_path / "b") == []
+
+
+def test_small_references_stay_in_memory(cache, style, monkeypatch):
+    monkeypatch.setattr(P, "DISK_CACHE_MIN_PIXELS", 384 * 384)
+    P._cached_reference(*style)  # 160 x 160: a training crop's size
+    assert not (cache / "styles").exists()
+
+
+def test_generate_workers_share_the_cache(cache, tmp_path, load_tile):
+    """Spawned workers analyse the style tiles (400 x 400, above the size the disk cache starts at), once each."""
+    import imageio.v3 as iio
+
+    bank = tmp_path / "bank"
+    (bank / "labels").mkdir(parents=True)
+    for stem in ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-49-4488-01Z-00-DX1"):
+        img, lab = load_tile(stem)
+        assert img.shape[0] * img.shape[1] >= 384 * 384
+        iio.imwrite(bank / f"{stem}.png", img)
+        write_labels(bank / "labels" / f"{stem}.png", lab)
+    kw = {"random_points": True, "size": (96, 96), "seed": 5}
+    one = G.generate(6, bank, tmp_path / "one", workers=1, **kw)
+    for f in (cache / "styles").glob("*.npz"):
+        f.unlink()
+    two = G.generate(6, bank, tmp_path / "two", workers=2, **kw)  # the workers analyse the styles, once each
+    used = {p["meta"]["style"]["index"] for p in two["pairs"]}
+    assert len(list((cache / "styles").glob("*.npz"))) == len(used)
+    for p in one["pairs"]:
+        for x, y in zip(G.read_pair(tmp_path / "one", p["id"]), G.read_pair(tmp_path / "two", p["id"])):
+            assert np.array_equal(x, y)
+
+
+def test_a_damaged_fit_file_is_refitted(cache, bank, tmp_path, monkeypatch):
+    from napari_nucsynth import points
+
+    kw = {"random_points": True, "size": (96, 96), "seed": 1}
+    a = G.generate(2, bank, tmp_path / "a", **kw)
+    for i, f in enumerate(sorted((cache / "fits").glob("*.json"))):
+        doc = json.loads(f.read_text())
+        if i == 0:
+            f.write_text("{ not json")
+        elif i == 1:
+            doc["params"]["intensity"] *= 2  # no longer matches its check
+            f.write_text(json.dumps(doc))
+    fits = _counting(monkeypatch, points, "fit_point_process")
+    b = G.generate(2, bank, tmp_path / "b", **kw)
+    assert len(fits) == 2 and a["generate"]["fits"] == b["generate"]["fits"]
+
+
+def test_style_bank_checks_shapes_and_damage_without_decoding(bank, tmp_path):
+    import shutil
+
+    (stem,) = [p.stem for p in bank.glob("*.png")][:1]
+    assert len(G.load_style_bank(bank)) == 3
+    bad = tmp_path / "bad"
+    shutil.copytree(bank, bad)
+    lab = bad / "labels" / f"{stem}.png"
+    lab.write_bytes(lab.read_bytes()[:-40])  # truncated: the PNG checksums catch it
+    with pytest.raises(ValueError, match=stem):
+        G.load_style_bank(bad)
+    write_labels(lab, np.ones((150, 160), np.uint32))
+    with pytest.raises(ValueError, match="shape"):
+        G.load_style_bank(bad)
+    assert G._tile_shape(bank / f"{stem}.png", "image") == (160, 160)
+    write_labels(bad / "labels" / f"{stem}.tif", np.ones((160, 160), np.uint32))
+    assert G._tile_shape(bad / "labels" / f"{stem}.tif", "labels") == (160, 160)
 
 
 def test_pinned_references_are_hashed_once(cache, style, load_tile, monkeypatch):

@@ -20,6 +20,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,32 @@ def _files(folder: Path, exts) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
 
 
+_LABEL_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L")
+
+
+def _tile_shape(path: Path, what: str) -> tuple[int, int]:
+    """(height, width) of an image (``what="image"``) or label file, checked to be readable: a PNG by its header
+    and chunk checksums, without decoding it (about 1 ms for a 1000 x 1000 tile against 30 ms); any other file,
+    and a PNG that is no grey label map, by reading it (which raises the readers' errors)."""
+    from .io import read_image, read_labels
+    from .io._files import _decode
+
+    if path.suffix.lower() == ".png":
+        def _header(p):
+            from PIL import Image
+
+            with Image.open(p) as im:
+                size, mode = im.size, im.mode
+                im.verify()
+            return size[1], size[0], mode
+
+        h, w, mode = _decode(path, what, _header)
+        if what == "image" or mode in _LABEL_MODES:
+            return h, w
+    arr = read_image(path) if what == "image" else read_labels(path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # inputs: style bank and point sources
 
@@ -79,7 +106,7 @@ def load_style_bank(folder) -> list[dict]:
     ValueError
         Not a folder, no image in it, or labels whose shape differs from their tile's.
     """
-    from .io import read_image, read_labels
+    from .io import read_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -115,8 +142,8 @@ def load_style_bank(folder) -> list[dict]:
         t["sha256"] = _sha256(t["file"])
         t["labels_sha256"] = _sha256(t["labels"]) if t["labels"] else None
         if t["labels"]:
-            shape_i = read_image(t["file"]).shape[:2]
-            shape_l = read_labels(t["labels"]).shape
+            shape_i = _tile_shape(Path(t["file"]), "image")
+            shape_l = _tile_shape(Path(t["labels"]), "labels")
             if shape_i != shape_l:
                 raise ValueError(f"style labels {t['labels']} have shape {shape_l}, their tile {t['file']} {shape_i}")
     return bank
@@ -160,24 +187,73 @@ def load_point_sources(folder, size=(256, 256)) -> tuple[list[dict], list[tuple[
     return sources, points
 
 
+@lru_cache(maxsize=1)
+def _fit_version() -> str:
+    from . import points
+    from .io import read_labels
+    from .presynthesis import code_version
+
+    return code_version(points, read_labels, _read_source)
+
+
+def _cached_fit(sha256: str, kind: str, extent, fit) -> dict | None:
+    """``fit()`` (a point-process fit's ``to_dict()``, or None), kept on disk by the fitted file's sha256 in
+    ``<cache_dir>/fits/`` (:func:`~napari_nucsynth.presynthesis.cache_dir`): a style bank's 14 tiles take 2-3 s
+    to fit, on every run. A damaged or foreign cache file is ignored and rewritten."""
+    from .io._files import _atomic
+    from .presynthesis import cache_dir
+
+    root = cache_dir()
+    if root is None:
+        return fit()
+    tag = hashlib.blake2b(json.dumps([sha256, kind, list(extent), _fit_version()]).encode(), digest_size=20).hexdigest()
+    path = root / "fits" / f"{tag}.json"
+
+    def check(params) -> str:
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+    try:
+        doc = json.loads(path.read_text())
+        if doc["tag"] == tag and doc["check"] == check(doc["params"]):
+            return doc["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    params = fit()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"tag": tag, "check": check(params), "params": params})
+        _atomic(path, lambda p: p.write_text(text))
+    except (OSError, TypeError, ValueError):
+        pass
+    return params
+
+
 def _fits(sources, points, bank) -> list[dict]:
-    """Point processes fitted to real tissue: each point source, else each style tile with labels, else the default."""
+    """Point processes fitted to real tissue: each point source, else each style tile with labels, else the default
+    (fits of files kept on disk by content: :func:`_cached_fit`)."""
     from .io import read_labels
     from .points import default_point_process, fit_point_process
 
     fits = []
     for src, (pts, _) in zip(sources, points):
         if len(pts) >= 2:
-            p = fit_point_process(pts, tuple(src["extent"])) if src["kind"] == "csv" else \
-                fit_point_process(read_labels(src["file"]))
-            fits.append({"fitted_on": src["file"], "sha256": src["sha256"], "params": p.to_dict()})
+            def fit(src=src, pts=pts):
+                if src["kind"] == "csv":
+                    return fit_point_process(pts, tuple(src["extent"])).to_dict()
+                return fit_point_process(read_labels(src["file"])).to_dict()
+
+            p = _cached_fit(src["sha256"], src["kind"], src["extent"], fit)
+            fits.append({"fitted_on": src["file"], "sha256": src["sha256"], "params": p})
     if not fits and not sources:
         for t in bank:
             if t["labels"]:
-                lab = read_labels(t["labels"])
-                if int((np.unique(lab) > 0).sum()) >= 2:
-                    fits.append({"fitted_on": t["labels"], "sha256": t["labels_sha256"],
-                                 "params": fit_point_process(lab).to_dict()})
+                def fit(t=t):
+                    lab = read_labels(t["labels"])
+                    return fit_point_process(lab).to_dict() if int((np.unique(lab) > 0).sum()) >= 2 else None
+
+                p = _cached_fit(t["labels_sha256"], "style labels", [], fit)
+                if p is not None:
+                    fits.append({"fitted_on": t["labels"], "sha256": t["labels_sha256"], "params": p})
     if not fits:
         if sources:
             raise ValueError("no point source holds 2 or more points: a point process cannot be fitted to them")
@@ -289,11 +365,13 @@ def _init_pool_worker(cfg: dict, points_data) -> None:
 
 def _style(cfg: dict, i: int):
     from .io import read_image, read_labels
+    from .presynthesis import pin_reference
 
     cache = _STATE.setdefault("styles", OrderedDict())
     if i not in cache:
         t = cfg["styles"][i]
-        cache[i] = (read_image(t["file"]), read_labels(t["labels"]) if t["labels"] else None)
+        # read-only, their content key computed once (not at every render): presynthesis.pin_reference
+        cache[i] = pin_reference(read_image(t["file"]), read_labels(t["labels"]) if t["labels"] else None)
         while len(cache) > _STYLE_CACHE_SIZE:
             cache.popitem(last=False)
     cache.move_to_end(i)
