@@ -1,6 +1,7 @@
 """The ``nucsynth`` command: the plugin's operations, headless.
 
-    nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png] [--seed N]
+    nucsynth sample-masks --points P.csv --shape H W --out L.tif [--prior LABELS.png | --prior-image I.png] [--seed N]
+    nucsynth sample-masks --points P.csv --image I.png --out L.tif [--method auto|hovernet|watershed] [--seed N]
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
     nucsynth render --labels L --style S [--style-labels SL] [--method classic|adain|sian] [--checkpoint C]
                     [--seed N] --out OUT.png
@@ -73,19 +74,54 @@ def _check_memory(option: str, shape, command: str, processes: int = 1) -> None:
 
 
 def _sample_masks(args) -> int:
-    from .io import check_output, read_labels, read_points_csv, write_labels
+    from .io import check_output, read_image, read_labels, read_points_csv, write_labels
     from .masks import ShapePrior, sample_masks
 
-    check_output(args.out, "labels", name="--out")
+    out = check_output(args.out, "labels", name="--out")
+    if args.image is not None:
+        return _fit_masks(args, out)
+    if args.method is not None:
+        raise ValueError(f"--method {args.method}: fits masks to an image; give --image too")
+    if args.shape is None:
+        raise ValueError("--shape H W is needed to sample masks (or --image I.png to fit them to an image)")
+    if args.prior and args.prior_image:
+        raise ValueError("--prior and --prior-image are two shape priors; give one of them")
     _check_memory("--shape", args.shape, "sample-masks")
     points, classes = read_points_csv(args.points)
     prior = None
     if args.prior:
         prior = ShapePrior.fit(read_labels(args.prior), seed=args.seed if args.seed is not None else 0)
+    elif args.prior_image:
+        try:
+            prior = ShapePrior.from_image(read_image(args.prior_image), device=args.device,
+                                          seed=args.seed if args.seed is not None else 0)
+        except ValueError as e:
+            raise ValueError(f"--prior-image {args.prior_image}: {e}") from None
     labels = sample_masks(points, tuple(args.shape), classes=classes, prior=prior, seed=args.seed)
-    out = write_labels(args.out, labels)
+    out = write_labels(out, labels)
     n = len(set(labels[labels > 0].tolist())) if labels.any() else 0
-    print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {n} nuclei from {len(points)} points)")
+    print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {n} nuclei from {len(points)} points"
+          + (f", prior from {Path(args.prior_image).name}" if args.prior_image else "") + ")")
+    return 0
+
+
+def _fit_masks(args, out: Path) -> int:
+    """``sample-masks --image``: the masks of the nuclei under the points of a real image (issue 18)."""
+    from .annotate import fit_masks
+    from .io import read_image, read_points_csv, write_labels
+
+    for option, value in (("--shape", args.shape), ("--prior", args.prior), ("--prior-image", args.prior_image)):
+        if value is not None:
+            raise ValueError(f"{option}: --image fits the masks to the image (its size, its nuclei); "
+                             f"{option} is for sampling masks without one")
+    points, classes = read_points_csv(args.points)
+    img = read_image(args.image)
+    _check_memory("--image", img.shape[:2], "sample-masks")
+    res = fit_masks(img, points, method=args.method or "auto", classes=classes, device=args.device, seed=args.seed,
+                    return_result=True)
+    out = write_labels(out, res.labels)
+    h, w = res.labels.shape
+    print(f"wrote {out} ({h} x {w}, {len(points)} points on {Path(args.image).name}): {res.summary()}")
     return 0
 
 
@@ -571,11 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nucsynth", description="Nuclei masks and synthetic H&E from points.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample-masks", help="sample one nucleus mask per point")
+    from .annotate import fit_methods
+
+    p = sub.add_parser("sample-masks", help="one nucleus mask per point: sampled, or fitted to a real image")
     p.add_argument("--points", required=True, help="napari points CSV (index,axis-0,axis-1[,class])")
-    p.add_argument("--shape", required=True, type=int, nargs=2, metavar=("H", "W"), help="output height and width")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
+                   help="output height and width (sampling; with --image the image's size)")
+    p.add_argument("--image", help="a real H&E image: fit each point's mask to the nucleus under it")
+    p.add_argument("--method", choices=["auto", *fit_methods()], default=None,
+                   help="how --image's nuclei are found (default auto: hovernet where its model is present)")
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.add_argument("--prior", help="a real label map to fit the shape prior from (default: the MoNuSeg prior)")
+    p.add_argument("--prior-image", help="a real H&E image to fit the shape prior to (its nuclei, segmented)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (--image, --prior-image)")
     p.add_argument("--seed", type=int, default=None, help="random seed (the same seed gives the same masks)")
     p.set_defaults(func=_sample_masks)
 
