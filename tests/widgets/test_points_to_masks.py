@@ -275,3 +275,149 @@ def test_long_status_lines_wrap(viewer_with_points):
     width = widget.native.sizeHint().width()
     widget.status.value = "Cannot fit the prior: " + "a long message " * 60
     assert widget.status.native.wordWrap() and widget.native.sizeHint().width() <= max(width, 400)
+
+
+# ---- Masks from: image (issue 18) --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crop_viewer(make_napari_viewer):
+    """The package's sample crop (image, centroids of its true nuclei) and the widget on them."""
+    from importlib.resources import files
+
+    import imageio.v3 as iio
+
+    from napari_nucsynth.points import centroids
+
+    data = files("napari_nucsynth") / "data"
+    truth = iio.imread(data / "monuseg_crop_labels.png")
+    viewer = make_napari_viewer()
+    image = viewer.add_image(iio.imread(data / "monuseg_crop_image.png"), name="crop", rgb=True)
+    points = viewer.add_points(centroids(truth)[:40], name="clicks")
+    widget = PointsToMasksWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Points to masks")
+    widget.points_combo.value = points
+    widget.method.value = "watershed"
+    return viewer, image, points, widget, truth
+
+
+def _fitted(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: not widget.running and widget._sampler is not None, timeout=60_000)
+
+
+def _agree_fit(points, labels, widget) -> None:
+    """Image mode: the points, the masks and the fitter tell the same story (the fitter's labels are fit_masks')."""
+    from napari_nucsynth.annotate import MaskFitter, fit_masks
+
+    fitter = widget._sampler
+    assert isinstance(fitter, MaskFitter)
+    assert np.array_equal(fitter.points, np.asarray(points.data))
+    assert np.array_equal(labels.data, fitter.labels)
+    expected = fit_masks(widget.image_combo.value.data, points.data, method="watershed", seed=int(widget.seed.value))
+    assert np.array_equal(labels.data, expected)
+    assert widget.status.value.endswith(fitter.summary()), widget.status.value
+
+
+def test_image_mode_fits_the_existing_points(crop_viewer, qtbot):
+    viewer, image, points, widget, truth = crop_viewer
+    assert widget.image_combo.value is image  # preselected
+    assert widget.method.native.isHidden()  # (the viewer is not shown: isHidden, not visible)
+    widget.source.value = "image"
+    assert not widget.method.native.isHidden()
+    _fitted(qtbot, widget)
+    labels = viewer.layers["clicks masks"]
+    _agree_fit(points, labels, widget)
+    assert "(watershed)" in widget.status.value
+    # each click's mask lies on the real nucleus under it
+    r, c = np.round(points.data).astype(int).T
+    assert (labels.data[r, c] == np.arange(1, len(r) + 1)).mean() >= 0.9
+    # back to the prior: sampled masks again
+    widget.source.value = "shape prior"
+    assert "nuclei" in widget.status.value and widget._sampler is not None
+    assert np.array_equal(labels.data, rasterize(widget._sampler.shapes, labels.data.shape))
+
+
+def test_a_click_adds_its_nucleus_from_the_image_and_undo_keeps_both_in_step(crop_viewer, qtbot):
+    from napari_nucsynth.points import centroids
+
+    viewer, _, points, widget, truth = crop_viewer
+    widget.source.value = "image"
+    _fitted(qtbot, widget)
+    labels = viewer.layers["clicks masks"]
+    history = [(np.array(points.data), labels.data.copy())]
+    target = centroids(truth)[60]  # a nucleus nobody clicked yet
+    tid = truth[int(round(target[0])), int(round(target[1]))]
+    points.add([target])
+    n = len(points.data)
+    new = labels.data == n
+    assert new[truth == tid].mean() >= 0.75  # its mask covers the nucleus under the click
+    _agree_fit(points, labels, widget)
+    history.append((np.array(points.data), labels.data.copy()))
+    points.data = np.array([*points.data[:-1], target + [0.0, 1.5]])  # a move
+    _agree_fit(points, labels, widget)
+    history.append((np.array(points.data), labels.data.copy()))
+    points.selected_data = {0}
+    points.remove_selected()  # a deletion: ids shift down
+    _agree_fit(points, labels, widget)
+    for pts, masks in reversed(history):
+        labels.undo()
+        assert np.array_equal(points.data, pts) and np.array_equal(labels.data, masks)
+        _agree_fit(points, labels, widget)
+        assert "Undone" in widget.status.value
+    labels.redo()
+    assert np.array_equal(points.data, history[1][0]) and np.array_equal(labels.data, history[1][1])
+    _agree_fit(points, labels, widget)
+
+
+def test_cancel_stops_the_image_pass(crop_viewer, qtbot, monkeypatch):
+    import time
+
+    from napari_nucsynth.annotate import MaskFitter
+
+    viewer, _, points, widget, _ = crop_viewer
+    before = viewer.layers["clicks masks"].data.copy()
+    started = []
+    real = MaskFitter.__init__
+
+    def slow(self, *a, should_stop=None, **k):  # a pass that runs until the user cancels (10 s at most)
+        started.append(True)
+        t0 = time.perf_counter()
+        while not should_stop() and time.perf_counter() - t0 < 10:
+            time.sleep(0.01)
+        real(self, *a, should_stop=should_stop, **k)
+
+    monkeypatch.setattr(MaskFitter, "__init__", slow)
+    widget.source.value = "image"
+    assert widget.running and widget.run_button.text == "Cancel"
+    qtbot.waitUntil(lambda: bool(started), timeout=5_000)
+    widget.run_button.clicked()  # the run button is Cancel while the pass runs
+    qtbot.waitUntil(lambda: not widget.running, timeout=15_000)
+    monkeypatch.setattr(MaskFitter, "__init__", real)
+    assert widget.status.value == "Cancelled." and widget.run_button.text == "Fit to image"
+    assert np.array_equal(viewer.layers["clicks masks"].data, before)  # nothing written
+    points.add([[10.0, 10.0]])  # no fitter: the masks wait for Fit to image
+    assert widget._sampler is None
+    widget.run_button.clicked()
+    _fitted(qtbot, widget)
+    _agree_fit(points, viewer.layers["clicks masks"], widget)
+
+
+def test_shape_prior_from_this_image(crop_viewer, qtbot):
+    pytest.importorskip("torch")
+    _, image, points, widget, _ = crop_viewer
+    choice = next(v for v in widget.prior_combo.choices if v is image)
+    widget.prior_combo.value = choice
+    qtbot.waitUntil(lambda: widget._prior is not None, timeout=120_000)
+    assert widget._sampler.prior is widget._prior
+    assert "nuclei" in widget.status.value
+
+
+def test_closing_clears_the_image_cache(crop_viewer, qtbot):
+    from napari_nucsynth import annotate
+
+    viewer, _, _, widget, _ = crop_viewer
+    widget.source.value = "image"
+    _fitted(qtbot, widget)
+    assert annotate._CACHE  # the one-time pass, cached
+    viewer.window.remove_dock_widget(widget.native)  # the dock's close button
+    assert not annotate._CACHE

@@ -1,8 +1,11 @@
 """The Points -> Masks widget: clicked centroids become nucleus instance masks as they are clicked.
 
-Thin by design: the computation is :class:`napari_nucsynth.masks.MaskSampler`; this module only follows the
-Points layer's events, writes the changed pixels into the Labels layer (one undo step per user action), keeps
-the points in step with the masks' undo and redo, and fits a shape prior off the UI thread.
+Thin by design: the computation is :class:`napari_nucsynth.masks.MaskSampler` (*Masks from: shape prior*) or
+:class:`napari_nucsynth.annotate.MaskFitter` (*Masks from: image*: the mask of the nucleus under each click, after
+a one-time pass over the image in a worker, with progress and Cancel); this module only follows the Points layer's
+events, writes the changed pixels into the Labels layer (one undo step per user action), keeps the points in step
+with the masks' undo and redo, and fits a shape prior (to a Labels layer, or to an image's nuclei) off the UI
+thread.
 """
 
 from collections import deque
@@ -10,14 +13,18 @@ from dataclasses import dataclass
 
 import napari
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, ProgressBar, PushButton, SpinBox
+from qtpy.QtCore import QTimer
 
+from ..annotate import MaskFitter, clear_cache, fit_methods
 from ..masks import MaskSampler, NucleusShapes, Patch, ShapePrior, rasterize
 from ._dock import wrapping_label
 from ._outputs import ERRORS, MASKS, output_kind
-from ._worker import error_message, start_worker
+from ._worker import CloseWatcher, Job, WorkerWidget, error_message, release_gpu_memory, start_worker
 
 _DEFAULT_PRIOR = "default (MoNuSeg)"
+#: *Masks from* choices: sampled from the shape prior, or fitted to the nuclei of an image.
+PRIOR, IMAGE = "shape prior", "image"
 #: Steps of the widget's own undo journal; napari keeps as many in a Labels layer's history.
 HISTORY = 100
 #: Keys bound on the followed Points layer: they undo and redo on the masks layer (napari's Points layers have no
@@ -27,14 +34,15 @@ UNDO_KEY, REDO_KEY = "Control-Z", "Control-Shift-Z"
 
 @dataclass
 class _State:
-    """What an undo or redo restores: the Points layer's data and features, and the sampler's state."""
+    """What an undo or redo restores: the Points layer's data and features, and the sampler's (or fitter's) state."""
 
     data: np.ndarray
     features: object  # the Points layer's features table (a pandas DataFrame)
-    sampler: MaskSampler
+    sampler: "MaskSampler | MaskFitter"
     points: np.ndarray
     classes: np.ndarray
-    shapes: NucleusShapes
+    shapes: "NucleusShapes | None"  # a MaskSampler's shapes
+    fitted: "dict | None" = None  # a MaskFitter's snapshot()
 
 
 @dataclass
@@ -52,8 +60,13 @@ def _copy_shapes(shapes: NucleusShapes) -> NucleusShapes:
     return shapes.take(np.arange(len(shapes)))  # an index array copies (the sampler edits its shapes in place)
 
 
-class PointsToMasksWidget(Container):
+class PointsToMasksWidget(WorkerWidget):
     """Choose a Points layer; every point added, moved or deleted updates the output Labels layer.
+
+    *Masks from: shape prior* samples each nucleus from the prior; *image* fits it to the nucleus under the click
+    in the chosen Image layer (:class:`~napari_nucsynth.annotate.MaskFitter`, *Method* its one-time pass, which
+    runs in a worker with progress and Cancel; the points are fitted when it ends, and every edit after it
+    re-fits only the nuclei it touches). The undo journal below works the same in both modes.
 
     Undo: each edit of the points is one step of the masks layer's undo history, and the widget keeps a journal of
     its own steps beside it: the pixels each one changed (their values before and after) and the state of the
@@ -73,8 +86,13 @@ class PointsToMasksWidget(Container):
     napari's history, and starts again when the Points or masks layer is replaced or *Follow point edits* is off.
     """
 
+    run_text = "Fit to image"
+    action = "fit the masks to the image"
+    failure = "Fitting to the image"
+
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
+        self._init_jobs()
         self.viewer = viewer
         self._points_layer = None
         self._labels_layer = None
@@ -86,22 +104,41 @@ class PointsToMasksWidget(Container):
         self._redo: list = []  # the undone ones, latest undone last
         self._state: "_State | None" = None  # the points and sampler as of the last write
         self._busy = False  # the widget itself is writing the masks or restoring the points
+        self._fitter: "MaskFitter | None" = None  # image mode: the fitter of the one-time pass, once it has run
+        self._fit_key = None  # (image layer, method) of self._fitter
 
         self.points_combo = ComboBox(label="Points", choices=self._points_choices, nullable=True)
+        self.source = ComboBox(label="Masks from", choices=[PRIOR, IMAGE], value=PRIOR)
+        self.image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
+        self.method = ComboBox(label="Method", choices=["auto", *fit_methods()], value="auto")
         self.prior_combo = ComboBox(label="Shape prior", choices=self._prior_choices)
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.follow = CheckBox(text="Follow point edits", value=True)
         self.resample_btn = PushButton(text="Resample all")
+        self.run_button = PushButton(text=self.run_text)
+        self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = wrapping_label()
-        self.extend([self.points_combo, self.prior_combo, self.seed, self.follow, self.resample_btn, self.status])
+        self.extend([self.points_combo, self.source, self.image_combo, self.method, self.prior_combo, self.seed,
+                     self.follow, self.resample_btn, self.run_button, self.progress, self.status])
+        self._timer = QTimer(self.native)  # a setting changed while the pass ran: run again when it ends
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(0)
+        self._timer.timeout.connect(self.run)
 
         self.points_combo.changed.connect(self._on_points_layer)
+        self.source.changed.connect(self._on_source)
+        self.image_combo.changed.connect(self._on_image_settings)
+        self.method.changed.connect(self._on_image_settings)
         self.prior_combo.changed.connect(self._on_prior)
         self.seed.changed.connect(lambda _=None: self.resample_all())
         self.resample_btn.changed.connect(lambda _=None: self.resample_all())
+        self.run_button.changed.connect(self._on_button)
         viewer.layers.events.inserted.connect(self._refresh_choices)
         viewer.layers.events.removed.connect(self._refresh_choices)
+        self.native.destroyed.connect(self._on_closed)
+        self._close_watcher = CloseWatcher(self.native, self._on_closed)
         self._refresh_choices()
+        self._show_mode()
 
     # ---- layer choices -----------------------------------------------------------------------------------------
     def _points_choices(self, _=None):
@@ -109,21 +146,129 @@ class PointsToMasksWidget(Container):
 
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Points)]
 
+    def _image_choices(self, _=None):
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
     def _prior_choices(self, _=None):
-        from napari.layers import Labels
+        from napari.layers import Image, Labels
 
         labels = [
             (f"fit to {layer.name}", layer)
             for layer in self.viewer.layers
             if isinstance(layer, Labels) and layer is not self._labels_layer and output_kind(layer) != ERRORS
         ]
-        return [(_DEFAULT_PRIOR, None), *labels]
+        images = [(f"from this image: {layer.name}", layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+        return [(_DEFAULT_PRIOR, None), *labels, *images]
 
     def _refresh_choices(self, _=None):
         self.points_combo.reset_choices()
+        self.image_combo.reset_choices()
         self.prior_combo.reset_choices()
+        if self.image_combo.value is None and self.image_combo.choices:
+            self.image_combo.value = self.image_combo.choices[-1]  # the image is preselected when there is one
         if self.points_combo.value is None and self.points_combo.choices:
             self.points_combo.value = self.points_combo.choices[-1]
+
+    # ---- masks from the image ----------------------------------------------------------------------------------
+    def _show_mode(self) -> None:
+        image = self.source.value == IMAGE
+        for w in (self.image_combo, self.method, self.run_button, self.progress):
+            w.visible = image
+        self.resample_btn.text = "Fit all again" if image else "Resample all"
+
+    def _on_source(self, _=None) -> None:
+        self._show_mode()
+        if self.source.value == PRIOR and self._job is not None:
+            self.cancel()
+        self.resample_all()
+
+    def _on_image_settings(self, _=None) -> None:
+        if self.source.value == IMAGE:
+            self.resample_all()
+
+    def _image_key(self):
+        return (self.image_combo.value, self.method.value)
+
+    def run(self) -> None:
+        """Image mode: the one-time pass over the chosen image (in a worker), then every point fitted."""
+        if self._job is not None:  # one pass at a time: the latest settings run when this one ends
+            self._dirty = True
+            return
+        if self.source.value != IMAGE or self._points_layer is None:
+            return
+        layer, method = self.image_combo.value, self.method.value
+        if layer is None:
+            self.status.value = "Masks from image: add or choose an Image layer (an H&E tile)."
+            return
+        if getattr(layer, "multiscale", False):
+            self.status.value = "Multiscale images are not supported: give a single-resolution tile."
+            return
+        image = np.array(layer.data, copy=True)
+        pts = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2).copy()
+        classes = self._classes()
+        prior, seed = self._prior, int(self.seed.value)
+        job = Job(layer)
+        progress = self._progress(job, lambda msg: f"Fitting to {layer.name} ({method}): {msg}")
+
+        def work():
+            try:
+                fitter = MaskFitter(image, method=method, prior=prior, seed=seed, progress=progress,
+                                    should_stop=lambda: job.cancelled)
+                fitter.reset(pts, classes)
+                return fitter
+            finally:
+                release_gpu_memory()
+
+        self._start(job, work, lambda fitter: self._on_fitted(job, method, fitter),
+                    f"Fitting the masks to {layer.name} with {method}...")
+
+    def _on_fitted(self, job: Job, method, fitter: MaskFitter) -> None:
+        if (self.source.value != IMAGE or self._points_layer is None
+                or self._image_key() != (job.layer, method)):
+            return  # the settings changed meanwhile (a new pass follows when they need one)
+        self._fitter, self._fit_key = fitter, (job.layer, method)
+        self.progress.value = self.progress.max
+        pts = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2)
+        if not np.array_equal(pts, fitter.points):  # points edited during the pass: fit them as they are now
+            self._refit_all(fitter)
+            return
+        self._sampler = fitter
+        self._ensure_labels_layer(fitter.shape)
+        self._write(fitter.labels.copy())
+        self.status.value = fitter.summary()
+
+    def _refit_all(self, fitter: MaskFitter) -> None:
+        """Image mode, the pass done: a new fitter on its maps (prior and seed as set now), every point fitted."""
+        fitter = MaskFitter(fitter.maps, prior=self._prior, seed=int(self.seed.value))
+        self._fitter = fitter
+        self._ensure_labels_layer(fitter.shape)
+        pts = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2)
+        try:
+            labels = fitter.reset(pts, self._classes())
+        except ValueError as e:
+            self.status.value = str(e)
+            return
+        self._sampler = fitter
+        self._write(labels.copy())
+        self.status.value = fitter.summary()
+
+    def _on_cancel(self) -> None:
+        self._sampler = None  # the masks no longer follow the points until a pass has run
+        self._forget()
+
+    def _on_finished(self, job: Job) -> None:
+        try:
+            super()._on_finished(job)
+        except RuntimeError:  # the widget's Qt objects are gone: it was closed while the pass ran
+            pass
+
+    def _on_closed(self, _=None) -> None:
+        """The widget left the viewer (its dock closed) or was destroyed: stop the pass, free the cached maps."""
+        self._cancel_on_close()
+        self._fitter = self._sampler = None
+        clear_cache()
 
     # ---- wiring ------------------------------------------------------------------------------------------------
     def _on_points_layer(self, layer=None):
@@ -153,15 +298,23 @@ class PointsToMasksWidget(Container):
         self.resample_all()
 
     def _on_prior(self, layer=None):
+        from napari.layers import Image
+
         if layer is None:
             self._prior = None
             self.resample_all()
             return
-        labels = np.asarray(layer.data)
-        self.status.value = f"Fitting the shape prior to {layer.name}..."
+        if isinstance(layer, Image):  # the prior of the image's own nuclei (found by the default segmenter)
+            image = np.array(layer.data, copy=True)
+            self.status.value = f"Fitting the shape prior to the nuclei of {layer.name}..."
+            work = lambda: ShapePrior.from_image(image, seed=0)  # noqa: E731
+        else:
+            labels = np.asarray(layer.data)
+            self.status.value = f"Fitting the shape prior to {layer.name}..."
+            work = lambda: ShapePrior.fit(labels, seed=0)  # noqa: E731
         # a fit that finishes (or fails) after the user has chosen another prior is dropped
         self._fit_worker = start_worker(
-            lambda: ShapePrior.fit(labels, seed=0),
+            work,
             returned=lambda prior: self.prior_combo.value is layer and self._prior_fitted(prior),
             errored=lambda exc: self.prior_combo.value is layer and self._fit_failed(exc))
 
@@ -237,14 +390,22 @@ class PointsToMasksWidget(Container):
 
     def _snapshot(self) -> _State:
         s, layer = self._sampler, self._points_layer
+        if isinstance(s, MaskFitter):
+            return _State(np.array(layer.data, copy=True), layer.features.copy(), s, s.points.copy(),
+                          s.classes.copy(), None, s.snapshot())
         return _State(np.array(layer.data, copy=True), layer.features.copy(), s, s.points.copy(), s.classes.copy(),
                       _copy_shapes(s.shapes))
 
     def _restore(self, state: _State, points: bool = True) -> None:
         """Put the sampler (and, with ``points``, the Points layer) back in ``state``; the masks are already there."""
         s = state.sampler
-        s.points, s.classes, s.shapes = state.points.copy(), state.classes.copy(), _copy_shapes(state.shapes)
-        s.labels = rasterize(s.shapes, s.shape)
+        if state.fitted is not None:
+            s.restore(state.fitted, labels=self._labels_layer.data)
+            if self.source.value == IMAGE:
+                self._fitter = s
+        else:
+            s.points, s.classes, s.shapes = state.points.copy(), state.classes.copy(), _copy_shapes(state.shapes)
+            s.labels = rasterize(s.shapes, s.shape)
         self._sampler = s
         self._state = state
         if not points:
@@ -275,7 +436,8 @@ class PointsToMasksWidget(Container):
         if state is None:
             return False
         self._restore(state, points=points)
-        self.status.value = f"{what}: {len(state.points)} nuclei."
+        summary = state.sampler.summary() if state.fitted is not None else f"{len(state.points)} nuclei."
+        self.status.value = f"{what}: {summary}"
         return True
 
     def _on_points_features(self, _=None) -> None:
@@ -323,8 +485,16 @@ class PointsToMasksWidget(Container):
         self._state = after
 
     def resample_all(self) -> None:
-        """Resample every nucleus from the current points, seed and prior."""
+        """Resample every nucleus from the current points, seed and prior (image mode: fit every point, after the
+        image's one-time pass if it has not run for the chosen image and method)."""
         if self._points_layer is None:
+            return
+        if self.source.value == IMAGE:
+            if self._fitter is not None and self._fit_key == self._image_key() and self._job is None:
+                self._refit_all(self._fitter)
+            else:
+                self._sampler = None
+                self.run()
             return
         shape = self._output_shape()
         self._ensure_labels_layer(shape)
@@ -356,7 +526,11 @@ class PointsToMasksWidget(Container):
             return
         self._sync(points=False)  # an undo not seen yet (a hidden masks layer): the masks follow these points
         s = self._sampler
-        if s is None:
+        if self.source.value == IMAGE and (s is None or self._job is not None):
+            # the pass is running (its end fits the points as they are then) or was cancelled (Fit to image)
+            self._forget()
+            return
+        if s is None or isinstance(s, MaskFitter) != (self.source.value == IMAGE):  # (an undo across a mode switch)
             self.resample_all()
             return
         data = np.asarray(self._points_layer.data, dtype=float).reshape(-1, 2)
@@ -380,4 +554,4 @@ class PointsToMasksWidget(Container):
         except ValueError as e:
             self.status.value = str(e)
             return
-        self.status.value = f"{len(s.points)} nuclei."
+        self.status.value = s.summary() if isinstance(s, MaskFitter) else f"{len(s.points)} nuclei."
