@@ -7,12 +7,20 @@
 3. Crash: ``nucsynth generate`` in a subprocess, SIGKILL (to its process group, workers included) once
    ``--kill-after`` pairs are listed, then ``--resume``; checks the dataset is complete, holds no stray file, and that
    every pair equals its regeneration from the manifest entry.
+4. Styles (issue 20, item 9): ``nucsynth generate --n STYLES_N --size 256 256 --random-points --workers W`` as a
+   command over ``--style-tiles`` whole 1000 x 1000 tiles with their labels: first with an empty cache folder
+   (``NUCSYNTH_CACHE``: every style is new, as on a first run), then again with that cache (every style analysed).
+   With ``--baseline-src DIR`` the same command also runs from another source tree (``DIR/src``, e.g. a checkout of
+   the commit before the cache) before and after them, in the same session, so the figures share the machine's
+   load; the datasets are compared pair by pair. Pairs per second are of the whole command (start-up included) and
+   as the command reports them (from its first pair on).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generate.py [--n 40] [--workers 2] [--export-count 100]
-        [--crash-n 24] [--kill-after 8]
+        [--crash-n 24] [--kill-after 8] [--sections throughput,export,crash,styles] [--styles-n 60]
+        [--style-tiles 14] [--baseline-src DIR]
 
 Style tiles: 256 x 256 crops of MoNuSeg training tiles (``NUCSYNTH_DATA`` or ``../shared/data/monuseg/train``),
-with their labels, written to a temporary folder.
+with their labels, written to a temporary folder (whole tiles for the styles section).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +62,55 @@ def _bank(root: Path, n_tiles: int) -> Path:
         iio.imwrite(out / f.name, read_image(f)[:256, :256, :3])
         write_labels(out / "labels" / (f.stem + ".tif"), read_labels(data / "labels" / f.name)[:256, :256])
     return out
+
+
+def _whole_tiles(root: Path, n_tiles: int) -> Path:
+    """The first ``n_tiles`` whole tiles (1000 x 1000) and their labels, copied to ``root/whole``."""
+    data = _data()
+    out = root / "whole"
+    (out / "labels").mkdir(parents=True)
+    for f in sorted((data / "images").glob("*.png"))[:n_tiles]:
+        shutil.copy(f, out / f.name)
+        shutil.copy(data / "labels" / f.name, out / "labels" / f.name)
+    return out
+
+
+def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | None) -> dict:
+    """``nucsynth generate`` over whole style tiles: fresh styles, the same styles again, and a baseline tree."""
+    from napari_nucsynth.generate import read_pair
+
+    bank = _whole_tiles(root, n_tiles)
+    cmd = [sys.executable, "-m", "napari_nucsynth.cli", "generate", "--n", str(n), "--styles", str(bank),
+           "--random-points", "--size", "256", "256", "--workers", str(workers), "--seed", "0"]
+
+    def run(name: str, cache: Path, src: str | None = None) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUCSYNTH_CACHE": str(cache)}
+        if src:
+            env["PYTHONPATH"] = str(Path(src).resolve() / "src")
+        t0 = time.perf_counter()
+        r = subprocess.run([*cmd, "--out", str(root / name)], capture_output=True, text=True, env=env, check=False)
+        dt = time.perf_counter() - t0
+        said = re.findall(r"(\d+)/(\d+) pairs, ([\d.]+) pairs/s", r.stdout)
+        return {"exit": r.returncode, "seconds": round(dt, 2), "pairs_per_s": round(n / dt, 2),
+                "pairs_per_s_reported": float(said[-1][2]) if said else None,
+                "cache_files": len(list((cache / "styles").glob("*.npz"))) if (cache / "styles").is_dir() else 0,
+                **({"stderr": r.stderr[-1500:]} if r.returncode else {})}
+
+    res = {"command": " ".join([*cmd[2:], "--out", "DIR"]), "style_tiles": n_tiles, "tile_size": [1000, 1000],
+           "workers": workers}
+    if baseline_src:
+        res["baseline_src"] = str(Path(baseline_src).resolve())
+        res["baseline_1"] = run("base1", root / "cache-base", baseline_src)
+    res["fresh_styles"] = run("fresh", root / "cache")
+    res["analysed_styles"] = run("again", root / "cache")
+    if baseline_src:
+        res["baseline_2"] = run("base2", root / "cache-base", baseline_src)
+    names = ["fresh", "again"] + (["base1"] if baseline_src else [])
+    ids = [f"syn_{i:06d}" for i in range(n)]
+    res["pairs_identical"] = all(
+        all(np.array_equal(x, y) for x, y in zip(read_pair(root / names[0], i), read_pair(root / other, i)))
+        for other in names[1:] for i in ids)
+    return res
 
 
 def throughput(bank: Path, root: Path, n: int, workers: int) -> dict:
@@ -142,17 +201,29 @@ def main() -> None:
     ap.add_argument("--export-count", type=int, default=100, help="writes per format (extrapolated to 1,000)")
     ap.add_argument("--crash-n", type=int, default=24)
     ap.add_argument("--kill-after", type=int, default=8)
+    ap.add_argument("--sections", default="throughput,export,crash,styles",
+                    help="comma-separated: throughput, export, crash, styles")
+    ap.add_argument("--styles-n", type=int, default=60, help="pairs of each styles run")
+    ap.add_argument("--style-tiles", type=int, default=14, help="whole tiles in the styles runs' bank")
+    ap.add_argument("--baseline-src", help="a source tree (DIR/src) to run the styles command from as the baseline")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        os.environ.setdefault("NUCSYNTH_CACHE", str(root / "cache-inprocess"))  # not the user's cache
         bank = _bank(root, args.tiles)
         out = {"command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python",
                                     *sys.argv]),
                "cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in load0]}
-        out["throughput"] = throughput(bank, root, args.n, args.workers)
-        out["export"] = export_times(bank, root, args.export_count)
-        out["crash_resume"] = crash(bank, root, args.crash_n, args.kill_after, args.workers)
+        if "throughput" in sections:
+            out["throughput"] = throughput(bank, root, args.n, args.workers)
+        if "export" in sections:
+            out["export"] = export_times(bank, root, args.export_count)
+        if "crash" in sections:
+            out["crash_resume"] = crash(bank, root, args.crash_n, args.kill_after, args.workers)
+        if "styles" in sections:
+            out["styles"] = styles(root, args.styles_n, args.workers, args.style_tiles, args.baseline_src)
         out["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(out, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
 
