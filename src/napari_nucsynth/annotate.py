@@ -254,25 +254,14 @@ class HoVerNetFit:
         """:class:`ImageMaps` from the segmenter's ``predict_maps`` output (H x W x 3: nucleus probability, h, v)."""
         from skimage.morphology import remove_small_objects
 
-        from .models.hovernet import sobel21
+        from .models.hovernet import hv_energy
 
         fg = maps[..., 0] >= np_threshold
         if min_area > 1:
             fg = remove_small_objects(fg, max_size=int(min_area) - 1)
-        # HoVer-Net's energy (models.hovernet.postprocess): the Sobel response of the min-max scaled HV maps marks
-        # the borders between touching nuclei; its complement inside the foreground, smoothed, is flooded
-        edge = np.zeros(fg.shape)
-        for ch, axis in ((1, 1), (2, 0)):
-            edge = np.maximum(edge, 1.0 - _minmax(sobel21(_minmax(maps[..., ch]), axis=axis)))
-        inner = (1.0 - np.maximum(edge - ~fg, 0.0)) * fg
-        k = [0.25, 0.5, 0.25]
-        energy = -ndi.correlate1d(ndi.correlate1d(inner, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
+        # HoVer-Net's energy (the borders between touching nuclei from the HV maps), flooded from the clicks
+        _, energy = hv_energy(fg, maps[..., 1:].transpose(2, 0, 1))
         return ImageMaps(fg, energy, method=self.name, compactness=0.01)
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros(x.shape)
 
 
 @register_fit_method("watershed")

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from . import ModelSpec, register_model
 
-__all__ = ["SPEC", "HoVerNet", "postprocess", "sobel21"]
+__all__ = ["SPEC", "HoVerNet", "hv_energy", "postprocess", "sobel21"]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -179,6 +179,19 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 _ELLIPSE5 = np.array([[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], bool)
 
 
+def hv_energy(blb: np.ndarray, hv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HoVer-Net's boundary map and watershed energy from the nuclear foreground ``blb`` (H x W bool) and the HV
+    maps (2 x H x W): ``overall`` (the Sobel response of the min-max scaled maps, high on borders between touching
+    nuclei, 0 outside the foreground) and ``energy`` (minus its complement inside the foreground, smoothed), which
+    a marker-controlled watershed floods."""
+    sobelh = 1 - _minmax(sobel21(_minmax(hv[0]), axis=1))
+    sobelv = 1 - _minmax(sobel21(_minmax(hv[1]), axis=0))
+    overall = np.maximum(np.maximum(sobelh, sobelv) - (1 - blb), 0)
+    inner = (1.0 - overall) * blb
+    k = [0.25, 0.5, 0.25]
+    return overall, -ndi.correlate1d(ndi.correlate1d(inner, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
+
+
 def postprocess(np_prob: np.ndarray, hv: np.ndarray, *, np_threshold: float = 0.5, edge_threshold: float = 0.4,
                 min_area: int = 10) -> np.ndarray:
     """Instances from HoVer-Net's outputs: ``np_prob`` (H x W nucleus probability) and ``hv`` (2 x H x W:
@@ -190,14 +203,7 @@ def postprocess(np_prob: np.ndarray, hv: np.ndarray, *, np_threshold: float = 0.
     blb = remove_small_objects(blb, max_size=min_area - 1)
     if not blb.any():
         return np.zeros(np_prob.shape, np.uint32)
-    h_dir, v_dir = _minmax(hv[0]), _minmax(hv[1])
-    sobelh = 1 - _minmax(sobel21(h_dir, axis=1))
-    sobelv = 1 - _minmax(sobel21(v_dir, axis=0))
-    overall = np.maximum(sobelh, sobelv)
-    overall = np.maximum(overall - (1 - blb), 0)
-    dist = (1.0 - overall) * blb
-    dist = -ndi.correlate1d(ndi.correlate1d(dist, [0.25, 0.5, 0.25], axis=0, mode="mirror"), [0.25, 0.5, 0.25],
-                            axis=1, mode="mirror")
+    overall, dist = hv_energy(blb, hv)
     marker = blb & ~(overall >= edge_threshold)
     marker = ndi.binary_fill_holes(marker)
     marker = ndi.binary_opening(marker, structure=_ELLIPSE5)
