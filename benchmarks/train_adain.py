@@ -62,7 +62,7 @@ def main() -> None:
     train_tiles = [t for t in tiles if t not in val_tiles]
     imgs, labs = [load_image(t) for t in train_tiles], [load_labels(t) for t in train_tiles]
     v_imgs, v_labs = [load_image(t) for t in val_tiles], [load_labels(t) for t in val_tiles]
-    config = {"encoder": args.encoder, **json.loads(args.config)}
+    config = {"features": args.encoder, **json.loads(args.config)}
     if args.width is not None:
         config["width"] = args.width
     lr = get_model("adain").default_lr if args.lr is None else args.lr

@@ -9,7 +9,7 @@ on the pre-synthesis where training says so:
 Network (:class:`AdaINModel`)
     - **Encoder**: a frozen feature network (:func:`napari_nucsynth.models.features.load_features`): by default the
       shipped segmenter's ResNet-18 encoder, trained here on H&E, cut at ``stem`` (stride 2), ``layer1`` (4),
-      ``layer2`` (8), ``layer3`` (16); ImageNet VGG-19 to ``relu4_1`` (``encoder="vgg19"``) only where its weights
+      ``layer2`` (8), ``layer3`` (16); ImageNet VGG-19 to ``relu4_1`` (``features="vgg19"``) only where its weights
       are present locally. It is a submodule (``feature_net``), so its weights travel in the checkpoint and a
       trained model renders the same anywhere; its ``source`` is saved with it and recorded in
       ``config["features_source"]``.
@@ -255,12 +255,12 @@ def adain_losses(model: AdaINModel, content: torch.Tensor, style: torch.Tensor, 
 
 
 def default_config() -> dict:
-    """``width`` (decoder channels as a share of the encoder's), ``encoder`` (the feature network:
-    ``"hovernet"``, ``"vgg19"`` where ImageNet weights are local, ``"vgg19-random"``), ``style_weight``,
-    ``pretrained`` ("auto": build the encoder from ``encoder``'s weights; None: the weights come from a state
-    dict loaded next) and the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
+    """``width`` (decoder channels as a share of the encoder's), ``style_weight``, ``pretrained`` ("auto": build
+    the encoder from the weights of the core's ``features`` network, which is adain's encoder and the network of
+    its perceptual loss: ``"hovernet"``, ``"vgg19"`` where ImageNet weights are local, ``"vgg19-random"``; None: the
+    weights come from a state dict loaded next) and the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
     ``features_source`` is filled in by :func:`build`."""
-    return {**GAN_DEFAULTS, "width": 0.25, "encoder": "hovernet", "style_weight": 1.0, "lambda_perc": 1.0,
+    return {**GAN_DEFAULTS, "width": 0.25, "style_weight": 1.0, "lambda_perc": 1.0,
             "pretrained": "auto", "features_source": None}
 
 
@@ -291,9 +291,9 @@ def build(config: dict | None = None) -> AdaINModel:
     if unknown:
         raise ValueError(f"unknown adain config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
     if cfg["pretrained"] is None:
-        enc = _skeleton(str(cfg["encoder"]))
+        enc = _skeleton(str(cfg["features"]))
     else:
-        enc = load_features(str(cfg["encoder"]))
+        enc = load_features(str(cfg["features"]))
         cfg["features_source"] = enc.source
         if config is not None:
             config["features_source"] = enc.source
