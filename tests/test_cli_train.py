@@ -195,3 +195,46 @@ def test_resume_command_keeps_arguments():
     cmd = _resume_command(["train", "--model", "hovernet", "--resume", "old.pt", "--out", "a b.pt"], Path("a b.pt"))
     assert cmd == "nucsynth train --model hovernet --out 'a b.pt' --resume 'a b.pt'"
     assert np.array_equal(shlex.split(cmd)[-2:], ["--resume", "a b.pt"])
+
+
+def test_synthetic_mixing_is_recipe_b(pairs, load_tile, tmp_path, capsys, monkeypatch):
+    """``--synthetic N`` (train(synthetic=N)): N pairs made from the training pairs alone join the crops' sources
+    (and only the training side: validation stays real); recorded in the checkpoint; clear errors."""
+    import napari_nucsynth.train as tr
+
+    seen = []
+    real_augment = tr._augment
+
+    def spy(img, lab, crop, rng, augment):
+        seen.append(img.shape[:2])
+        return real_augment(img, lab, crop, rng, augment)
+
+    monkeypatch.setattr(tr, "_augment", spy)
+    base = ["train", "--model", "hovernet", "--images", str(pairs[0]), "--labels", str(pairs[1]), "--crop", "64",
+            "--batch-size", "4", "--device", "cpu", "--config", json.dumps(TINY)]
+    out = tmp_path / "mix.pt"
+    assert main([*base, "--steps", "3", "--out", str(out), "--val-fraction", "0", "--synthetic", "3",
+                 "--synthetic-size", "128"]) == 0
+    ck = load_checkpoint(out, kind="hovernet")
+    syn = ck["train_data"]["synthetic_pairs"]
+    assert syn["n"] == 3 and syn["size"] == 128 and syn["renderer"] == "classic"
+    assert (128, 128) in seen and (96, 96) in seen  # crops from synthetic and real images both
+    # validation stays real: of three real images one is held out, and only the training side gets the pairs
+    img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")
+    imgs = [img[:160, i * 160 : i * 160 + 160] for i in range(3)]
+    labs = [lab[:160, i * 160 : i * 160 + 160] for i in range(3)]
+    seen.clear()
+    res = tr.train("hovernet", imgs, labs, steps=2, out=tmp_path / "api.pt", config=TINY, device="cpu",
+                   batch_size=4, crop=64, val_fraction=0.34, eval_every=100, synthetic=2, synthetic_size=112)
+    data = load_checkpoint(res.path, kind="hovernet")["train_data"]
+    assert data["n_val"] == 1 and data["n_train"] == 2 and data["synthetic_pairs"]["n"] == 2
+    assert (112, 112) in seen and (160, 160) in seen
+    capsys.readouterr()
+    for extra, msg in ((["--synthetic-renderer", "nope", "--synthetic", "1"], "unknown renderer"),
+                       (["--model", "joint", "--generator", "sian", "--segmenter", "hovernet", "--synthetic", "1"],
+                        "joint loop makes its own"),
+                       (["--synthetic", "-1"], "non-negative")):
+        assert main([*base, "--steps", "1", "--out", str(tmp_path / "x.pt"), *extra]) == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a generator"):
+        tr.train("sian", str(pairs[0]), str(pairs[1]), steps=1, out=tmp_path / "g.pt", synthetic=1)

@@ -227,3 +227,33 @@ def test_synthetic_pairs_in_memory(bank):
         synthetic_pairs(1, 64, [])
     with pytest.raises(ValueError, match="one label map"):
         synthetic_pairs(1, 64, imgs, style_labels=labs[:1])
+
+
+def test_synthetic_pairs_from_clicks_in_their_own_style(bank):
+    """Arm C of the headline (points only): layouts from point sets (no contour), an explicit shape prior, pair i
+    from set i mod k rendered in style i mod k; layouts="mixed" alternates library and process layouts."""
+    from napari_nucsynth.masks import ShapePrior
+    from napari_nucsynth.points import PointSet, centroids
+
+    files = sorted(bank.glob("*.png"))[:2]
+    imgs = [read_image(f)[..., :3] for f in files]
+    labs = [read_labels(bank / "labels" / (f.stem + ".tif")) for f in files]
+    # two styles far apart in colour: a tile and its channel-swapped twin
+    styles = [imgs[0], np.ascontiguousarray(imgs[0][..., ::-1])]
+    sets = [PointSet(centroids(lab), lab.shape) for lab in labs]
+    prior = ShapePrior.default()
+    out_img, out_lab = synthetic_pairs(4, 160, styles, point_sets=sets, prior=prior, own_style=True,
+                                       layouts="library", seed=3)
+    for i, (im, lab) in enumerate(zip(out_img, out_lab)):
+        assert lab.max() > 0
+        bg = im[lab == 0].reshape(-1, 3).mean(0)
+        own = styles[i % 2].reshape(-1, 3).mean(0)
+        assert np.sign(bg[0] - bg[2]) == np.sign(own[0] - own[2]) != 0, f"pair {i} is not in its own tile's style"
+    with pytest.raises(ValueError, match="one style per layout"):
+        synthetic_pairs(1, 64, styles[:1], point_sets=sets, own_style=True)
+    mixed, _ = synthetic_pairs(2, 96, imgs, style_labels=labs, fit_labels=labs, layouts="mixed", seed=4)
+    lib, _ = synthetic_pairs(1, 96, imgs, style_labels=labs, fit_labels=labs, layouts="library", seed=4)
+    proc, _ = synthetic_pairs(2, 96, imgs, style_labels=labs, fit_labels=labs, layouts="process", seed=4)
+    assert np.array_equal(mixed[0], lib[0]) and np.array_equal(mixed[1], proc[1])
+    with pytest.raises(ValueError, match="'mixed'"):
+        synthetic_pairs(1, 64, imgs, layouts="grid")

@@ -380,9 +380,19 @@ def _train(args) -> int:
                     raise ValueError(f"{', '.join(joint_only)}: for --model joint only")
                 from .train import train
 
+                mix = {}
+                if args.synthetic:
+                    from .render import renderers
+
+                    if args.synthetic_renderer not in renderers():
+                        raise ValueError(f"--synthetic-renderer: unknown renderer {args.synthetic_renderer!r}; "
+                                         f"choose from {', '.join(renderers())}")
+                    mix = {"synthetic": args.synthetic, "synthetic_size": args.synthetic_size,
+                           "synthetic_renderer": args.synthetic_renderer,
+                           "progress": (lambda i, n, msg: print(msg, file=sys.stderr, flush=True)) if main else None}
                 res = train(args.model, args.images, args.labels, config=config, val_fraction=args.val_fraction,
                             init=_init_checkpoint(args.model, args.init), augment=args.augment, should_stop=stop,
-                            **kw)
+                            **mix, **kw)
         except KeyboardInterrupt:
             report.close()
             if main:
@@ -423,6 +433,8 @@ def _init_checkpoint(kind: str, init: str | None) -> Path | None:
 
 def _train_joint(args, config, world, stop, kw):
     """``--model joint``: :func:`napari_nucsynth.train.joint.train_joint` (Gong et al.'s G-D-S loop)."""
+    if args.synthetic:
+        raise ValueError("--synthetic: for a segmenter's training; the joint loop makes its own synthetic pairs")
     if not args.generator or not args.segmenter:
         raise ValueError("--model joint needs --generator (adain or sian) and --segmenter (hovernet or maskrcnn)")
     if args.init is not None:
@@ -688,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="segmenters: add N synthetic pairs made from the training pairs alone (layouts, shapes and "
+                   "styles; docs/headline.md's recipe B); N equal to the number of training images gives half real, "
+                   "half synthetic crops (default: 0, real pairs only)")
+    p.add_argument("--synthetic-size", type=int, default=512, help="side of the synthetic pairs in px (default: 512)")
+    p.add_argument("--synthetic-renderer", default="classic",
+                   help="renderer of the synthetic pairs: classic, adain or sian (default: classic)")
     p.add_argument("--generator", help="--model joint: the generator kind (adain or sian)")
     p.add_argument("--segmenter", help="--model joint: the segmenter kind (hovernet or maskrcnn)")
     p.add_argument("--adversarial", choices=("reverse", "acgan"), default="reverse",

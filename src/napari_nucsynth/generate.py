@@ -788,9 +788,12 @@ def verify(dataset, ids=None, *, device: str = "cpu") -> list[str]:
 
 
 def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=None, layouts: str = "process",
-                    process: str = "cluster", seed: int = 0, progress: Callable[[int, int, str], None] | None = None,
+                    process: str = "cluster", point_sets=None, prior=None, own_style: bool = False,
+                    method: str = "classic", checkpoint=None, device: str = "cpu", seed: int = 0,
+                    progress: Callable[[int, int, str], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``n`` synthetic (image, labels) pairs of ``size`` x ``size`` in memory, rendered by the classic renderer.
+    """``n`` synthetic (image, labels) pairs of ``size`` x ``size`` in memory, rendered by ``method`` (the classic
+    renderer by default).
 
     Parameters
     ----------
@@ -802,11 +805,23 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
         The nuclei of each style tile (else the renderer detects them).
     fit_labels : label map or sequence of label maps, optional
         Real labels the masks' shape prior is fitted to (else the shipped MoNuSeg prior), and the layouts.
-    layouts : {"process", "library"}
+    layouts : {"process", "library", "mixed"}
         ``"process"``: layouts drawn from ``process`` (:func:`~napari_nucsynth.points.random_points`) fitted to
         a random one of ``fit_labels`` (else MoNuSeg's fit). ``"library"``: DAFF-GAN point-library augmentations
-        (:class:`~napari_nucsynth.points.PointLibrary`) of the centroids of ``fit_labels`` (required), cut to
-        ``size``.
+        (:class:`~napari_nucsynth.points.PointLibrary`) of the centroids of ``fit_labels`` (or of ``point_sets``;
+        one of them is required), cut to ``size``. ``"mixed"``: even pairs ``"library"``, odd ones ``"process"``.
+    point_sets : sequence of :class:`~napari_nucsynth.points.PointSet`, optional
+        The library's layouts when no contour is at hand (a pathologist's clicks): used instead of the centroids
+        of ``fit_labels``.
+    prior : :class:`~napari_nucsynth.masks.ShapePrior`, optional
+        The masks' shape prior (else fitted to ``fit_labels``, else the shipped MoNuSeg prior).
+    own_style : bool
+        Pair ``i`` takes its layout from library set ``k = i % len(sets)`` alone and is rendered in ``styles[k]``
+        (each tile's clicks in that tile's own style; library layouts whatever ``layouts`` says); needs one style
+        per set. Else the layout comes from the whole library and the style is drawn at random.
+    method, checkpoint, device : str, path, str
+        The renderer (:func:`napari_nucsynth.render.render`), its checkpoint (the shipped one when None) and
+        device.
     seed : int
         Pair ``i`` uses ``SeedSequence([seed, i])`` for its layout, masks, style and render, whatever ``n``.
     progress, should_stop : callables, optional
@@ -836,8 +851,8 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
     if style_labels is not None and len(style_labels) != len(styles):
         raise ValueError(f"style_labels must give one label map (or None) per style: {len(style_labels)} for "
                          f"{len(styles)} styles")
-    if layouts not in ("process", "library"):
-        raise ValueError(f"layouts must be 'process' or 'library', got {layouts!r}")
+    if layouts not in ("process", "library", "mixed"):
+        raise ValueError(f"layouts must be 'process', 'library' or 'mixed', got {layouts!r}")
     if fit_labels is None:
         maps = []
     elif isinstance(fit_labels, np.ndarray) and fit_labels.ndim == 2:
@@ -845,22 +860,25 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
     else:
         maps = list(fit_labels)
     maps = [m for m in maps if np.any(m)]
-    if layouts == "library" and not maps:
-        raise ValueError("layouts='library' needs fit_labels: the real label maps whose centroids are augmented")
-    prior, fits, library = None, {}, None
-    if maps:
+    sets = list(point_sets) if point_sets is not None else [PointSet(centroids(m), m.shape) for m in maps]
+    if layouts != "process" and not sets:
+        raise ValueError(f"layouts={layouts!r} needs fit_labels or point_sets: the real layouts that are augmented")
+    if own_style and len(sets) != len(styles):
+        raise ValueError(f"own_style needs one style per layout: {len(sets)} layouts for {len(styles)} styles")
+    fits = {}
+    if prior is None and maps:
         if progress:
             progress(0, n, "fitting the shape prior to the labels")
         prior = ShapePrior.fit_many(maps, seed=0)
-    if layouts == "library":
-        library = PointLibrary(PointSet(centroids(m), m.shape) for m in maps)
+    libraries = ([PointLibrary([s]) for s in sets] if own_style else [PointLibrary(sets)]) if sets else []
     images, labels = [], []
     for i in range(int(n)):
         if should_stop and should_stop():
             break
         s_layout, s_masks, s_style, s_render = (int(v) for v in np.random.SeedSequence([seed, i]).generate_state(4))
-        if library is not None:
-            ps = library.augment(s_layout)
+        k_own = i % len(sets) if own_style else None
+        if layouts == "library" or (layouts == "mixed" and i % 2 == 0) or own_style:
+            ps = libraries[k_own or 0].augment(s_layout)
             pts = ps.points[(ps.points[:, 0] < size - 0.5) & (ps.points[:, 1] < size - 0.5)]
         else:
             params = None
@@ -871,10 +889,10 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
                 params = fits[k]
             pts = random_points((size, size), process=process, params=params, seed=s_layout)
         lab = relabel_sequential(sample_masks(pts, (size, size), prior=prior, seed=s_masks))[0].astype(np.uint32)
-        k = int(np.random.default_rng(s_style).integers(len(styles)))
+        k = k_own if own_style else int(np.random.default_rng(s_style).integers(len(styles)))
         sl = style_labels[k] if style_labels is not None else None
-        images.append(np.asarray(render(lab, styles[k], method="classic", style_labels=sl, seed=s_render),
-                                 dtype=np.uint8))
+        images.append(np.asarray(render(lab, styles[k], method=method, style_labels=sl, seed=s_render,
+                                        checkpoint=checkpoint, device=device), dtype=np.uint8))
         labels.append(lab)
         if progress:
             progress(i + 1, n, f"synthetic pair {i + 1}/{n}")

@@ -253,6 +253,29 @@ def test_synthetic_pairs_are_generated_then_trained(setup, qtbot):
     assert load_checkpoint(res.path)["train_data"]["source"] == "synthetic"
 
 
+def test_mix_in_synthetic_pairs_recipe_b(setup, qtbot):
+    """*Mix in synthetic* (segmenters, real data): the real pairs plus N synthetic pairs made from them, recorded in
+    the checkpoint; hidden for generators, the joint loop and the synthetic source."""
+    _, image, labels, widget = setup
+    assert not _hidden(widget.mix) and _hidden(widget.mix_renderer)  # the renderer shows once N > 0
+    widget.mix.value = 2
+    assert not _hidden(widget.mix_renderer)
+    widget.model.value = "sian"
+    assert _hidden(widget.mix) and _hidden(widget.mix_renderer)
+    widget.model.value = "hovernet"
+    widget.source.value = "synthetic"
+    assert _hidden(widget.mix)
+    widget.source.value = "layers"
+    widget.steps.value = 2
+    widget.start()
+    _wait_idle(widget, qtbot)
+    res = widget.result
+    assert res is not None and res.step == 2 and not res.stopped, widget.status.value
+    data = load_checkpoint(res.path)["train_data"]
+    assert data["synthetic_pairs"]["n"] == 2 and data["synthetic_pairs"]["renderer"] == "classic"
+    assert data["mixed_synthetic"]["n"] == 2 and data["source"] == "layers"
+
+
 def test_generator_preview_layer(setup, qtbot):
     viewer, _, _, widget = setup
     widget.model.value = "adain"

@@ -199,6 +199,12 @@ class TrainWidget(Container):
         self.process = ComboBox(label="Layout", choices=["cluster", "hardcore", "poisson"], value="cluster")
         self.n_synth = SpinBox(label="Synthetic pairs", value=16, min=1, max=10000)
         self.synth_size = SpinBox(label="Pair size", value=256, min=32, max=4096, step=32)
+        self.mix = SpinBox(label="Mix in synthetic", value=0, min=0, max=10000)
+        self.mix.tooltip = ("Segmenters: add this many synthetic pairs made from the training pairs alone (their "
+                            "layouts, nucleus shapes and styles), the headline's recipe B; as many as the real "
+                            "pairs trains on half real, half synthetic crops. 0: real pairs only.")
+        self.mix_renderer = ComboBox(label="Mix renderer", choices=["classic", "adain", "sian"], value="classic")
+        self.mix_renderer.tooltip = "The renderer of the mixed-in synthetic pairs (learned ones use their shipped model)"
 
         self.preset = ComboBox(label="Preset", choices=[CUSTOM, *PRESETS], value=STANDARD)
         self.preset.tooltip = (f"{QUICK}: 300 steps of 128-px crops, a first model in minutes on a CPU. {STANDARD}: "
@@ -239,7 +245,7 @@ class TrainWidget(Container):
         self.metrics = wrapping_label()
         self.extend([self.model, self.generator, self.segmenter, self.adversarial, self.config, self.source,
                      self.pairs, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
-                     self.n_synth, self.synth_size, self.preset, self.steps, self.batch, self.lr, self.crop,
+                     self.n_synth, self.synth_size, self.mix, self.mix_renderer, self.preset, self.steps, self.batch, self.lr, self.crop,
                      self.augment, self.device, self.seed, self.val_fraction, self.eval_every, self.save_every,
                      self.preview_every, self.init,
                      self.out, self.resume, self.resume_file, buttons, self.progress, self.status, self.metrics])
@@ -254,6 +260,7 @@ class TrainWidget(Container):
         self.pause_btn.changed.connect(self._on_pause)
         self.model.changed.connect(self._on_model)
         self.source.changed.connect(self._on_source)
+        self.mix.changed.connect(self._on_source)
         self._applying_preset = False
         self._cost_hint = ""
         self.preset.changed.connect(self._on_preset)
@@ -364,6 +371,7 @@ class TrainWidget(Container):
             w.visible = not joint
         self._resume.refresh()
         self.init.reset_choices()
+        self._on_source()
 
     def _on_preset(self, _=None):
         values = PRESETS.get(self.preset.value)
@@ -412,6 +420,13 @@ class TrainWidget(Container):
         self.images_dir.visible = self.labels_dir.visible = src == "folder"
         for w in (self.styles, self.fit_to, self.process, self.n_synth, self.synth_size):
             w.visible = src == "synthetic"
+        self.mix.visible = self._mixable()
+        self.mix_renderer.visible = self._mixable() and int(self.mix.value) > 0
+
+    def _mixable(self) -> bool:
+        """*Mix in synthetic* applies: a segmenter trained on real pairs (layers or folders)."""
+        kind = self.model.value
+        return self.source.value != "synthetic" and kind != JOINT and not _is_generator(kind)
 
     # ---- running -----------------------------------------------------------------------------------------------
     @property
@@ -499,6 +514,10 @@ class TrainWidget(Container):
                       data={"source": "synthetic", "n": int(self.n_synth.value), "size": int(self.synth_size.value),
                             "styles": [lyr.name for lyr in layers], "process": self.process.value,
                             "fit_to": None if fit is None else fit.name})
+        if self._mixable() and int(self.mix.value) > 0:
+            n = int(self.mix.value)
+            kw["mix"] = {"n": n, "size": max(256, int(self.crop.value)), "renderer": self.mix_renderer.value}
+            kw["data"]["mixed_synthetic"] = dict(kw["mix"])
         resume = self.resume.value
         out = self.out.value
         if out is None or str(out) in ("", "."):
@@ -547,8 +566,14 @@ class TrainWidget(Container):
                                        should_stop=job.should_stop, on_update=job.on_update, **common)
                 from ..train import train
 
+                mix = {}
+                if kw.get("mix"):
+                    mix = {"synthetic": kw["mix"]["n"], "synthetic_size": kw["mix"]["size"],
+                           "synthetic_renderer": kw["mix"]["renderer"],
+                           "progress": lambda i, n, msg: job.events.append(
+                               (time.perf_counter(), ("generate", 0, 0, msg)))}
                 return train(kind, images, labels, config=kw["config"], init=kw["init"], train_data=data,
-                             should_stop=job.should_stop, on_update=job.on_update, **val, **common)
+                             should_stop=job.should_stop, on_update=job.on_update, **mix, **val, **common)
             finally:
                 release_gpu_memory()
 

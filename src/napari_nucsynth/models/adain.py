@@ -28,7 +28,8 @@ Training (the GAN core, :mod:`napari_nucsynth.models.gan`)
     the nuclear mask beside the image (so it checks that nuclei are where the masks say); feature matching x
     ``lambda_feat``; a perceptual loss to the real crop in the encoder's features x ``lambda_perc``; the AdaIN style
     loss (means and standard deviations of the output's features against the reference's, every level) x
-    ``style_weight``. The decoder's moving average renders and ships. :func:`validate` reports, on held-out pairs,
+    ``style_weight``; Gong et al.'s content loss (the output's features against the AdaIN targets, every level)
+    x ``content_weight``, which holds the pre-synthesis's nuclei where the masks put them. The decoder's moving average renders and ships. :func:`validate` reports, on held-out pairs,
     the perceptual distance to the real tile of the refined render and of the classic render it started from.
 
 Inference (:func:`stylize`) on images of any size
@@ -210,14 +211,20 @@ class AdaINModel(GANModel):
     def generate(self, batch: dict, cond, real, *, ema: bool = False) -> tuple[torch.Tensor, dict]:
         """The refined classic render (in [-1, 1]) of each crop, the crop as reference; extra loss: the AdaIN style
         loss x ``style_weight``."""
-        style = batch["image"].float()
-        s_feats = self.feature_net(style)
-        s_stats = [mean_std(f) for f in s_feats]
-        out = self.refine(batch["content"].float(), s_stats, ema=ema)
+        style, content = batch["image"].float(), batch["content"].float()
+        s_stats = [mean_std(f) for f in self.feature_net(style)]
+        dec = self.ema["decoder"] if ema else self.decoder
+        t = self.stylised_features(self.feature_net(content), s_stats)
+        out = content + dec(t, content).to(content.dtype)
         extra = {}
         sw = float(self.config.get("style_weight", 0.0))
-        if sw:
-            extra["g_style"] = _style_loss(self.feature_net(out), s_stats) * sw
+        cw = float(self.config.get("content_weight", 0.0))
+        if sw or cw:
+            o_feats = self.feature_net(out)
+            if sw:
+                extra["g_style"] = _style_loss(o_feats, s_stats) * sw
+            if cw:
+                extra["g_content"] = _content_loss(o_feats, t, self.config.get("perc_weights", ())) * cw
         return out * 2 - 1, extra
 
 
@@ -229,6 +236,15 @@ def _style_loss(o_feats: Sequence[torch.Tensor], s_stats: Stats) -> torch.Tensor
         om, os_ = mean_std(f)
         loss = loss + F.mse_loss(om, sm) + F.mse_loss(os_, ss)
     return loss
+
+
+def _content_loss(o_feats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                  weights: Sequence[float]) -> torch.Tensor:
+    """Gong et al.'s content loss at every level: the weighted L1 (the perceptual loss's form and weighting, so
+    the two weights compare) between the output's features and the AdaIN targets (the content's features in the
+    reference's statistics), which holds the pre-synthesis's nuclei in place while the other losses restyle it."""
+    w = list(weights) + [1.0] * (len(o_feats) - len(weights))
+    return sum(wi * F.l1_loss(o.float(), tk.detach()) for wi, o, tk in zip(w, o_feats, targets))
 
 
 def adain_losses(model: AdaINModel, content: torch.Tensor, style: torch.Tensor, *,
@@ -255,12 +271,13 @@ def adain_losses(model: AdaINModel, content: torch.Tensor, style: torch.Tensor, 
 
 
 def default_config() -> dict:
-    """``width`` (decoder channels as a share of the encoder's), ``style_weight``, ``pretrained`` ("auto": build
+    """``width`` (decoder channels as a share of the encoder's), ``style_weight``, ``content_weight`` (Gong et
+    al.'s content loss to the AdaIN targets, :func:`_content_loss`), ``pretrained`` ("auto": build
     the encoder from the weights of the core's ``features`` network, which is adain's encoder and the network of
     its perceptual loss: ``"hovernet"``, ``"vgg19"`` where ImageNet weights are local, ``"vgg19-random"``; None: the
     weights come from a state dict loaded next) and the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
     ``features_source`` is filled in by :func:`build`."""
-    return {**GAN_DEFAULTS, "width": 0.25, "style_weight": 1.0, "lambda_perc": 1.0,
+    return {**GAN_DEFAULTS, "width": 0.25, "style_weight": 1.0, "content_weight": 0.0, "lambda_perc": 1.0,
             "pretrained": "auto", "features_source": None}
 
 

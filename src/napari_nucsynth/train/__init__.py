@@ -189,7 +189,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
           val_labels: Sequence | None = None,
           eval_every: int = 500, save_every: int = 200, preview_every: int = 0, progress: Callable[[int, int, str], None] | None = None,
           should_stop: Callable[[], bool] | None = None, on_update: Callable[[TrainUpdate], None] | None = None,
-          train_data: dict | None = None) -> TrainResult:
+          train_data: dict | None = None, synthetic: int = 0, synthetic_size: int = 512,
+          synthetic_renderer: str = "classic") -> TrainResult:
     """Train a model of kind ``kind`` on pairs; write the checkpoint ``out``.
 
     Parameters
@@ -228,6 +229,14 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         checkpoint is saved); ``on_update(TrainUpdate)`` for loss plots.
     train_data : dict, optional
         What to record about the data in the checkpoint (defaults to the image names and counts).
+    synthetic, synthetic_size, synthetic_renderer : int, int, str
+        Recipe B of the headline experiment (docs/headline.md), for segmenters: before the first step, add
+        ``synthetic`` pairs of ``synthetic_size`` px made from the training pairs alone
+        (:func:`napari_nucsynth.generate.synthetic_pairs`: layouts alternately point-library augmentations of their
+        centroids and a point process fitted to them, masks from a shape prior fitted to their labels, rendered by
+        ``synthetic_renderer`` in the style of a random one of them). Crops are drawn uniformly over all training
+        images, so ``synthetic`` equal to the number of real images trains on half real, half synthetic crops.
+        Seeded by ``seed``, so a resumed run makes the same pairs again. Validation stays on real images only.
 
     Notes
     -----
@@ -246,6 +255,12 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     if augment is not None and augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     spec = get_model(kind)
+    if isinstance(synthetic, bool) or not isinstance(synthetic, (int, np.integer)) or synthetic < 0:
+        raise ValueError(f"synthetic must be a non-negative number of pairs, got {synthetic!r}")
+    if synthetic and spec.train_step is not None:
+        raise ValueError(f"synthetic pairs train segmenters; {kind} is a generator")
+    if synthetic and int(synthetic_size) < 64:
+        raise ValueError(f"synthetic_size must be at least 64 px, got {synthetic_size!r}")
     lr = spec.default_lr if lr is None else float(lr)
     imgs, labs, names = load_pairs(images, labels)
     dctx, dev = setup(device)  # (None, the device) unless launched by torchrun with more than one process
@@ -254,15 +269,43 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
                       init=init, config=config, seed=seed, batch_size=batch_size, crop=crop, lr=lr,
                       augment=augment, val_fraction=val_fraction, val_images=val_images, val_labels=val_labels,
                       eval_every=eval_every, save_every=save_every, preview_every=preview_every, progress=progress,
-                      should_stop=should_stop, on_update=on_update, train_data=train_data)
+                      should_stop=should_stop, on_update=on_update, train_data=train_data, synthetic=synthetic,
+                      synthetic_size=synthetic_size, synthetic_renderer=synthetic_renderer)
     finally:
         if dctx is not None:
             dctx.close()
 
 
+def _add_synthetic(imgs, labs, t_idx, data, n, size, renderer, dev, seed, progress, should_stop):
+    """The training pairs plus ``n`` synthetic ones made from them alone (see :func:`train`)."""
+    import time
+
+    from ..generate import synthetic_pairs
+
+    real_i, real_l = [imgs[i] for i in t_idx], [labs[i] for i in t_idx]
+    if not any(np.any(lb) for lb in real_l):
+        raise ValueError("synthetic pairs need training labels with nuclei (their layouts and shapes)")
+
+    def tick(i, total, msg):
+        if progress:
+            progress(0, 0, f"making synthetic pairs: {msg}")
+
+    t0 = time.perf_counter()
+    s_imgs, s_labs = synthetic_pairs(n, size, real_i, style_labels=real_l, fit_labels=real_l, layouts="mixed",
+                                     method=renderer, device=str(dev), seed=seed, progress=tick,
+                                     should_stop=should_stop)
+    first = len(imgs)
+    imgs, labs = list(imgs) + s_imgs, list(labs) + s_labs
+    t_idx = list(t_idx) + list(range(first, first + len(s_imgs)))
+    data = {**data, "synthetic_pairs": {"n": len(s_imgs), "size": size, "renderer": renderer, "seed": seed,
+                                        "made_from": "the training pairs only", "layouts": "mixed",
+                                        "seconds": round(time.perf_counter() - t0, 1)}}
+    return imgs, labs, t_idx, data
+
+
 def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init, config, seed, batch_size, crop,
            lr, augment, val_fraction, val_images, val_labels, eval_every, save_every, preview_every, progress, should_stop,
-           on_update, train_data) -> TrainResult:
+           on_update, train_data, synthetic=0, synthetic_size=512, synthetic_renderer="classic") -> TrainResult:
     """The loop of :func:`train` on one process (one rank of a torchrun launch when ``dctx`` is given)."""
     import torch
 
@@ -285,6 +328,9 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         v_imgs, v_labs = [imgs[i] for i in v_idx], [labs[i] for i in v_idx]
     data = train_data or {"images": [names[i] for i in t_idx], "n_train": len(t_idx), "n_val": len(v_imgs),
                           "crop": crop, "batch_size": batch_size}
+    if synthetic:
+        imgs, labs, t_idx, data = _add_synthetic(imgs, labs, t_idx, data, int(synthetic), int(synthetic_size),
+                                                 synthetic_renderer, dev, split_seed, progress, should_stop)
 
     start = 0
     if resume is None:  # before building: the initial weights are drawn from torch's generator
