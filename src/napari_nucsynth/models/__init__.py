@@ -94,7 +94,7 @@ def get_model(kind: str) -> ModelSpec:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("hovernet", "maskrcnn", "adain", "sian"):
+    for mod in ("hovernet", "maskrcnn", "adain", "sian", "pix2pixhd", "daff", "points2image", "drit", "nuclick"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:

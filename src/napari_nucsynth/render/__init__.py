@@ -99,7 +99,7 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("classic", "adain", "sian"):
+    for mod in ("classic", "adain", "sian", "pix2pixhd", "points2image"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:  # a module not written yet
