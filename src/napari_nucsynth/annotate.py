@@ -37,18 +37,27 @@ Hence:
   prior nucleus; :class:`MaskFitter` re-fits exactly that, so its labels always equal :func:`fit_masks` of the
   current points (tested).
 
-Methods (:func:`fit_methods`; ``"auto"`` is the first available of ``hovernet``, ``watershed``)
-----------------------------------------------------------------------------------------------
+Methods (:func:`fit_methods`; ``"auto"`` is the first available of ``nuclick``, ``hovernet``, ``watershed``)
+----------------------------------------------------------------------------------------------------------
 - ``hovernet``: the shipped HoVer-Net segmenter's nucleus probability and horizontal/vertical maps, computed once
   per image (``napari_nucsynth.segment``'s ``predict_maps``); foreground = probability >= ``np_threshold``;
   energy = HoVer-Net's own (the smoothed Sobel response of the HV maps, as in its post-processing).
 - ``watershed``: no model: the haematoxylin density (:func:`napari_nucsynth.stain.rgb_to_hed`) smoothed by
   ``sigma`` px, foreground above ``threshold_scale`` x Otsu's threshold, energy = minus the density; a nucleus
   reaches at most ``max_radius`` px from its click.
+- ``nuclick``: a point-prompted network in the manner of NuClick (:mod:`napari_nucsynth.models.nuclick`): each
+  click's patch, a map of the click and a map of the other clicks in the patch -> the clicked nucleus. It has its
+  own fitter, :class:`NuClickFitter` (what ``MaskFitter`` returns for it; steps 1-5 above are replaced by the
+  network's masks, with the same contract: every inside point gets a nucleus, two clicks on one nucleus split it,
+  a click on background gets a prior nucleus, edits re-fit locally and equal a full fit). It needs a trained
+  checkpoint: ``checkpoint=``, or the shipped ``data/models/nuclick_monuseg.pt`` (not shipped yet: until it is,
+  ``"auto"`` chooses as before, ``hovernet`` or ``watershed``; with a nuclick ``checkpoint=`` it chooses
+  ``nuclick``).
 
-Their parameters were chosen on the 24 MoNuSeg training tiles of the segmentation benchmark, never on its 6
-held-out tiles (``benchmarks/bench_clicks.py``; figures in docs/benchmarks.md). A new method is one class
-registered with :func:`register_fit_method` whose ``prepare`` returns :class:`ImageMaps`.
+The watershed methods' parameters were chosen on the 24 MoNuSeg training tiles of the segmentation benchmark,
+never on its 6 held-out tiles (``benchmarks/bench_clicks.py``; figures in docs/benchmarks.md). A new method is one class
+registered with :func:`register_fit_method` whose ``prepare`` returns :class:`ImageMaps` (or, with a
+``fitter`` attribute naming a :class:`MaskFitter` subclass, the maps that subclass reads, as ``nuclick`` does).
 """
 
 from __future__ import annotations
@@ -72,19 +81,23 @@ __all__ = [
     "FitResult",
     "ImageMaps",
     "MaskFitter",
+    "NuClickFitter",
+    "NuClickMaps",
     "clear_cache",
     "fit_masks",
     "fit_methods",
     "get_fit_method",
     "image_maps",
+    "nuclick_maps",
     "register_fit_method",
 ]
 
 Progress = Callable[[int, int, str], None] | None
 ShouldStop = Callable[[], bool] | None
 
-#: Preference order of "auto": the first available method.
-AUTO_ORDER = ("hovernet", "watershed")
+#: Preference order of "auto": the first available method (``nuclick`` only where its checkpoint exists: the
+#: shipped one, absent so far, or a nuclick ``checkpoint=``).
+AUTO_ORDER = ("nuclick", "hovernet", "watershed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,6 +154,66 @@ class ImageMaps:
     @property
     def shape(self) -> tuple[int, int]:
         return self.foreground.shape
+
+
+@dataclass(eq=False)
+class NuClickMaps:
+    """The ``nuclick`` method's one-time pass over an image: the network's input channels and the network itself
+    (as a function of patches), for :class:`NuClickFitter`.
+
+    Attributes
+    ----------
+    channels : (C, H, W) float16
+        The image's input channels (:func:`napari_nucsynth.models.nuclick.image_channels`).
+    predict : callable
+        ``predict(inputs) -> probabilities``: (n, C + 2, S, S) float32 patches -> (n, S, S) float32.
+    patch, sigma
+        The network's patch size and click-map width (px).
+    threshold : float
+        A pixel belongs to a click's nucleus where its probability is at least this (and the highest of the
+        clicks whose windows cover it).
+    snap : int
+        A click anchors at the nearest pixel within ``snap`` px where its own probability reaches ``threshold``;
+        with none, it gets a nucleus from the shape prior (a click on background).
+    fallback_scale : float
+        Linear scale of the prior's nucleus given to a click on background.
+    """
+
+    channels: np.ndarray
+    predict: Callable[[np.ndarray], np.ndarray]
+    patch: int = 64
+    sigma: float = 2.0
+    threshold: float = 0.5
+    snap: int = 4
+    fallback_scale: float = 0.8
+    method: str = "nuclick"
+
+    def __post_init__(self):
+        ch = np.asarray(self.channels)
+        if ch.ndim != 3:
+            raise ValueError(f"channels must be a (C, H, W) array, got shape {ch.shape}")
+        if self.snap >= self.patch // 2:
+            raise ValueError(f"snap ({self.snap}) must be less than half the patch ({self.patch})")
+        self.channels = ch
+        self.channels.flags.writeable = False  # shared through the cache
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.channels.shape[1:])
+
+
+def nuclick_maps(model, image, *, device="cpu", progress: Progress = None, should_stop: ShouldStop = None,
+                 threshold: float = 0.5, snap: int = 4, batch: int = 128) -> NuClickMaps:
+    """:class:`NuClickMaps` of ``image`` for a nuclick network already in memory (the ``nuclick`` method loads its
+    checkpoint and calls this; so do the model's ``predict`` and ``validate``)."""
+    from .devices import resolve_device
+    from .models.nuclick import image_channels, predict_patches
+
+    dev = resolve_device(device)
+    ch = image_channels(model, as_rgb(image, "image"), dev, progress=progress, should_stop=should_stop)
+    cfg = model.config
+    return NuClickMaps(ch.astype(np.float16), lambda x: predict_patches(model, x, dev, batch=batch),
+                       patch=int(cfg["patch"]), sigma=float(cfg["sigma"]), threshold=float(threshold), snap=int(snap))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,6 +374,68 @@ class WatershedFit:
         if progress is not None:
             progress(1, 1, "haematoxylin")
         return ImageMaps(fg, energy, method=self.name, compactness=0.3, max_radius=p["max_radius"])
+
+
+@register_fit_method("nuclick")
+class NuClickFit:
+    """A point-prompted network in the manner of NuClick (:mod:`napari_nucsynth.models.nuclick`): each click's
+    patch, a map of the click and a map of the other clicks in the patch in, the clicked nucleus's probability out.
+    The one-time pass computes the network's input channels (the image; with a "hovernet"-context model also the
+    shipped HoVer-Net's maps); the clicks are fitted by :class:`NuClickFitter`.
+
+    Parameters (keywords): ``threshold`` (a pixel is a nucleus's where its probability is at least this; 0.5),
+    ``snap`` (a click anchors at the nearest pixel within this many px where its own probability reaches the
+    threshold; with none it gets a prior nucleus; 4).
+    """
+
+    name = "nuclick"
+    description = "NuClick-style point-prompted network: each click's patch and the clicks around it -> its nucleus"
+    needs_checkpoint = True
+    params: ClassVar[dict] = {"threshold": (0.5, 0.05, 0.95), "snap": (4, 0, 16)}
+
+    @property
+    def fitter(self):
+        return NuClickFitter
+
+    def available(self, checkpoint=None) -> bool:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return False
+        if checkpoint is None:
+            from .models.nuclick import default_checkpoint
+
+            return default_checkpoint().is_file()
+        return _checkpoint_kind(checkpoint) == "nuclick"
+
+    def prepare(self, image, *, checkpoint=None, device="auto", progress=None, should_stop=None,
+                **params) -> NuClickMaps:
+        from .devices import resolve_device
+        from .models.nuclick import load_model
+
+        p = _check_params(self, params)
+        dev = resolve_device(device)
+        model = load_model(checkpoint, dev)
+        return nuclick_maps(model, image, device=dev, progress=progress, should_stop=should_stop, **p)
+
+
+_KINDS: dict = {}
+
+
+def _checkpoint_kind(checkpoint) -> str | None:
+    """The model kind a checkpoint file holds (None: absent or unreadable), cached per path and modification time."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _KINDS:
+        from .models import load_checkpoint
+
+        try:
+            _KINDS[key] = load_checkpoint(path)["kind"]
+        except ValueError:
+            _KINDS[key] = None
+    return _KINDS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,9 +641,12 @@ class MaskFitter:
     :meth:`remove_points` (the :class:`napari_nucsynth.masks.MaskSampler` interface), or their one-point forms
     :meth:`add`, :meth:`move` and :meth:`remove`. ``labels`` always equals :func:`fit_masks` of the current points.
 
+    ``MaskFitter(...)`` returns the fitter of the method that runs: this class for the methods whose one-time pass
+    is :class:`ImageMaps` (``hovernet``, ``watershed``), :class:`NuClickFitter` for ``nuclick``.
+
     Parameters
     ----------
-    image : array or ImageMaps
+    image : array or ImageMaps or NuClickMaps
         The H&E image (see :func:`image_maps` for the accepted forms), or a one-time pass already made.
     method, checkpoint, device, progress, should_stop, **params
         As :func:`fit_masks`; they concern the one-time pass, run here.
@@ -518,14 +656,33 @@ class MaskFitter:
         Randomness of the fallback nuclei.
     """
 
+    #: the one-time pass this class fits from (a subclass for a method with its own maps sets its own)
+    _maps_type: ClassVar[type] = ImageMaps
+
+    def __new__(cls, image=None, *args, method: str = "auto", checkpoint=None, **kwargs):
+        """``MaskFitter(...)`` is the fitter of the method that runs: a method whose one-time pass is not
+        :class:`ImageMaps` names its own subclass (``nuclick``: :class:`NuClickFitter`)."""
+        if cls is MaskFitter:
+            if isinstance(image, NuClickMaps):
+                cls = NuClickFitter
+            elif not isinstance(image, ImageMaps) and isinstance(method, str):
+                try:
+                    cls = getattr(get_fit_method(method, checkpoint), "fitter", MaskFitter)
+                except ValueError:  # __init__ raises it again, where it is documented
+                    pass
+        return super().__new__(cls)
+
     def __init__(self, image, *, method: str = "auto", checkpoint=None, device: str = "auto",
                  prior: ShapePrior | None = None, seed: SeedLike = None, progress: Progress = None,
                  should_stop: ShouldStop = None, **params):
-        if isinstance(image, ImageMaps):
+        if isinstance(image, (ImageMaps, NuClickMaps)):
             self.maps = image
         else:
             self.maps = image_maps(image, method=method, checkpoint=checkpoint, device=device, progress=progress,
                                    should_stop=should_stop, **params)
+        if not isinstance(self.maps, self._maps_type):
+            raise ValueError(f"{type(self).__name__} fits from {self._maps_type.__name__}, got "
+                             f"{type(self.maps).__name__} (use MaskFitter(...), which picks the method's fitter)")
         self.method = self.maps.method
         self.shape = self.maps.shape
         self.prior = prior or _default_prior()
@@ -700,11 +857,10 @@ class MaskFitter:
         self._remove(indices)
         return self.labels
 
-    def _remove(self, indices) -> Patch | None:
-        idx = np.unique(self._indices(indices))
-        if idx.size == 0:
-            return None
-        comps, boxes = self._regions(idx)
+    def _drop_points(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Forget the points ``idx``: the labels of the others renumbered (id = new index + 1), their fallback
+        nuclei kept under their new indices. Returns ``(keep, old_labels)``: the kept points' mask and the labels
+        before."""
         keep = np.ones(len(self.points), bool)
         keep[idx] = False
         new_of_old = np.cumsum(keep) - 1  # the new index of each kept old point
@@ -712,12 +868,19 @@ class MaskFitter:
         lut[1:][keep] = np.arange(1, keep.sum() + 1, dtype=np.uint32)
         old_labels = self.labels
         self.labels = lut[self.labels]
-        # fallback nuclei of kept points keep their shapes, under their new indices
         kept_fb = keep[self._fb_index]
         self._fb_shapes = self._fb_shapes.take(np.flatnonzero(kept_fb))
         self._fb_index = new_of_old[self._fb_index[kept_fb]]
-        self.points, self.classes = self.points[keep], self.classes[keep]
-        self.inside, self._anchor, self._comp = self.inside[keep], self._anchor[keep], self._comp[keep]
+        self.points, self.classes, self.inside = self.points[keep], self.classes[keep], self.inside[keep]
+        return keep, old_labels
+
+    def _remove(self, indices) -> Patch | None:
+        idx = np.unique(self._indices(indices))
+        if idx.size == 0:
+            return None
+        comps, boxes = self._regions(idx)
+        keep, old_labels = self._drop_points(idx)
+        self._anchor, self._comp = self._anchor[keep], self._comp[keep]
         self._refit(comps, boxes)
         diff = old_labels != self.labels
         rows, cols = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
@@ -766,6 +929,300 @@ class MaskFitter:
         """Delete point ``i`` (ids above it shift down by one); the bounding box of every changed pixel as a Patch
         (with points above ``i`` that is most of the image)."""
         return self._remove([i])
+
+
+class NuClickFitter(MaskFitter):
+    """:class:`MaskFitter` for the ``nuclick`` method (what ``MaskFitter(image, method="nuclick")`` returns): the
+    same interface, the network's masks instead of a watershed.
+
+    How the clicks become masks (every step depends on the clicks in a window around each click only, which is
+    what lets an edit re-fit only the clicks near it, with labels equal to a full fit's):
+
+    1. **Probabilities.** Each click inside the image gets the network's nucleus probability over its window
+       (``patch`` px around its pixel; :mod:`napari_nucsynth.models.nuclick`), given the other clicks in the
+       window as exclusion clicks. All clicks of a full fit run in batches; an edit re-runs the edited clicks and
+       those whose windows hold an edited click's old or new pixel.
+    2. **Anchor.** A click anchors at the nearest pixel within ``snap`` px where its own probability reaches
+       ``threshold``; with none (a click on background) it gets a small nucleus from the shape prior instead, as
+       the other methods do.
+    3. **Ownership.** A pixel goes to the anchored click of highest probability among those whose windows cover
+       it, if that probability reaches ``threshold`` (ties: the lower index). Each anchor pixel is its own click's
+       (the lowest index where several anchor at one pixel).
+    4. **One piece.** A click's nucleus is the 4-connected piece of its pixels that holds its anchor.
+    5. **Fallback.** A click on background gets its prior nucleus's pixels (within its window) that no click's
+       probability owns and that are no other click's anchor, and its own pixel.
+
+    Two clicks on one nucleus split it: each one's patch shows the other as an exclusion click, and the network
+    divides the nucleus between them.
+    """
+
+    _maps_type: ClassVar[type] = NuClickMaps
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def _set_state(self, points: np.ndarray, classes: np.ndarray, changed=None) -> None:
+        """Take ``points``/``classes`` as the whole state: every click's probabilities, anchor and fallback nucleus
+        computed afresh (``changed`` is not used: edits go through :meth:`_update` and :meth:`_remove`)."""
+        n = len(points)
+        self.points, self.classes = points, classes
+        self._pix = np.floor(points + 0.5).astype(np.int64)
+        h, w = self.shape
+        self.inside = (self._pix[:, 0] >= 0) & (self._pix[:, 0] < h) & (self._pix[:, 1] >= 0) & (self._pix[:, 1] < w)
+        self._corner = self._pix - self.maps.patch // 2
+        self._prob: list = [None] * n
+        self._anchor = np.full((n, 2), -1, np.int64)
+        self._isfb = np.zeros(n, bool)
+        self._fb_index, self._fb_shapes = np.zeros(0, np.int64), NucleusShapes.empty()
+        self._predict(np.flatnonzero(self.inside))
+        self._redraw_fallbacks(np.arange(n))
+
+    def _predict(self, idx: np.ndarray) -> None:
+        """The network's probabilities, anchors and fallback status of the (inside) clicks ``idx``."""
+        from .models.nuclick import patch_inputs
+
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return
+        inside = np.flatnonzero(self.inside)
+        pos = np.searchsorted(inside, idx)  # idx's places among the inside clicks (every inside click counts)
+        m = self.maps
+        probs = []
+        chunk = 256  # patches built and run a chunk at a time (memory: C + 2 channels of S x S floats each)
+        for s in range(0, idx.size, chunk):
+            x = patch_inputs(m.channels, self.points[inside], pos[s : s + chunk], patch=m.patch, sigma=m.sigma)
+            probs.append(m.predict(x))
+        prob = np.concatenate(probs)
+        for k, i in enumerate(idx.tolist()):
+            self._prob[i] = prob[k]
+        # anchors: the nearest pixel within snap (inside the image) where the click's own probability reaches the
+        # threshold
+        h, w = self.shape
+        off, _ = _disc_offsets(m.snap)
+        cand = self._pix[idx, None, :] + off[None]
+        ok = (cand[..., 0] >= 0) & (cand[..., 0] < h) & (cand[..., 1] >= 0) & (cand[..., 1] < w)
+        half = m.patch // 2
+        hit = ok & (prob[:, off[:, 0] + half, off[:, 1] + half] >= m.threshold)
+        has = hit.any(1)
+        first = hit.argmax(1)
+        self._anchor[idx] = np.where(has[:, None], cand[np.arange(idx.size), first], self._pix[idx])
+        self._isfb[idx] = ~has
+
+    def _redraw_fallbacks(self, idx: np.ndarray) -> None:
+        """Bring the fallback nuclei of clicks ``idx`` in line with their status (drawn where a click is on
+        background; a nucleus depends on its own click, class and the seed only)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        redo = np.zeros(len(self.points), bool)
+        redo[idx] = True
+        sel = ~redo[self._fb_index]
+        keep_rows, keep_idx = np.flatnonzero(sel), self._fb_index[sel]
+        new_idx = idx[self.inside[idx] & self._isfb[idx]]
+        shapes = NucleusShapes.concat([self._fb_shapes.take(keep_rows), *[self._draw(i) for i in new_idx.tolist()]])
+        allidx = np.concatenate([keep_idx, new_idx])
+        order = np.argsort(allidx, kind="stable")
+        self._fb_index, self._fb_shapes = allidx[order], shapes.take(order)
+
+    # ---- composing the labels ------------------------------------------------------------------------------------
+    def _windows_meeting(self, boxes) -> np.ndarray:
+        """Indices of the inside clicks whose windows meet any of ``boxes`` ((r0, r1, c0, c1) each)."""
+        ins = np.flatnonzero(self.inside)
+        if ins.size == 0 or not boxes:
+            return np.zeros(0, np.int64)
+        s = self.maps.patch
+        cr, cc = self._corner[ins, 0], self._corner[ins, 1]
+        hit = np.zeros(ins.size, bool)
+        for r0, r1, c0, c1 in boxes:
+            hit |= (cr < r1) & (cr + s > r0) & (cc < c1) & (cc + s > c0)
+        return ins[hit]
+
+    def _window(self, i: int, box) -> tuple[slice, slice]:
+        """Click ``i``'s window within ``box`` (clipped to it), as slices of the box."""
+        r0, r1, c0, c1 = box
+        s = self.maps.patch
+        a, b = self._corner[i]
+        return slice(max(a, r0) - r0, min(a + s, r1) - r0), slice(max(b, c0) - c0, min(b + s, c1) - c0)
+
+    def _compose(self, box, members: np.ndarray) -> np.ndarray:
+        """The labels of ``box`` (r0, r1, c0, c1) that belong to the clicks ``members`` (their final nuclei, steps 3-5
+        of the class docstring), computed from every click whose window meets the box. A member's window must lie
+        within the box (clipped to the image)."""
+        r0, r1, c0, c1 = box
+        m = self.maps
+        s = m.patch
+        out = np.zeros((r1 - r0, c1 - c0), np.uint32)
+        if members.size == 0 or r0 >= r1 or c0 >= c1:
+            return out
+        cover = self._windows_meeting([box])
+        best = np.full(out.shape, -1.0, np.float32)
+        raw = np.zeros(out.shape, np.uint32)
+        for k in cover[~self._isfb[cover]].tolist():  # ascending: a strict > leaves ties to the lower index
+            rs, cs = self._window(k, box)
+            a, b = self._corner[k]
+            p = self._prob[k][rs.start + r0 - a : rs.stop + r0 - a, cs.start + c0 - b : cs.stop + c0 - b]
+            bw, rw = best[rs, cs], raw[rs, cs]
+            better = p > bw
+            bw[better] = p[better]
+            rw[better] = k + 1
+        raw[best < m.threshold] = 0
+        anchors = np.zeros(out.shape, np.uint32)
+        for k in cover[::-1].tolist():  # descending: the lowest index keeps a shared anchor
+            y, x = self._anchor[k, 0] - r0, self._anchor[k, 1] - c0
+            if 0 <= y < out.shape[0] and 0 <= x < out.shape[1]:
+                anchors[y, x] = k + 1
+        free = anchors == 0
+        for k in members[~self._isfb[members]].tolist():
+            rs, cs = self._window(k, box)
+            own = anchors[rs, cs] == k + 1
+            region = ((raw[rs, cs] == k + 1) & free[rs, cs]) | own
+            pieces, _ = ndi.label(region)
+            y, x = self._anchor[k, 0] - r0 - rs.start, self._anchor[k, 1] - c0 - cs.start
+            out[rs, cs][pieces == pieces[y, x]] = k + 1
+        fb = members[self._isfb[members]]
+        if fb.size:
+            near = cover[self._isfb[cover]]  # every fallback nucleus that may reach the box decides its pixels
+            rows = np.searchsorted(self._fb_index, near)
+            ras = rasterize(self._fb_shapes.take(rows), self.shape, ids=near + 1, window=box)
+            yy, xx = np.nonzero(ras)
+            k = ras[yy, xx].astype(np.int64) - 1
+            a, b = self._corner[k, 0] - r0, self._corner[k, 1] - c0
+            outside = (yy < a) | (yy >= a + s) | (xx < b) | (xx >= b + s)  # within its own window only
+            ras[yy[outside], xx[outside]] = 0
+            mine = np.zeros(len(self.points) + 1, bool)
+            mine[fb + 1] = True
+            take = (mine[ras] & (raw == 0) & free) | mine[anchors]
+            vals = np.where(mine[anchors], anchors, ras)
+            out[take] = vals[take]
+        return out
+
+    def _box_of(self, indices) -> list:
+        """The windows (clipped to the image) of the inside clicks ``indices``."""
+        h, w = self.shape
+        s = self.maps.patch
+        out = []
+        for i in np.asarray(indices, dtype=np.int64).tolist():
+            if self.inside[i]:
+                a, b = self._corner[i]
+                out.append((max(a, 0), min(a + s, h), max(b, 0), min(b + s, w)))
+        return out
+
+    def _refresh(self, boxes: list, clear) -> Patch | None:
+        """Re-compose the clicks whose windows meet ``boxes`` (where something changed) and write them into the
+        labels, clearing first the pixels of those clicks and of ``clear`` (indices); the changed box as a Patch."""
+        h, w = self.shape
+        members = self._windows_meeting(boxes)
+        spans = boxes + self._box_of(members)
+        if not spans:
+            return None
+        box = (max(0, min(b[0] for b in spans)), min(h, max(b[1] for b in spans)),
+               max(0, min(b[2] for b in spans)), min(w, max(b[3] for b in spans)))
+        if box[0] >= box[1] or box[2] >= box[3]:
+            return None
+        new = self._compose(box, members)
+        r0, r1, c0, c1 = box
+        win = self.labels[r0:r1, c0:c1]
+        gone = np.zeros(len(self.points) + 1, bool)
+        gone[members + 1] = True
+        gone[np.asarray(clear, dtype=np.int64) + 1] = True
+        gone[0] = False
+        old = win.astype(np.int64)
+        old[old > len(self.points)] = 0
+        win[gone[old]] = 0
+        win[new > 0] = new[new > 0]
+        return Patch(slice(r0, r1), slice(c0, c1), win.copy())
+
+    # ---- full fit and edits --------------------------------------------------------------------------------------
+    def reset(self, points, classes=None) -> np.ndarray:
+        """Fit every point afresh (every inside click's patch through the network, in batches); returns the labels."""
+        pts = as_points(points).copy()
+        self._set_state(pts, as_classes(classes, len(pts)).copy())
+        h, w = self.shape
+        self.labels = self._compose((0, h, 0, w), np.flatnonzero(self.inside))
+        return self.labels
+
+    def _neighbours(self, pix: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+        """Inside clicks (not in ``exclude``) whose windows hold any of the pixels ``pix`` (n x 2)."""
+        if len(pix) == 0:
+            return np.zeros(0, np.int64)
+        boxes = [(int(r), int(r) + 1, int(c), int(c) + 1) for r, c in pix]
+        near = self._windows_meeting(boxes)
+        return np.setdiff1d(near, exclude)
+
+    def _update(self, points: np.ndarray, classes: np.ndarray, before: np.ndarray, after: np.ndarray) -> Patch | None:
+        """Replace the state by ``points``/``classes`` after an add or a move (indices stay): ``before`` and ``after``
+        are the edited clicks' indices in the old and new state."""
+        old_boxes = self._box_of(before)
+        old_pix = self._pix[before][self.inside[before]]
+        n_old, n = len(self.points), len(points)
+        h, w = self.shape
+        self.points, self.classes = points, classes
+        if n > n_old:  # room for the added clicks
+            k = n - n_old
+            self.inside = np.concatenate([self.inside, np.zeros(k, bool)])
+            self._pix = np.concatenate([self._pix, np.zeros((k, 2), np.int64)])
+            self._corner = np.concatenate([self._corner, np.zeros((k, 2), np.int64)])
+            self._anchor = np.concatenate([self._anchor, np.full((k, 2), -1, np.int64)])
+            self._isfb = np.concatenate([self._isfb, np.zeros(k, bool)])
+            self._prob += [None] * k
+        after = np.asarray(after, dtype=np.int64)
+        pix = np.floor(points[after] + 0.5).astype(np.int64)
+        self._pix[after] = pix
+        self._corner[after] = pix - self.maps.patch // 2
+        self.inside[after] = (pix[:, 0] >= 0) & (pix[:, 0] < h) & (pix[:, 1] >= 0) & (pix[:, 1] < w)
+        out = after[~self.inside[after]]
+        self._anchor[out] = -1
+        self._isfb[out] = False
+        for i in out.tolist():
+            self._prob[i] = None
+        near = self._neighbours(np.concatenate([old_pix, self._pix[after][self.inside[after]]]), after)
+        changed = np.union1d(after[self.inside[after]], near)
+        self._predict(changed)
+        self._redraw_fallbacks(np.union1d(changed, after))
+        return self._refresh(old_boxes + self._box_of(changed), after)
+
+    def _remove(self, indices) -> Patch | None:
+        idx = np.unique(self._indices(indices))
+        if idx.size == 0:
+            return None
+        old_boxes = self._box_of(idx)
+        old_pix = self._pix[idx][self.inside[idx]]
+        keep, old_labels = self._drop_points(idx)
+        self._pix, self._corner = self._pix[keep], self._corner[keep]
+        self._anchor, self._isfb = self._anchor[keep], self._isfb[keep]
+        self._prob = [p for p, k in zip(self._prob, keep.tolist()) if k]
+        changed = self._neighbours(old_pix, np.zeros(0, np.int64))
+        self._predict(changed)
+        self._redraw_fallbacks(changed)
+        self._refresh(old_boxes + self._box_of(changed), np.zeros(0, np.int64))
+        diff = old_labels != self.labels
+        rows, cols = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
+        if rows.size == 0:
+            return None
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        return Patch(slice(r0, r1), slice(c0, c1), self.labels[r0:r1, c0:c1].copy())
+
+    # ---- undo --------------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The fitter's state (points, classes, the network's probabilities, anchors, fallback nuclei; not the
+        labels), for :meth:`restore`."""
+        return {"points": self.points.copy(), "classes": self.classes.copy(), "inside": self.inside.copy(),
+                "pix": self._pix.copy(), "corner": self._corner.copy(), "anchor": self._anchor.copy(),
+                "isfb": self._isfb.copy(), "prob": list(self._prob), "fb_index": self._fb_index.copy(),
+                "fb_shapes": self._fb_shapes.take(np.arange(len(self._fb_shapes)))}
+
+    def restore(self, state: dict, labels=None) -> None:
+        """Go back to a :meth:`snapshot`; ``labels`` as :meth:`MaskFitter.restore` (without them the labels are
+        composed afresh from the saved probabilities: no network run)."""
+        self.points, self.classes = state["points"].copy(), state["classes"].copy()
+        self.inside, self._pix, self._corner = state["inside"].copy(), state["pix"].copy(), state["corner"].copy()
+        self._anchor, self._isfb, self._prob = state["anchor"].copy(), state["isfb"].copy(), list(state["prob"])
+        self._fb_index = state["fb_index"].copy()
+        self._fb_shapes = state["fb_shapes"].take(np.arange(len(state["fb_shapes"])))
+        if labels is None:
+            h, w = self.shape
+            self.labels = self._compose((0, h, 0, w), np.flatnonzero(self.inside))
+        else:
+            lab = np.asarray(labels)
+            if lab.shape != self.shape:
+                raise ValueError(f"labels must have the image's shape {self.shape}, got {lab.shape}")
+            self.labels = lab.astype(np.uint32, copy=True)
 
 
 def fit_masks(image, points, *, method: str = "auto", classes=None, checkpoint=None, device: str = "auto",
