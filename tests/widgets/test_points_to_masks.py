@@ -324,6 +324,10 @@ def test_image_mode_fits_the_existing_points(crop_viewer, qtbot):
     assert widget.method.native.isHidden()  # (the viewer is not shown: isHidden, not visible)
     widget.source.value = "image"
     assert not widget.method.native.isHidden()
+    from napari_nucsynth.annotate import fit_methods, get_fit_method
+
+    runnable = [m for m in fit_methods() if get_fit_method(m).available()]
+    assert list(widget.method.choices) == ["auto", *runnable] and "watershed" in runnable  # no model, not offered
     _fitted(qtbot, widget)
     labels = viewer.layers["clicks masks"]
     _agree_fit(points, labels, widget)

@@ -16,7 +16,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, ProgressBar, PushButton, SpinBox
 from qtpy.QtCore import QTimer
 
-from ..annotate import MaskFitter, clear_cache, fit_methods
+from ..annotate import MaskFitter, clear_cache, fit_methods, get_fit_method
 from ..masks import MaskSampler, NucleusShapes, Patch, ShapePrior, rasterize
 from ._dock import wrapping_label
 from ._outputs import ERRORS, MASKS, output_kind
@@ -110,7 +110,9 @@ class PointsToMasksWidget(WorkerWidget):
         self.points_combo = ComboBox(label="Points", choices=self._points_choices, nullable=True)
         self.source = ComboBox(label="Masks from", choices=[PRIOR, IMAGE], value=PRIOR)
         self.image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self.method = ComboBox(label="Method", choices=["auto", *fit_methods()], value="auto")
+        # methods that can run here (a learned one without its model, e.g. nuclick before it ships, is left out)
+        self.method = ComboBox(label="Method", choices=["auto", *(m for m in fit_methods()
+                                                                  if get_fit_method(m).available())], value="auto")
         self.prior_combo = ComboBox(label="Shape prior", choices=self._prior_choices)
         self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
         self.follow = CheckBox(text="Follow point edits", value=True)
