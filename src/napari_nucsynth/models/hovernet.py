@@ -219,6 +219,28 @@ def postprocess(np_prob: np.ndarray, hv: np.ndarray, *, np_threshold: float = 0.
 # inference
 
 
+_MODELS: dict = {}
+
+
+def load_model(checkpoint, device) -> nn.Module:
+    """The model of a hovernet checkpoint on ``device`` in eval mode, cached per (path, modification time,
+    device); one model at a time (they are large)."""
+    from pathlib import Path
+
+    from . import load_checkpoint
+
+    path = Path(checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
+    if key not in _MODELS:
+        ck = load_checkpoint(path, kind="hovernet")
+        model = build({**ck["config"], "pretrained": None})
+        model.load_state_dict(ck["state_dict"])
+        model.to(device).eval()
+        _MODELS.clear()
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
 def predict_maps(model: nn.Module, image: np.ndarray, device, *, tta: bool = False, tile: int = 1024,
                  overlap: int = 128, batch: int = 1, progress=None, should_stop=None) -> np.ndarray:
     """NP probability and HV maps of an image of any size: H x W x 3 float32 (nucleus probability, h, v).

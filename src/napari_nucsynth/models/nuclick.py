@@ -246,9 +246,9 @@ def _context_from_maps(maps: np.ndarray) -> np.ndarray:
 
 
 def _hovernet_path(config: dict) -> Path:
-    from ..segment.hovernet import default_checkpoint as hv_default
+    from .features import shipped_hovernet
 
-    path = Path(config["hovernet_checkpoint"]) if config.get("hovernet_checkpoint") else hv_default()
+    path = Path(config["hovernet_checkpoint"]) if config.get("hovernet_checkpoint") else shipped_hovernet()
     if not path.is_file():
         raise ValueError(f"this nuclick model reads HoVer-Net maps (context 'hovernet'), but the HoVer-Net "
                          f"checkpoint {path} is missing; train one (nucsynth train --model hovernet) or set the "
@@ -259,7 +259,7 @@ def _hovernet_path(config: dict) -> Path:
 def _hovernet_batch(config: dict, images: torch.Tensor) -> np.ndarray:
     """HoVer-Net's maps of a batch of training crops (N x 3 x H x W in [0, 1]) -> N x 3 x H x W numpy (the
     probability centred as :func:`_context_from_maps`)."""
-    from ..segment.hovernet import load_model as hv_load
+    from .hovernet import load_model as hv_load
 
     model = hv_load(_hovernet_path(config), images.device)
     with torch.no_grad():
@@ -279,10 +279,12 @@ def image_channels(model_or_config, image: np.ndarray, device="cpu", *, progress
     rgb = as_rgb(image, "image")
     chans = [_normalise(rgb)]
     if cfg["context"] == "hovernet":
-        from ..segment import get_segmenter
+        from ..devices import resolve_device
+        from .hovernet import load_model as hv_load
+        from .hovernet import predict_maps
 
-        maps = get_segmenter("hovernet").predict_maps(rgb, checkpoint=_hovernet_path(cfg), device=device,
-                                                      progress=progress, should_stop=should_stop)
+        dev = resolve_device(device)
+        maps = predict_maps(hv_load(_hovernet_path(cfg), dev), rgb, dev, progress=progress, should_stop=should_stop)
         chans.append(_context_from_maps(maps))
     elif progress is not None:
         progress(1, 1, "image")

@@ -14,29 +14,17 @@ from . import register
 
 __all__ = ["HoVerNetSegmenter", "default_checkpoint", "load_model"]
 
-_MODELS: dict = {}
-
-
 def default_checkpoint() -> Path:
     """The shipped checkpoint's path (it may be absent from a source checkout that has not fetched it)."""
     return Path(__file__).resolve().parents[1] / "data" / "models" / "hovernet_monuseg.pt"
 
 
 def load_model(checkpoint, device):
-    """The model of a hovernet checkpoint on ``device``, cached per (path, modification time, device)."""
-    from ..models import get_model, load_checkpoint
+    """:func:`napari_nucsynth.models.hovernet.load_model` (imported when called: listing segmenters stays free of
+    torch)."""
+    from ..models.hovernet import load_model as _load
 
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
-    if key not in _MODELS:
-        ck = load_checkpoint(path, kind="hovernet")
-        spec = get_model("hovernet")
-        model = spec.build({**ck["config"], "pretrained": None})
-        model.load_state_dict(ck["state_dict"])
-        model.to(device).eval()
-        _MODELS.clear()  # one model at a time: they are large
-        _MODELS[key] = model
-    return _MODELS[key]
+    return _load(checkpoint, device)
 
 
 @register("hovernet")
