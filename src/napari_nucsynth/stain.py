@@ -1,5 +1,6 @@
-"""Stain colour tools for H&E: RGB <-> HED, Reinhard and Macenko normalisation, CLAHE and stain/modality domains
-(Qt-free, numpy/scikit-image).
+"""Stain colour tools for H&E: RGB <-> HED, Reinhard and Macenko normalisation, CLAHE, stain/modality domains, and
+stain/modality transfer between tiles (Qt-free, numpy/scikit-image; the learned ``drit`` transfer loads torch only
+when it runs).
 
 All functions take RGB images by the project's one conversion rule (:func:`napari_nucsynth._checks.as_rgb`: grey,
 RGBA, float in [0, 1] and uint16 are converted; anything else is a ``ValueError`` naming the argument) and return
@@ -8,22 +9,32 @@ RGB uint8 where they return an image.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ._checks import SeedLike, as_rgb, as_rng
 
 __all__ = [
+    "TRANSFER_METHODS",
     "MacenkoStains",
+    "StainReference",
     "clahe",
     "hed_to_rgb",
     "macenko",
     "macenko_stains",
+    "mean_optical_density",
+    "modality_augment",
+    "modality_tta",
+    "od_distance",
     "reinhard",
     "rgb_to_hed",
     "stain_domains",
     "stain_features",
+    "stain_reference",
+    "transfer",
 ]
 
 
@@ -64,11 +75,18 @@ def reinhard(image, target) -> np.ndarray:
     from skimage.color import lab2rgb, rgb2lab
 
     src = rgb2lab(as_rgb(image, "image"))
-    tgt = rgb2lab(as_rgb(target, "target"))
+    mt, st = _lab_stats(as_rgb(target, "target"))
     ms, ss = src.reshape(-1, 3).mean(0), src.reshape(-1, 3).std(0)
-    mt, st = tgt.reshape(-1, 3).mean(0), tgt.reshape(-1, 3).std(0)
     out = (src - ms) / np.maximum(ss, 1e-6) * st + mt
     return _to_uint8(lab2rgb(out))
+
+
+def _lab_stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each CIELAB channel of an RGB uint8 image."""
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(rgb).reshape(-1, 3)
+    return lab.mean(0), lab.std(0)
 
 
 @dataclass(frozen=True)
@@ -249,3 +267,286 @@ def stain_domains(images, k: int, seed: SeedLike = 0) -> np.ndarray:
     _, first = np.unique(lab, return_index=True)
     order = np.argsort(np.argsort(first))  # cluster -> rank of its first image
     return order[lab].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stain/modality transfer (Liu, Wagner & Peng's multi-modality augmentation; Reinhard and Macenko for comparison)
+
+#: the methods of :func:`transfer`
+TRANSFER_METHODS = ("drit", "reinhard", "macenko")
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """A reference modality with its statistics computed once (:func:`stain_reference`), for transferring many
+    images (training augmentation, test-time augmentation) to it: ``image`` (RGB uint8, what ``drit`` encodes),
+    ``lab_mean`` and ``lab_std`` (Reinhard's CIELAB statistics) and ``stains`` (Macenko's estimate, None when the
+    image has too few stained pixels for one)."""
+
+    image: np.ndarray
+    lab_mean: np.ndarray
+    lab_std: np.ndarray
+    stains: MacenkoStains | None
+
+
+def stain_reference(image) -> StainReference:
+    """The :class:`StainReference` of an RGB image (any size; converted by the project's rule)."""
+    rgb = as_rgb(image, "reference")
+    mean, std = _lab_stats(rgb)
+    try:
+        stains = macenko_stains(rgb)
+    except ValueError:
+        stains = None
+    return StainReference(image=rgb, lab_mean=mean, lab_std=std, stains=stains)
+
+
+def mean_optical_density(image) -> np.ndarray:
+    """The mean optical density of each RGB channel, ``-log10((I + 1) / 256)`` averaged over every pixel: (3,)
+    float64. Its Euclidean distance between two images (:func:`od_distance`) is how the stain-transfer benchmark
+    measures how far apart two modalities are."""
+    rgb = as_rgb(image, "image")
+    lut = -np.log10((np.arange(256) + 1.0) / 256.0)
+    return lut[rgb.reshape(-1, 3)].mean(0)
+
+
+def od_distance(a, b) -> float:
+    """Euclidean distance between the mean optical densities (:func:`mean_optical_density`) of two images."""
+    return float(np.linalg.norm(mean_optical_density(a) - mean_optical_density(b)))
+
+
+def _macenko_transfer(img: np.ndarray, src: MacenkoStains, tgt: MacenkoStains, io: float = 240.0) -> np.ndarray:
+    """Macenko's concentrations of ``img`` (under its own stains ``src``), scaled to ``tgt``'s concentration range
+    and rendered with ``tgt``'s stain vectors; the part of each pixel's optical density the two source stains do not
+    explain is carried over unchanged, so an image restained to its own stains comes back exactly (the classic
+    :func:`macenko` drops it). Exact inverse of the optical density: ``I = io exp(-OD) - 1``."""
+    od = _optical_density(img, io).T  # 3 x P
+    conc = np.linalg.lstsq(src.vectors, od, rcond=None)[0]
+    residual = od - src.vectors @ conc
+    conc *= (tgt.max_concentrations / np.maximum(src.max_concentrations, 1e-6))[:, None]
+    out = io * np.exp(-(tgt.vectors @ conc + residual)) - 1.0
+    return np.round(np.clip(out.T, 0, 255)).reshape(img.shape).astype(np.uint8)
+
+
+def _reinhard_transfer(img: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """:func:`reinhard` with the target's CIELAB statistics given (colours outside sRGB are clipped, silently)."""
+    import warnings
+
+    from skimage.color import lab2rgb, rgb2lab
+
+    src = rgb2lab(img)
+    ms, ss = src.reshape(-1, 3).mean(0), src.reshape(-1, 3).std(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*negative Z values.*")
+        return _to_uint8(lab2rgb((src - ms) / np.maximum(ss, 1e-6) * std + mean))
+
+
+def _drit_checkpoint(checkpoint) -> Path:
+    from .models.drit import TRAIN_HINT, default_checkpoint  # a layer above this module: imported only when asked for
+
+    if checkpoint is not None:
+        return Path(checkpoint)
+    path = default_checkpoint()
+    if not path.is_file():
+        raise ValueError(f"method='drit' needs a trained model: the shipped {path.name} is absent. Train one with "
+                         f"{TRAIN_HINT} and pass checkpoint=, or use method='reinhard' or 'macenko' (no model needed)")
+    return path
+
+
+def transfer(image, reference, method: str = "drit", seed: SeedLike = None, checkpoint=None, device: str = "auto",
+             progress: Callable[[int, int, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """``image``'s content (nuclei, tissue) in ``reference``'s stain modality (Liu, Wagner & Peng's multi-modality
+    transfer), as RGB uint8 of ``image``'s shape.
+
+    Parameters
+    ----------
+    image : RGB image
+        What to restain (grey, RGBA, float in [0, 1] and uint16 are converted by
+        :func:`napari_nucsynth._checks.as_rgb`), any size.
+    reference : RGB image, :class:`StainReference`, or int
+        The target modality: an image of any size, or its precomputed :class:`StainReference`. With
+        ``method="drit"`` also an int ``k``: the mean style of stain domain ``k`` of the model's training tiles
+        (stored in the checkpoint by ``benchmarks/train_drit.py``), so no reference image is needed.
+    method : {"drit", "reinhard", "macenko"}
+        ``"drit"``: the DRIT++-style model (:mod:`napari_nucsynth.models.drit`): the image's content code decoded
+        with the reference's style code. ``"reinhard"``: each CIELAB channel's mean and standard deviation matched
+        to the reference's (Reinhard et al. 2001). ``"macenko"``: Macenko et al.'s (2009) stain vectors of both
+        images; the image's H and E concentrations, scaled to the reference's 99th-percentile range, rendered with
+        the reference's stain vectors (the optical density the two stains do not explain is kept, so a tile
+        restained to itself comes back unchanged).
+    seed : int, numpy Generator or None
+        The three methods are deterministic (``drit`` uses the mean of the reference's style code); accepted for
+        the project's convention and kept for sampled styles.
+    checkpoint : path, optional
+        A ``drit`` checkpoint (the shipped ``data/models/drit_monuseg.pt`` when None; an error saying how to train
+        one when it is absent). Ignored by the other methods.
+    device : str
+        "auto", "cpu", "cuda", "mps" (``drit`` only).
+    progress, should_stop : callables, optional
+        ``progress(done, total, what)``; ``should_stop()`` True stops the work with ``InterruptedError``.
+
+    Raises
+    ------
+    ValueError
+        An unknown method, a bad image, a reference without tissue for ``macenko`` (an image with fewer than 100
+        stained pixels has no stains to estimate), or ``drit`` without a model.
+    """
+    if method not in TRANSFER_METHODS:
+        raise ValueError(f"method must be one of {TRANSFER_METHODS}, got {method!r}")
+    img = as_rgb(image, "image")
+    as_rng(seed)  # validated like every seed
+    if should_stop is not None and should_stop():
+        raise InterruptedError("stain transfer stopped")
+    if method == "drit":
+        return _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop)
+    if isinstance(reference, (bool, int, np.integer)):
+        raise ValueError(f"reference must be an RGB image or a StainReference for method={method!r} (a domain "
+                         "index needs method='drit')")
+    ref = reference if isinstance(reference, StainReference) else None
+    if method == "reinhard":
+        mean, std = (ref.lab_mean, ref.lab_std) if ref is not None else _lab_stats(as_rgb(reference, "reference"))
+        out = _reinhard_transfer(img, mean, std)
+    else:
+        if ref is not None:
+            if ref.stains is None:
+                raise ValueError("reference has too few stained pixels for Macenko's stain estimate; choose a "
+                                 "reference with tissue, or method='reinhard'")
+            tgt = ref.stains
+        else:
+            try:
+                tgt = macenko_stains(as_rgb(reference, "reference"))
+            except ValueError as exc:
+                raise ValueError(f"reference: {exc}") from None
+        out = _macenko_transfer(img, macenko_stains(img), tgt)
+    if progress is not None:
+        progress(1, 1, f"{method} stain transfer")
+    return out
+
+
+def _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop) -> np.ndarray:
+    from .devices import resolve_device
+    from .models import drit  # a layer above this module: imported only when asked for
+
+    model = drit.load_model(_drit_checkpoint(checkpoint), resolve_device(device))
+    style = None
+    if isinstance(reference, (bool, int, np.integer)):
+        styles = model.config.get("domain_styles")
+        if not styles:
+            raise ValueError("this drit checkpoint holds no domain styles; pass a reference image instead of a "
+                             "domain index")
+        if isinstance(reference, bool) or not 0 <= int(reference) < len(styles):
+            raise ValueError(f"reference domain must be in 0..{len(styles) - 1}, got {reference!r}")
+        style, reference = np.asarray(styles[int(reference)], np.float32), None
+    elif isinstance(reference, StainReference):
+        reference = reference.image
+    else:
+        reference = as_rgb(reference, "reference")
+    return drit.transfer(model, img, reference, seed, style=style, progress=progress, should_stop=should_stop)
+
+
+def _references(references, name: str = "references") -> list:
+    refs = list(references) if isinstance(references, (list, tuple)) else None
+    if not refs:
+        raise ValueError(f"{name} must be a non-empty list of reference images or StainReferences")
+    return refs
+
+
+def modality_augment(image, rng: SeedLike, references: Sequence, *, method: str | None = None, checkpoint=None,
+                     device: str = "cpu") -> np.ndarray:
+    """A training augmentation (Liu et al.): ``image`` restained to the modality of a reference drawn at random.
+
+    Parameters
+    ----------
+    image : RGB image
+        A training crop; its labels stay valid (only colours change).
+    rng : int, numpy Generator or None
+        Draws the reference (pass the training loop's Generator).
+    references : list of RGB images or :class:`StainReference`
+        The modalities to draw from (prepare them once with :func:`stain_reference`: it caches the statistics), e.g.
+        one or a few tiles per :func:`stain_domains` domain; with a ``drit`` model, ints (domain indices) work too.
+    method : {"drit", "reinhard", "macenko"}, optional
+        Default: ``"drit"`` when ``checkpoint`` is given, else ``"macenko"``.
+    checkpoint : path, optional
+        A ``drit`` checkpoint.
+    device : str
+        For ``drit`` (the training loop's device).
+
+    Returns
+    -------
+    RGB uint8 of ``image``'s shape. With ``"macenko"``, a reference without enough stained pixels for a stain
+    estimate falls back to ``"reinhard"``, and a crop without them (background) comes back unchanged (Reinhard
+    would stretch its noise to the reference's contrast).
+    """
+    img = as_rgb(image, "image")
+    refs = _references(references)
+    gen = as_rng(rng)
+    ref = refs[int(gen.integers(len(refs)))]
+    method = method or ("drit" if checkpoint is not None else "macenko")
+    if method == "macenko":
+        ref = ref if isinstance(ref, StainReference) else stain_reference(ref)
+        if ref.stains is None:
+            return transfer(img, ref, method="reinhard")
+        try:
+            src = macenko_stains(img)
+        except ValueError:  # (almost) no tissue in the crop: no stains to change
+            return img.copy()
+        return _macenko_transfer(img, src, ref.stains)
+    return transfer(img, ref, method=method, seed=gen, checkpoint=checkpoint, device=device)
+
+
+def modality_tta(image, references: Sequence, predict: Callable[[np.ndarray], np.ndarray], *,
+                 postprocess: Callable[[np.ndarray], np.ndarray] | None = None, method: str = "macenko",
+                 checkpoint=None, device: str = "auto", include_original: bool = True,
+                 progress: Callable[[int, int, str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Test-time augmentation over stain modalities: the mean of a dense predictor's maps over restained copies.
+
+    Restaining changes colours only, never geometry, so the maps of every copy are aligned with the image and can
+    be averaged pixel by pixel (HoVer-Net's nucleus probability and horizontal/vertical maps; any per-pixel
+    probabilities), then post-processed once.
+
+    Parameters
+    ----------
+    image : RGB image
+    references : list of RGB images, :class:`StainReference` (or, for ``drit``, domain indices)
+        One copy of ``image`` is made in each reference's modality (:func:`transfer`).
+    predict : callable
+        ``predict(rgb_uint8) -> H x W (x C)`` float maps, e.g. ``lambda im: seg.predict_maps(im, ...)`` of a
+        segmenter with ``predict_maps`` (:mod:`napari_nucsynth.segment`).
+    postprocess : callable, optional
+        ``postprocess(mean_maps) -> labels``; when None the mean maps are returned.
+    method, checkpoint, device
+        How the copies are made (:func:`transfer`).
+    include_original : bool
+        Average the original image's maps in too (default).
+    progress, should_stop : callables, optional
+        ``progress(done, total, "modality test-time augmentation")`` per copy; ``should_stop()`` True raises
+        ``InterruptedError``.
+
+    Returns
+    -------
+    The mean maps (float32, ``predict``'s shape), or ``postprocess`` of them.
+    """
+    img = as_rgb(image, "image")
+    refs = _references(references)
+    total = len(refs) + int(include_original)
+    acc, done = None, 0
+    for ref in ([None] if include_original else []) + refs:
+        if should_stop is not None and should_stop():
+            raise InterruptedError("modality test-time augmentation stopped")
+        copy = img if ref is None else transfer(img, ref, method=method, checkpoint=checkpoint, device=device)
+        maps = np.asarray(predict(copy), dtype=np.float32)
+        if maps.shape[:2] != img.shape[:2]:
+            raise ValueError(f"predict must return maps of the image's height and width {img.shape[:2]}, got "
+                             f"{maps.shape}")
+        if acc is None:
+            acc = maps.astype(np.float64)
+        elif maps.shape != acc.shape:
+            raise ValueError(f"predict returned maps of shape {maps.shape}, then {acc.shape}")
+        else:
+            acc += maps
+        done += 1
+        if progress is not None:
+            progress(done, total, "modality test-time augmentation")
+    mean = (acc / done).astype(np.float32)
+    return postprocess(mean) if postprocess is not None else mean
