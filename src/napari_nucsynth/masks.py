@@ -725,8 +725,13 @@ def _default_prior() -> ShapePrior:
     return _PRIOR_CACHE[0]
 
 
-def sample_masks(points, shape, *, classes=None, prior: ShapePrior | None = None, seed: SeedLike = None) -> np.ndarray:
+def sample_masks(points, shape, *, classes=None, prior: ShapePrior | None = None, seed: SeedLike = None,
+                 method: str = "prior", checkpoint=None, device: str = "auto") -> np.ndarray:
     """Sample one nucleus instance mask per point.
+
+    ``method="prior"`` (the default) draws each nucleus from the shape prior (this module); ``method="daff"`` grows
+    the nuclei with DAFF-GAN's learned points -> masks generator, which sees each nucleus's neighbours
+    (:mod:`napari_nucsynth.models.daff`; torch is imported only then).
 
     Parameters
     ----------
@@ -742,20 +747,40 @@ def sample_masks(points, shape, *, classes=None, prior: ShapePrior | None = None
         Shape statistics; defaults to the prior fitted on the MoNuSeg training tiles (:meth:`ShapePrior.default`).
     seed : int or Generator or None
         The same seed (and inputs) gives the same masks.
+    method : {"prior", "daff"}
+        The shape prior, or DAFF-GAN's learned model (classes select its class channels; an untyped model, like the
+        MoNuSeg one, checks them and samples every point alike).
+    checkpoint : str or Path, optional
+        ``method="daff"`` only: the trained model (``nucsynth train --model daff`` or
+        ``benchmarks/train_daff.py``); None uses the one shipped as ``data/models/daff_monuseg.pt``.
+    device : str
+        ``method="daff"`` only: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps".
 
     Returns
     -------
     (H, W) uint32 array
         Instance labels, id = point index + 1, 0 = background. No pixel belongs to two nuclei; neighbours may
         touch. Where two points fall on the same pixel, the earlier point keeps the centre pixel; the later one
-        gets only what it wins around it (possibly nothing).
+        gets only what it wins around it (possibly nothing; always nothing with ``method="daff"``).
 
     Raises
     ------
     ValueError
-        If ``points`` is not (N, 2) or holds NaN/inf, ``shape`` is not a 2-D shape of positive integers, or
-        ``classes`` does not hold one non-negative integer per point.
+        If ``points`` is not (N, 2) or holds NaN/inf, ``shape`` is not a 2-D shape of positive integers,
+        ``classes`` does not hold one non-negative integer per point, ``method`` is unknown, an argument of the
+        other method is given (``prior`` with "daff", ``checkpoint`` with "prior"), or ``method="daff"`` has no
+        model (the message says how to train one).
     """
+    if method not in ("prior", "daff"):
+        raise ValueError(f"method must be 'prior' (the shape prior) or 'daff' (the learned model), got {method!r}")
+    if method == "daff":
+        if prior is not None:
+            raise ValueError("prior= is the shape prior of method='prior'; method='daff' takes checkpoint=")
+        from .models.daff import sample_masks as daff_sample_masks  # lazy: torch only when a network runs
+
+        return daff_sample_masks(points, shape, classes=classes, seed=seed, checkpoint=checkpoint, device=device)
+    if checkpoint is not None:
+        raise ValueError("checkpoint= is for method='daff'; method='prior' takes prior=")
     h, w = as_shape(shape)
     pts = as_points(points)
     cls = as_classes(classes, len(pts))

@@ -1,0 +1,517 @@
+"""DAFF-GAN's masks -> H&E renderer: a pix2pixHD-style coarse-to-fine generator with criss-cross attention.
+
+Cheng et al.'s DAFF-GAN builds its generators on pix2pixHD (Wang, Liu, Zhu, Tao, Kautz and Catanzaro,
+"High-Resolution Image Synthesis and Semantic Manipulation with Conditional GANs", CVPR 2018) with criss-cross
+attention blocks (Huang et al., CCNet, ICCV 2019; :mod:`napari_nucsynth.models.blocks`) in the bottleneck. This
+module holds the generator, used twice: here to render instance masks as H&E, and in
+:mod:`napari_nucsynth.models.daff` to turn points into instance masks.
+
+- **Generator** (:class:`Pix2PixHDGenerator`), pix2pixHD's ``LocalEnhancer`` with one enhancer:
+
+  - the *global generator* G1 runs at half resolution on the 2x average-pooled input: a 7x7 convolution (``c7s1``,
+    reflection padding), ``n_down`` stride-2 3x3 convolutions (widths doubling from ``2 ngf`` up to ``ngf_max``),
+    ``n_blocks`` residual blocks at 1/2^(n_down+1) resolution with a recurrent criss-cross attention block
+    (``cca_recurrence`` passes with shared weights, so every position sees the whole image) between the first and
+    second half of them, and ``n_down`` stride-2 transposed 4x4 convolutions back to half resolution; its last
+    features (``2 ngf`` channels, without G1's output layer, as pix2pixHD does when G1 feeds an enhancer) are
+    *added* to the enhancer's;
+  - the *local enhancer* G2 at full resolution: ``c7s1`` to ``ngf``, one stride-2 convolution to ``2 ngf`` (half
+    resolution), the sum with G1's features, ``n_local_blocks`` residual blocks, one transposed convolution back
+    to full resolution and a ``c7s1`` output convolution with tanh.
+
+  Every convolution but the last is followed by batch normalisation and ReLU (residual blocks: conv, norm, ReLU,
+  conv, norm, plus the input). The batch normalisation's running statistics make inference local (pix2pixHD's
+  instance normalisation would depend on the window), and where a ``style`` vector conditions the generator (the
+  renderer), every normalisation is followed by a per-channel affine map from it (``(1 + gamma(z)) x + beta(z)``,
+  as AdaIN / SPADE's style path). The two generators are trained jointly (pix2pixHD trains G1 first, then both);
+  input height and width must be multiples of ``2^(n_down + 1)`` (inference pads).
+- **Conditioning** (:func:`conditioning`): pix2pixHD's label map and instance *edge map*: the semantic map of the
+  masks (1 on nuclei) and their boundary map (1 where a pixel's 4-neighbours hold another id, background
+  included: the edges of touching nuclei and of each nucleus against the background,
+  ``skimage.segmentation.find_boundaries(mode="thick")``), plus ``noise_nc`` channels of seeded noise (a hash of
+  the seed and the global pixel position, :func:`napari_nucsynth.models.sian.hash_normal`, so windows agree).
+- **Style**: as SIAN (:mod:`napari_nucsynth.models.sian`, whose :class:`~napari_nucsynth.models.sian.StyleEncoder`
+  this reuses): a VAE-style encoder of the reference tile (stride-2 convolutions, the spatial mean and standard
+  deviation of the last features, ``mu`` and ``logvar`` of a ``style_dim`` vector, KL x ``lambda_kld``). At
+  inference the style is the reference's mean ``mu`` (or a sample from the seed); two styles can be blended
+  (:func:`interpolate_styles`, the Render widget's style slider).
+- **Training** on the GAN core (:mod:`napari_nucsynth.models.gan`): pix2pixHD's multi-scale PatchGAN sees the
+  conditioning beside the image; hinge loss (pix2pixHD uses LSGAN), discriminator feature matching x 10,
+  perceptual loss x 10 in a frozen feature network (by default the shipped segmenter's encoder; pix2pixHD's
+  VGG-19 where its weights are local), KL; Adam (0, 0.9) with two time-scales, bf16 autocast where native, and
+  the EMA of the encoder and generator, which renders and ships.
+- **Any size**: fully convolutional; outputs larger than ``tile`` are generated in windows that overlap by
+  ``2 halo + blend`` px and are cross-faded (criss-cross attention gives every window global context, so windows
+  agree only approximately: the halo keeps each window's borders out of the pixels it contributes, the blend
+  hides the rest). A 1000 x 1000 MoNuSeg tile renders in one window with the default ``tile`` of 1024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._checks import SeedLike, as_labels, as_rgb
+from . import gan
+from .blocks import RecurrentCrissCross
+from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
+from .sian import (
+    StyleEncoder,
+    _axis_weights,
+    _center_crop,
+    _init,
+    _seed_int,
+    _to_uint8,
+    _windows,
+    encode_style,
+    hash_normal,
+    style_vector,
+)
+
+__all__ = [
+    "COND_NC", "Pix2PixHD", "Pix2PixHDGenerator", "SPEC", "build", "conditioning", "default_config",
+    "encode_style", "interpolate_styles", "preview", "render", "run_windows", "style_vector", "targets", "validate",
+]
+
+#: conditioning channels: semantic map, instance boundary (edge) map
+COND_NC = 2
+#: pix2pixHD's and SPADE's --lr (the generator trains at half of it, the discriminator at twice it)
+DEFAULT_LR = 2e-4
+
+
+def default_config() -> dict:
+    """The default configuration (a 256 x 256 render takes about 0.08 s on one thread of this project's CPU, 2.2 M
+    generator parameters; see ``benchmarks/train_pix2pixhd.py --time-render``).
+
+    - ``ngf``: the local enhancer's width at full resolution (its half-resolution blocks and the global
+      generator's first layer have ``2 ngf``; widths double per downsampling up to ``ngf_max``); ``n_down``:
+      downsamplings of the global generator (inputs must be multiples of ``2^(n_down + 1)``); ``n_blocks``:
+      residual blocks in its bottleneck (the criss-cross attention sits in their middle); ``n_local_blocks``:
+      residual blocks of the enhancer; ``cca_reduction``, ``cca_recurrence``: CCNet's query/key reduction and
+      number of passes (0 passes: no attention);
+    - ``noise_nc``: seeded noise channels at the input (0: none); ``style_dim``: length of the style vector;
+      ``nef``, ``enc_layers``: the style encoder's width and depth; ``lambda_kld``: weight of its KL term;
+    - the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
+    - ``tile``: outputs larger than this (px) are generated in windows; ``halo``: the margin of each window not
+      kept; ``blend``: width of the cross-fade between windows.
+    """
+    return {
+        **GAN_DEFAULTS,
+        "ngf": 16, "ngf_max": 128, "n_down": 3, "n_blocks": 4, "n_local_blocks": 2,
+        "cca_reduction": 8, "cca_recurrence": 2,
+        "noise_nc": 2, "style_dim": 64, "nef": 16, "enc_layers": 5, "lambda_kld": 0.05,
+        "tile": 1024, "halo": 64, "blend": 32,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generator (shared with models/daff.py)
+
+
+class StyleNorm(nn.Module):
+    """Batch normalisation with a learned per-channel affine map, modulated by a style vector when ``style_dim``
+    > 0: ``bn(x) * (1 + gamma(z)) + beta(z)``."""
+
+    def __init__(self, channels: int, style_dim: int = 0):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels)
+        self.style = _init(nn.Linear(style_dim, 2 * channels)) if style_dim > 0 else None
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.norm(x)
+        if self.style is None or z is None:
+            return y
+        gamma, beta = self.style(z)[:, :, None, None].chunk(2, 1)
+        return torch.addcmul(beta, y, 1 + gamma)
+
+
+class ConvLayer(nn.Module):
+    """A convolution (``k`` x ``k``, stride ``stride``; a stride-2 4 x 4 transposed convolution with ``up``;
+    reflection padding for ``reflect``), a :class:`StyleNorm` and a ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, *, stride: int = 1, up: bool = False, reflect: bool = False,
+                 style_dim: int = 0):
+        super().__init__()
+        if up:
+            self.conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False)
+        else:
+            self.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False,
+                                  padding_mode="reflect" if reflect else "zeros")
+        self.norm = StyleNorm(cout, style_dim)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x), z))
+
+
+class ResBlock(nn.Module):
+    """pix2pixHD's residual block: conv, norm, ReLU, conv, norm, plus the input."""
+
+    def __init__(self, channels: int, style_dim: int = 0):
+        super().__init__()
+        self.conv_0 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm_0 = StyleNorm(channels, style_dim)
+        self.conv_1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm_1 = StyleNorm(channels, style_dim)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.norm_0(self.conv_0(x), z))
+        return x + self.norm_1(self.conv_1(h), z)
+
+
+class GlobalGenerator(nn.Module):
+    """pix2pixHD's G1 without its output layer: ``c7s1`` to ``ngf``, ``n_down`` downsamplings, ``n_blocks``
+    residual blocks with recurrent criss-cross attention in their middle, ``n_down`` upsamplings; returns
+    ``ngf``-channel features at the input's resolution."""
+
+    def __init__(self, in_nc: int, ngf: int, ngf_max: int, n_down: int, n_blocks: int, *, style_dim: int = 0,
+                 cca_reduction: int = 8, cca_recurrence: int = 2):
+        super().__init__()
+        ch = [min(ngf * 2**s, max(ngf_max, ngf)) for s in range(n_down + 1)]
+        self.head = ConvLayer(in_nc, ch[0], 7, reflect=True, style_dim=style_dim)
+        self.down = nn.ModuleList(ConvLayer(ch[s], ch[s + 1], 3, stride=2, style_dim=style_dim)
+                                  for s in range(n_down))
+        self.blocks = nn.ModuleList(ResBlock(ch[-1], style_dim) for _ in range(n_blocks))
+        self.split = n_blocks // 2
+        self.cca = RecurrentCrissCross(ch[-1], cca_reduction, cca_recurrence) if cca_recurrence > 0 else None
+        self.up = nn.ModuleList(ConvLayer(ch[s + 1], ch[s], up=True, style_dim=style_dim)
+                                for s in range(n_down - 1, -1, -1))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.head(x, z)
+        for layer in self.down:
+            x = layer(x, z)
+        for i, block in enumerate(self.blocks):
+            if i == self.split and self.cca is not None:
+                x = self.cca(x)
+            x = block(x, z)
+        if self.split == len(self.blocks) and self.cca is not None:  # no blocks after it
+            x = self.cca(x)
+        for layer in self.up:
+            x = layer(x, z)
+        return x
+
+
+class Pix2PixHDGenerator(nn.Module):
+    """pix2pixHD's coarse-to-fine generator (global generator at half resolution + one local enhancer; see the
+    module docstring): N x ``in_nc`` x H x W (+ an N x ``style_dim`` style vector when ``style_dim`` > 0) ->
+    N x ``out_nc`` x H x W in [-1, 1] (tanh). H and W must be multiples of :attr:`multiple`."""
+
+    def __init__(self, in_nc: int, out_nc: int, *, ngf: int = 8, ngf_max: int = 128, n_down: int = 3,
+                 n_blocks: int = 4, n_local_blocks: int = 2, style_dim: int = 0, cca_reduction: int = 8,
+                 cca_recurrence: int = 2):
+        super().__init__()
+        self.n_down = int(n_down)
+        self.style_dim = int(style_dim)
+        g = 2 * int(ngf)
+        self.global_net = GlobalGenerator(in_nc, g, max(int(ngf_max), g), self.n_down, int(n_blocks),
+                                          style_dim=self.style_dim, cca_reduction=int(cca_reduction),
+                                          cca_recurrence=int(cca_recurrence))
+        self.local_head = ConvLayer(in_nc, int(ngf), 7, reflect=True, style_dim=self.style_dim)
+        self.local_down = ConvLayer(int(ngf), g, 3, stride=2, style_dim=self.style_dim)
+        self.local_blocks = nn.ModuleList(ResBlock(g, self.style_dim) for _ in range(int(n_local_blocks)))
+        self.local_up = ConvLayer(g, int(ngf), up=True, style_dim=self.style_dim)
+        self.out = nn.Conv2d(int(ngf), out_nc, 7, padding=3, padding_mode="reflect")
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (self.n_down + 1)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        _, _, H, W = x.shape
+        m = self.multiple
+        if H % m or W % m:
+            raise ValueError(f"the generator needs height and width multiples of {m}, got {H} x {W}")
+        if self.style_dim and z is None:
+            raise ValueError("this generator is conditioned on a style vector: pass z")
+        h = self.local_down(self.local_head(x, z), z) + self.global_net(F.avg_pool2d(x, 2), z)
+        for block in self.local_blocks:
+            h = block(h, z)
+        return torch.tanh(self.out(self.local_up(h, z)))
+
+
+def generator_kwargs(cfg: dict) -> dict:
+    """The :class:`Pix2PixHDGenerator` arguments of a config."""
+    return {k: int(cfg[k]) for k in ("ngf", "ngf_max", "n_down", "n_blocks", "n_local_blocks", "cca_reduction",
+                                     "cca_recurrence")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Pix2PixHD(GANModel):
+    """Style encoder, generator and discriminator in one module (one state dict, one checkpoint), trained on the
+    GAN core; ``ema`` holds the moving averages of the encoder and generator, which render."""
+
+    G_MODULES = ("encoder", "generator")
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        cfg = self.config
+        self.encoder = StyleEncoder(int(cfg["nef"]), int(cfg["enc_layers"]), int(cfg["style_dim"]))
+        self.generator = Pix2PixHDGenerator(COND_NC + int(cfg["noise_nc"]), 3, style_dim=int(cfg["style_dim"]),
+                                            **generator_kwargs(cfg))
+        self.discriminator = MultiscaleDiscriminator(COND_NC + 3, int(cfg["ndf"]), int(cfg["d_layers"]),
+                                                     int(cfg["num_d"]))
+        self.init_gan()
+
+    @property
+    def multiple(self) -> int:
+        """Height and width of the generator's input must be multiples of this."""
+        return self.generator.multiple
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning maps (what the discriminator sees beside the image) and the real image in [-1, 1]."""
+        cond = torch.cat([batch["semantic"], batch["boundary"]], 1).float()
+        return cond, batch["image"].float() * 2 - 1
+
+    def generate(self, batch: dict, cond: torch.Tensor, real: torch.Tensor, *,
+                 ema: bool = False) -> tuple[torch.Tensor, dict]:
+        """Training forward pass: the style sampled from the encoding of ``real`` (reparameterised), fresh noise
+        channels; returns the fake in [-1, 1] and the weighted KL term."""
+        enc, gen = (self.ema["encoder"], self.ema["generator"]) if ema else (self.encoder, self.generator)
+        mu, logvar = enc(real)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(self.config["lambda_kld"])
+        x = cond
+        nz = int(self.config["noise_nc"])
+        if nz:
+            n, _, h, w = cond.shape
+            x = torch.cat([cond, torch.randn(n, nz, h, w, device=cond.device, dtype=cond.dtype)], 1)
+        return gen(x, z), {"g_kld": kld}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conditioning, targets, training hooks
+
+
+def conditioning(labels) -> np.ndarray:
+    """pix2pixHD's conditioning of instance labels: float32 (2, H, W) = semantic map (1 on nuclei) and instance
+    boundary map (1 where a 4-neighbour holds another id, background included)."""
+    from skimage.segmentation import find_boundaries
+
+    lab = as_labels(labels)
+    return np.stack([(lab > 0), find_boundaries(lab, connectivity=1, mode="thick")]).astype(np.float32)
+
+
+def targets(image: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The conditioning maps of one training sample: ``semantic`` and ``boundary`` (each 1 x H x W, float32)."""
+    c = conditioning(labels)
+    return {"semantic": c[:1], "boundary": c[1:]}
+
+
+def validate(model: Pix2PixHD, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], device,
+             max_pairs: int = 4, crop: int = 256) -> dict[str, float]:
+    """Reconstruction of held-out pairs (the centre ``crop`` of at most ``max_pairs`` pairs, each rendered from its
+    own labels in its own style, seed 0, by the EMA generator): mean absolute error ``l1`` (intensities in [0, 1])
+    and the ``perceptual`` distance in the model's feature network (the core's weighting, unscaled)."""
+    l1, perc = [], []
+    net = gan.features_for(model, device)
+    for img, lab in list(zip(images, labels))[:max_pairs]:
+        im, lb = _center_crop(np.asarray(img), np.asarray(lab), crop)
+        out = _render_float(model, lb, style_vector(model, im), 0)
+        with torch.no_grad():
+            fake = torch.from_numpy(out.transpose(2, 0, 1))[None].to(device)
+            real = torch.from_numpy(im.transpose(2, 0, 1).astype(np.float32) / 255)[None].to(device)
+            l1.append(float((fake - real).abs().mean()))
+            perc.append(float(gan.perceptual(net, fake, real, model.config["perc_weights"])))
+    return {"l1": float(np.mean(l1)), "perceptual": float(np.mean(perc))} if l1 else {}
+
+
+def preview(model: Pix2PixHD, image: np.ndarray, labels: np.ndarray, device) -> np.ndarray:
+    """What the generator makes of a held-out pair's labels in its own style (centre 512 x 512 at most, seed 0)."""
+    im, lb = _center_crop(np.asarray(image), np.asarray(labels), 512)
+    return render(model, lb, im, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_windows(fn: Callable[[np.ndarray, int, int], np.ndarray], inputs: np.ndarray, out_nc: int, *, tile: int,
+                halo: int, blend: int, multiple: int,
+                progress: Callable[[int, int, str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None, what: str = "rendering") -> np.ndarray:
+    """Run a fully convolutional network over ``inputs`` (C x H x W, H and W multiples of ``multiple``) in windows
+    of ``tile`` px that overlap by ``2 halo + blend`` and are cross-faded (SIAN's windows,
+    :func:`napari_nucsynth.models.sian._windows`); ``fn(window, r0, c0) -> out_nc x h x w`` gets each window and
+    its top-left corner. One window (the plain forward pass) when the input fits in ``tile``."""
+    _, Hp, Wp = inputs.shape
+    m = int(multiple)
+    blend = max(int(blend), m)
+    tile, halo = int(tile), -(-int(halo) // m) * m
+    least = 2 * halo + blend + m
+    if tile < least or tile % m:
+        raise ValueError(f"tile must be a multiple of {m} and at least {least} px for this model, got {tile}")
+    rows, cols = _windows(Hp, tile, halo, blend, m), _windows(Wp, tile, halo, blend, m)
+    single = len(rows) == 1 and len(cols) == 1
+    out = np.zeros((out_nc, Hp, Wp), np.float32)
+    wsum = None if single else np.zeros((Hp, Wp), np.float32)
+    total, done = len(rows) * len(cols), 0
+    for rw in rows:
+        for cw in cols:
+            if should_stop is not None and should_stop():
+                raise InterruptedError(f"{what} stopped")
+            r0, r1, c0, c1 = rw[0], rw[1], cw[0], cw[1]
+            y = fn(np.ascontiguousarray(inputs[:, r0:r1, c0:c1]), r0, c0)
+            if single:
+                out[:] = y
+            else:
+                w = np.outer(_axis_weights(rw, blend, Hp), _axis_weights(cw, blend, Wp)).astype(np.float32)
+                out[:, r0:r1, c0:c1] += y * w
+                wsum[r0:r1, c0:c1] += w
+            done += 1
+            if progress is not None:
+                progress(done, total, what)
+    if wsum is not None:
+        out /= wsum
+    return out
+
+
+def seeded_noise(seed: int, channels: int, r0: int, c0: int, h: int, w: int, *, stream0: int = 0) -> np.ndarray:
+    """``channels`` x h x w standard normal noise at global positions ``(r0.., c0..)``: channel ``j`` is
+    :func:`~napari_nucsynth.models.sian.hash_normal` stream ``stream0 + j`` (the same at a position whatever window
+    it is computed in)."""
+    return np.stack([hash_normal(seed, stream0 + j, r0, c0, h, w) for j in range(channels)]) if channels else \
+        np.zeros((0, h, w), np.float32)
+
+
+def _render_float(model: Pix2PixHD, labels, style: np.ndarray, seed: int, *, tile: int | None = None,
+                  progress: Callable[[int, int, str], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """The EMA generator on the conditioning of ``labels`` with style vector ``style``: float32 H x W x 3 in
+    [0, 1] (padded to a multiple of the generator's inside, in windows beyond ``tile``, see :func:`run_windows`)."""
+    lab = as_labels(labels)
+    cfg = model.config
+    gen = model.inference("generator")
+    dev = _device(model)
+    H, W = lab.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"labels is empty (shape {lab.shape})")
+    m = model.multiple
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
+    cond = np.zeros((COND_NC, Hp, Wp), np.float32)
+    cond[:, :H, :W] = conditioning(lab)
+    z = torch.from_numpy(np.asarray(style, np.float32).reshape(1, -1)).to(dev)
+    if z.shape[1] != int(cfg["style_dim"]):
+        raise ValueError(f"the style vector must have {cfg['style_dim']} values, got {z.shape[1]}")
+    nz = int(cfg["noise_nc"])
+
+    def fn(window: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        _, h, w = window.shape
+        x = np.concatenate([window, seeded_noise(seed, nz, r0, c0, h, w)], 0)
+        t = torch.from_numpy(x)[None].to(dev)
+        if dev.type == "cpu":  # oneDNN's convolutions are faster on channels-last input
+            t = t.contiguous(memory_format=torch.channels_last)
+        return gen(t, z)[0].float().cpu().numpy()
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = run_windows(fn, cond, 3, tile=int(cfg["tile"] if tile is None else tile), halo=int(cfg["halo"]),
+                              blend=int(cfg["blend"]), multiple=m, progress=progress, should_stop=should_stop)
+    finally:
+        model.train(was)
+    return np.clip((out[:, :H, :W].transpose(1, 2, 0) + 1) / 2, 0, 1)
+
+
+def render(model: Pix2PixHD, labels, style_image, seed: SeedLike = None, *, sample_style: bool = False,
+           tile: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+           should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Render instance ``labels`` in the style of ``style_image`` with a trained pix2pixHD model (on its device).
+
+    Parameters
+    ----------
+    model : Pix2PixHD
+        A model (e.g. from a checkpoint); its train/eval mode is restored afterwards.
+    labels : (H, W) integer array
+        Instance masks, 0 = background; any size (windows of ``tile`` px beyond it).
+    style_image : image
+        The style reference (RGB uint8; grey, RGBA, float in [0, 1] and uint16 are converted), any size.
+    seed : int, numpy Generator or None
+        Draws the noise channels (and the style sample with ``sample_style``); the same seed gives the same image.
+    sample_style : bool
+        Use ``mu + sigma * eps`` of the reference's encoding instead of its mean ``mu``.
+    tile : int, optional
+        Window size (the config's ``tile`` when None).
+    progress, should_stop : callables, optional
+        ``progress(done, total, "rendering")`` per window; ``should_stop()`` ends the render with
+        ``InterruptedError``.
+
+    Returns
+    -------
+    (H, W, 3) uint8 RGB array.
+    """
+    lab = as_labels(labels)
+    s = _seed_int(seed)
+    z = style_vector(model, as_rgb(style_image, "style"), s, sample=sample_style)
+    return _to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop))
+
+
+def interpolate_styles(model: Pix2PixHD, labels, style_a, style_b, t, seed: SeedLike = None, *,
+                       tile: int | None = None, progress=None, should_stop=None):
+    """Render ``labels`` with the style vector ``(1 - t) mu_a + t mu_b`` between the mean styles of two references
+    (the same noise for every ``t``). ``t`` a number (0 gives exactly ``render(model, labels, style_a, seed)``) or
+    a sequence of numbers (then a list of images)."""
+    lab = as_labels(labels)
+    ts = np.atleast_1d(np.asarray(t, dtype=np.float64))
+    if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
+        raise ValueError(f"t must be a finite number or a sequence of finite numbers, got {t!r}")
+    s = _seed_int(seed)
+    mu_a, _ = encode_style(model, style_a)
+    mu_b, _ = encode_style(model, style_b)
+    out = []
+    for ti in ts:
+        z = ((1.0 - ti) * mu_a.astype(np.float64) + ti * mu_b.astype(np.float64)).astype(np.float32)
+        out.append(_to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop)))
+    return out if np.ndim(t) else out[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registration
+
+
+_POSITIVE = ("ngf", "ngf_max", "n_down", "n_blocks", "cca_reduction", "style_dim", "nef", "enc_layers", "ndf",
+             "d_layers", "num_d", "tile")
+_NON_NEGATIVE = ("n_local_blocks", "cca_recurrence", "noise_nc", "halo", "blend")
+
+
+def check_config(cfg: dict, name: str, positive: Sequence[str], non_negative: Sequence[str]) -> None:
+    """``ValueError`` for a config value that is not a (positive / non-negative) integer."""
+    for key in positive:
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{name} config {key!r} must be a positive integer, got {cfg[key]!r}")
+    for key in non_negative:
+        if int(cfg[key]) < 0:
+            raise ValueError(f"{name} config {key!r} must be 0 or more, got {cfg[key]!r}")
+
+
+def build(config: dict) -> Pix2PixHD:
+    """A pix2pixHD model of ``config`` (missing keys take :func:`default_config`'s values). Records the perceptual
+    loss's feature network in ``config["features_source"]`` when absent, without building the network."""
+    from .features import feature_source
+
+    unknown = set(config or {}) - set(default_config()) - {"features_source"}
+    if unknown:
+        raise ValueError(f"unknown pix2pixhd config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
+    cfg = {**default_config(), **(config or {})}
+    check_config(cfg, "pix2pixhd", _POSITIVE, _NON_NEGATIVE)
+    if "features_source" not in cfg:
+        cfg["features_source"] = feature_source(cfg["features"])
+        if config is not None:
+            config.setdefault("features_source", cfg["features_source"])
+    return Pix2PixHD(cfg)
+
+
+SPEC = gan.gan_spec("pix2pixhd", build=build, default_config=default_config, targets=targets, validate=validate,
+                    preview=preview, default_lr=DEFAULT_LR)

@@ -1,0 +1,109 @@
+"""The ``pix2pixhd`` renderer: DAFF-GAN's masks -> H&E generator (:mod:`napari_nucsynth.models.pix2pixhd`), a
+pix2pixHD-style coarse-to-fine generator with criss-cross attention, renders instance masks in the style encoded
+from a reference tile.
+
+Without ``checkpoint`` it runs the model shipped with the package (``data/models/pix2pixhd_monuseg.pt``) when there
+is one; otherwise it says how to train one. Loaded models are cached per (path, modification time, device). The
+style of two references can be blended (:meth:`Pix2PixHDRenderer.interpolate`, the Render widget's style slider).
+torch is imported when a render runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .._checks import SeedLike, as_labels, as_rgb
+from . import register
+
+__all__ = ["Pix2PixHDRenderer", "TRAIN_HINT", "default_checkpoint", "load_model"]
+
+_MODELS: dict = {}
+
+TRAIN_HINT = "nucsynth train --model pix2pixhd --images DIR --labels DIR --steps N --out CKPT"
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint's path (absent until a trained model is shipped)."""
+    return Path(__file__).resolve().parents[1] / "data" / "models" / "pix2pixhd_monuseg.pt"
+
+
+def _resolve(checkpoint) -> Path:
+    if checkpoint is not None:
+        return Path(checkpoint)
+    ckpt = default_checkpoint()
+    if not ckpt.exists():
+        raise ValueError("the pix2pixhd renderer needs a trained model, and none is shipped with this version "
+                         f"({ckpt} is missing). Train one with `{TRAIN_HINT}` (or benchmarks/train_pix2pixhd.py) "
+                         "and pass its file as checkpoint= (--checkpoint in `nucsynth render`, the checkpoint box in "
+                         "the widget), or use method='classic', which needs no training")
+    return ckpt
+
+
+def load_model(checkpoint, device):
+    """The pix2pixHD model of a checkpoint on ``device`` in eval mode, cached per (path, modification time,
+    device); one model at a time. A shipped checkpoint (only the moving average of the encoder and generator)
+    loads too."""
+    from ..models import get_model, load_checkpoint
+
+    path = Path(checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
+    if key not in _MODELS:
+        ck = load_checkpoint(path, kind="pix2pixhd")
+        model = get_model("pix2pixhd").build(dict(ck["config"]))
+        try:
+            model.load_shipped(ck["state_dict"])
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{path} does not match its pix2pixhd config ({exc}); retrain it with "
+                             f"{TRAIN_HINT}") from None
+        model.to(device).eval()
+        _MODELS.clear()
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+@register("pix2pixhd")
+class Pix2PixHDRenderer:
+    """DAFF-GAN's renderer (Cheng et al.): pix2pixHD's global generator + local enhancer with criss-cross
+    attention, conditioned on the masks' semantic and boundary maps and a style vector of the reference."""
+
+    name = "pix2pixhd"
+    description = ("pix2pixHD generator with criss-cross attention (DAFF-GAN): needs a trained checkpoint; the "
+                   "style is encoded from the reference image")
+    needs_checkpoint = True
+    default_checkpoint = default_checkpoint()
+
+    def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
+                 checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
+        """Render ``labels`` in the style of ``style``; see :func:`napari_nucsynth.render.render`.
+
+        ``style_labels`` are checked (same shape as ``style``) but not used: the style is encoded from the image
+        alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
+        trains one.
+        """
+        lab = as_labels(labels, "labels")
+        if lab.size == 0:
+            raise ValueError(f"labels is empty (shape {lab.shape})")
+        sty = as_rgb(style, "style")
+        if style_labels is not None:
+            sl = as_labels(style_labels, "style_labels")
+            if sl.shape != sty.shape[:2]:
+                raise ValueError(f"style_labels must have the style image's shape {sty.shape[:2]}, got {sl.shape}")
+        from ..devices import resolve_device
+        from ..models.pix2pixhd import render
+
+        model = load_model(_resolve(checkpoint), resolve_device(device))
+        return render(model, lab, sty, seed=seed, progress=progress, should_stop=should_stop)
+
+    def interpolate(self, labels, style_a, style_b, t, *, seed: SeedLike = None, device: str = "auto",
+                    checkpoint=None, progress=None, should_stop=None):
+        """Render ``labels`` with the mean style vector blended between two references (see
+        :func:`napari_nucsynth.render.interpolate`)."""
+        from ..devices import resolve_device
+        from ..models.pix2pixhd import interpolate_styles
+
+        lab = as_labels(labels, "labels")
+        model = load_model(_resolve(checkpoint), resolve_device(device))
+        return interpolate_styles(model, lab, as_rgb(style_a, "style_a"), as_rgb(style_b, "style_b"), t, seed=seed,
+                                  progress=progress, should_stop=should_stop)
