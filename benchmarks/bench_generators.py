@@ -102,14 +102,18 @@ def main() -> None:
                  "segmenter_pq_on_real_tiles": float(np.mean(real_pq)), "not_run": skipped, "methods": {}}
     renders: dict[str, list] = {}
     for m in methods:
-        fakes, pqs, info, od_style, od_masks = [], [], {}, [], []
+        fakes, pqs, info, od_style, od_masks, detail = [], [], {}, [], [], []
         for j, (t, s) in enumerate(jobs):
             img = render(labs[t], reals[s], method=m, style_labels=labs[s], seed=args.seed + j, device=args.device,
                          checkpoint=ckpts[m])
             fakes.append(img)
             od_style.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[s]))))
             od_masks.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[t]))))
-            pqs.append(instance_metrics(labs[t], segment(img, **seg_kw))["pq"])
+            pred = segment(img, **seg_kw)
+            mets = instance_metrics(labs[t], pred)
+            pqs.append(mets["pq"])
+            detail.append({"dq": round(float(mets["dq"]), 4), "sq": round(float(mets["sq"]), 4),
+                           "n_pred": int(len(np.unique(pred)) - 1), "n_true": int(len(np.unique(labs[t])) - 1)})
         renders[m] = fakes
         groups_f = [tiles.index(t) for t, _ in jobs]
         runs = [c2st([reals[t] for t in tiles], fakes, seed=args.seed + k, real_groups=list(range(len(tiles))),
@@ -130,6 +134,8 @@ def main() -> None:
         out["methods"][m] = {
             "c2st_accuracy_mean": float(np.mean(accs)), "c2st_accuracies": accs,
             "mask_fidelity_pq_mean": float(np.mean(pqs)), "mask_fidelity_pq": [round(float(p), 4) for p in pqs],
+            # per render: detection and segmentation quality, predicted and true nucleus counts
+            "mask_fidelity_detail": detail,
             "render_256_one_core_s_median": float(np.median(secs)), "checkpoint": ckpts[m], "info": info,
             "od_distance_to_style": float(np.mean(od_style)), "od_distance_to_masks_tile": float(np.mean(od_masks)),
             "background_ssim_mean": _background_sameness(m, ckpts[m], tiles, reals, labs, args.seed, args.device),
