@@ -29,7 +29,6 @@ and one whole-tile sample on one thread, with the prior sampler as the baseline 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
+from _data import SEGMENT_HELDOUT, load_labels
+from _gan_train import add_common_args, clock, load_tiles, parser, pick, run, split_tiles, trained_or_default
 
 KIND = "daff"
 
@@ -89,7 +89,6 @@ def evaluate(model, val_tiles: list[str], train_tiles: list[str], seed: int = 0)
 
 
 def time_sample(model, repeats: int) -> dict:
-    import numpy as np
     import torch
 
     from napari_nucsynth.masks import sample_masks
@@ -102,114 +101,53 @@ def time_sample(model, repeats: int) -> dict:
     crop = lab[:256, :256]
     pc, pf = centroids(crop), centroids(lab)
 
-    def clock(fn, n):
-        fn()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return round(float(np.median(ts)), 4)
+    def median(fn, n):
+        return round(clock(fn, n, warmup=1).median, 4)
 
-    return {"daff_256_median_s": clock(lambda: sample(model, pc, crop.shape, seed=0), repeats),
-            "prior_256_median_s": clock(lambda: sample_masks(pc, crop.shape, seed=0), repeats),
-            "daff_tile_median_s": clock(lambda: sample(model, pf, lab.shape, seed=0), max(2, repeats // 4)),
-            "prior_tile_median_s": clock(lambda: sample_masks(pf, lab.shape, seed=0), max(2, repeats // 4)),
+    return {"daff_256_median_s": median(lambda: sample(model, pc, crop.shape, seed=0), repeats),
+            "prior_256_median_s": median(lambda: sample_masks(pc, crop.shape, seed=0), repeats),
+            "daff_tile_median_s": median(lambda: sample(model, pf, lab.shape, seed=0), max(2, repeats // 4)),
+            "prior_tile_median_s": median(lambda: sample_masks(pf, lab.shape, seed=0), max(2, repeats // 4)),
             "tile_shape": list(lab.shape), "tile_nuclei": len(pf), "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "params_generator": sum(p.numel() for p in model.inference("generator").parameters())}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", choices=["bench", "all"], default="bench")
-    ap.add_argument("--steps", type=int, default=10000, help="0: no training (evaluate or time --checkpoint, or the "
-                                                               "default config untrained)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="the core's --lr (default 2e-4): G at lr/2, D at 2 lr")
-    ap.add_argument("--config", default="{}", help="JSON overrides of the daff config, e.g. '{\"ngf\": 12}'")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", help="the checkpoint to write (required unless --steps 0)")
-    ap.add_argument("--resume")
-    ap.add_argument("--init", help="start from this checkpoint's weights (new optimisers and schedule)")
-    ap.add_argument("--checkpoint", help="with --steps 0: the model to evaluate or time")
-    ap.add_argument("--eval-every", type=int, default=1000)
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--log", help="append one JSON line per --log-every steps (and every validation) here")
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--preview-every", type=int, default=0, help="write a preview PNG (real | sampled) every N steps")
-    ap.add_argument("--preview-dir", default="bench-out/daff_previews")
-    ap.add_argument("--strip", action="store_true",
-                    help="at the end, keep only what sampling needs (no optimiser, random state, discriminator)")
+    ap = parser(__doc__)
+    add_common_args(ap, steps=10000, crop=128, preview_dir="bench-out/daff_previews",
+                    steps_help="0: no training (evaluate or time --checkpoint, or the default config untrained)",
+                    lr_help="the core's --lr (default 2e-4): G at lr/2, D at 2 lr",
+                    config_help="JSON overrides of the daff config, e.g. '{\"ngf\": 12}'",
+                    out_help="the checkpoint to write (required unless --steps 0)",
+                    preview_help="write a preview PNG (real | sampled) every N steps",
+                    strip_help="at the end, keep only what sampling needs (no optimiser, random state, "
+                               "discriminator)",
+                    before={"--eval-every": lambda ap: ap.add_argument(
+                        "--checkpoint", help="with --steps 0: the model to evaluate or time")})
     ap.add_argument("--eval", action="store_true", help="compare with the shape priors on the held-out tiles")
     ap.add_argument("--time-sample", action="store_true", help="time sampling on one thread")
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
 
-    import torch
-
-    from napari_nucsynth.models import get_model, load_checkpoint, save_checkpoint
     from napari_nucsynth.models.daff import load_model
 
-    tiles = tile_ids()
-    val = [t for t in SEGMENT_HELDOUT if t in tiles] if args.split == "bench" else []
-    train_tiles = [t for t in tiles if t not in val]
+    train_tiles, val = split_tiles(args.split)
     result: dict = {"kind": KIND, "split": args.split}
     t0 = time.perf_counter()
     model = None
     if args.steps > 0:
         if not args.out:
             ap.error("--out is required when training")
-        from napari_nucsynth.train import train
-
-        imgs, labs = [load_image(t) for t in train_tiles], [load_labels(t) for t in train_tiles]
-        v_imgs, v_labs = [load_image(t) for t in val], [load_labels(t) for t in val]
-
-        def on_update(u):
-            if args.log and (u.kind == "validation" or (u.kind == "step" and u.step % args.log_every == 0)):
-                with open(args.log, "a") as log:
-                    log.write(json.dumps({"kind": u.kind, "step": u.step, "losses": u.losses, "metrics": u.metrics,
-                                          "seconds": round(u.seconds, 1)}) + "\n")
-            if u.kind == "preview" and u.image is not None:
-                import imageio.v3 as iio
-
-                Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
-                iio.imwrite(Path(args.preview_dir) / f"step{u.step:06d}.png", u.image)
-
-        start = int(load_checkpoint(args.resume)["step"]) if args.resume else 0
-        res = train(KIND, imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
-                    config=json.loads(args.config), device=args.device, seed=args.seed, batch_size=args.batch_size,
-                    crop=args.crop, lr=args.lr, val_fraction=0, val_images=v_imgs or None,
-                    val_labels=v_labs or None, eval_every=args.eval_every, save_every=args.save_every,
-                    preview_every=args.preview_every, on_update=on_update,
-                    train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0): label maps, points = "
-                                           "their centroids", "tiles": train_tiles, "val_tiles": val,
-                                "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                                "init": args.init, "batch_size": args.batch_size, "crop": args.crop,
-                                "lr": args.lr, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
-        ck = load_checkpoint(res.path, kind=KIND)
-        if args.strip:
-            from napari_nucsynth.models.gan import SHIPPED_PREFIX
-
-            save_checkpoint(res.path, kind=KIND, config=ck["config"], step=ck["step"], metrics=ck["metrics"],
-                            train_data=ck["train_data"],
-                            state_dict={k: v for k, v in ck["state_dict"].items() if k.startswith(SHIPPED_PREFIX)})
-        result.update({"checkpoint": str(res.path), "step": res.step, "stopped": res.stopped,
-                       "metrics": res.metrics, "train_seconds": round(res.seconds, 1),
-                       "steps_per_s": round((res.step - start) / max(res.seconds, 1e-9), 3),
-                       "checkpoint_mb": round(Path(res.path).stat().st_size / 2**20, 2)})
+        imgs, labs = load_tiles(train_tiles)
+        v_imgs, v_labs = load_tiles(val)
+        out = run(KIND, args, imgs, labs, v_imgs, v_labs, config=json.loads(args.config), tiles=train_tiles,
+                  val_tiles=val, dataset="MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0): label maps, points = "
+                                         "their centroids")
+        result.update(pick(out, "checkpoint step stopped metrics train_seconds steps_per_s checkpoint_mb"))
     if args.eval or args.time_sample:
-        if args.steps > 0 or args.checkpoint or args.resume or args.init:
-            path = args.out if args.steps > 0 else (args.checkpoint or args.resume or args.init)
-            model = load_model(path, "cpu")
-            result["evaluated"] = str(path)
-        else:
-            spec = get_model(KIND)
-            torch.manual_seed(args.seed)
-            model = spec.build({**spec.default_config(), **json.loads(args.config)}).eval()
-            result["evaluated"] = "default config, untrained"
+        model, path = trained_or_default(KIND, args, load_model, args.checkpoint)
+        result["evaluated"] = str(path) if path else "default config, untrained"
     if args.eval:
         result["eval"] = evaluate(model, val or SEGMENT_HELDOUT, train_tiles if val else [], seed=args.seed)
     if args.time_sample:

@@ -23,9 +23,7 @@ image. ``--strip`` keeps only what transfer needs (the EMA modules). The JSON re
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np
-from _data import SEGMENT_HELDOUT, load_image, organ, tile_ids
+from _data import organ
+from _gan_train import add_common_args, load_split, logger, parser, pick, run
 
 
 def cluster(train_imgs, val_imgs, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,43 +66,28 @@ def domain_styles(ckpt_path, imgs, doms, k: int) -> list[list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", choices=["bench", "all"], default="bench")
-    ap.add_argument("--domains", type=int, default=3, help="number of stain domains (k-means k)")
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default 2e-4: G at lr/2, D at 2 lr")
-    ap.add_argument("--config", default="{}", help="JSON overrides of the drit config, e.g. '{\"ngf\": 24}'")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", required=True, help="the checkpoint to write")
-    ap.add_argument("--resume")
-    ap.add_argument("--init", help="start from this checkpoint's weights (new optimisers and schedule)")
-    ap.add_argument("--eval-every", type=int, default=1000)
-    ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--log", help="append one JSON line per --log-every steps (and every validation) here")
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--preview-every", type=int, default=0, help="write a preview PNG every N steps")
-    ap.add_argument("--preview-dir", default="bench-out/drit_previews")
-    ap.add_argument("--strip", action="store_true",
-                    help="at the end, keep only what transfer needs (no optimiser, random state, discriminators)")
+    ap = parser(__doc__)
+    add_common_args(ap, steps=20000, crop=128, preview_dir="bench-out/drit_previews",
+                    lr_help="default 2e-4: G at lr/2, D at 2 lr",
+                    config_help="JSON overrides of the drit config, e.g. '{\"ngf\": 24}'",
+                    out_required=True, out_help="the checkpoint to write",
+                    strip_help="at the end, keep only what transfer needs (no optimiser, random state, "
+                               "discriminators)",
+                    before={"--steps": lambda ap: ap.add_argument("--domains", type=int, default=3,
+                                                                  help="number of stain domains (k-means k)"),
+                            "--out": lambda ap: ap.add_argument("--threads", type=int, default=None,
+                                                                help="torch.set_num_threads (default: torch's)")})
     args = ap.parse_args()
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_nucsynth.models import load_checkpoint, save_checkpoint
+    from napari_nucsynth.models import load_checkpoint
     from napari_nucsynth.models.drit import domain_maps
-    from napari_nucsynth.train import train
 
     t0 = time.perf_counter()
-    tiles = tile_ids()
-    val = [t for t in SEGMENT_HELDOUT if t in tiles] if args.split == "bench" else []
-    train_tiles = [t for t in tiles if t not in val]
-    imgs, v_imgs = [load_image(t) for t in train_tiles], [load_image(t) for t in val]
+    train_tiles, val, imgs, _, v_imgs, _ = load_split(args.split, labels=False)
     k = int(args.domains)
     if args.resume:  # the run's own domains (the clustering is seeded, but the tiles could have changed)
         ck0 = load_checkpoint(args.resume, kind="drit")
@@ -111,63 +95,34 @@ def main() -> None:
         d_tr = np.array([saved[t] for t in train_tiles], np.int64)
         d_va = np.array([ck0["train_data"].get("val_domains", {})[t] for t in val], np.int64)
         k = int(ck0["config"]["n_domains"])
-        start = int(ck0["step"])
     else:
         d_tr, d_va = cluster(imgs, v_imgs, k, args.seed)
-        start = 0
     config = {**json.loads(args.config), "n_domains": k}
 
     clock: list[tuple[int, float]] = []  # (step, seconds) of the step events: steps/s without validation and saves
+    log = logger(args)
 
     def on_update(u):
         if u.kind == "step":
             clock.append((u.step, u.seconds))
-        if args.log and (u.kind == "validation" or (u.kind == "step" and u.step % args.log_every == 0)):
-            with open(args.log, "a") as log:
-                log.write(json.dumps({"kind": u.kind, "step": u.step, "losses": u.losses, "metrics": u.metrics,
-                                      "seconds": round(u.seconds, 1)}) + "\n")
-        if u.kind == "preview" and u.image is not None:
-            import imageio.v3 as iio
+        log(u)
 
-            Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
-            iio.imwrite(Path(args.preview_dir) / f"step{u.step:06d}.png", u.image)
-
-    res = train("drit", imgs, domain_maps(imgs, d_tr), steps=args.steps, out=args.out, resume=args.resume,
-                init=args.init, config=config, device=args.device, seed=args.seed, batch_size=args.batch_size,
-                crop=args.crop, lr=args.lr, val_fraction=0, val_images=v_imgs or None,
-                val_labels=domain_maps(v_imgs, d_va) if v_imgs else None, eval_every=args.eval_every,
-                save_every=args.save_every, preview_every=args.preview_every, on_update=on_update,
-                train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0), images only",
-                            "tiles": train_tiles, "val_tiles": val,
-                            "domains": {t: int(d) for t, d in zip(train_tiles, d_tr)},
-                            "val_domains": {t: int(d) for t, d in zip(val, d_va)},
-                            "clustering": f"stain.stain_domains(k={k}, seed={args.seed}) on the training tiles",
-                            "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                            "init": args.init, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
-                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
-    ck = load_checkpoint(res.path, kind="drit")
-    cfg = {**ck["config"], "domain_styles": domain_styles(res.path, imgs, d_tr, k)}
-    if args.strip:
-        from napari_nucsynth.models.gan import SHIPPED_PREFIX
-
-        save_checkpoint(res.path, kind="drit", config=cfg, step=ck["step"], metrics=ck["metrics"],
-                        train_data=ck["train_data"],
-                        state_dict={n: v for n, v in ck["state_dict"].items() if n.startswith(SHIPPED_PREFIX)})
-    else:
-        save_checkpoint(res.path, kind="drit", config=cfg, step=ck["step"], metrics=ck["metrics"],
-                        train_data=ck["train_data"], state_dict=ck["state_dict"], optimizer=ck.get("optimizer"),
-                        rng=ck.get("rng"))
-    steps_run = res.step - start
+    out = run("drit", args, imgs, domain_maps(imgs, d_tr), v_imgs, domain_maps(v_imgs, d_va) if v_imgs else None,
+              config=config, tiles=train_tiles, val_tiles=val, on_update=on_update,
+              dataset="MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0), images only",
+              extra_train_data={"domains": {t: int(d) for t, d in zip(train_tiles, d_tr)},
+                                "val_domains": {t: int(d) for t, d in zip(val, d_va)},
+                                "clustering": f"stain.stain_domains(k={k}, seed={args.seed}) on the training tiles"},
+              add_config=lambda path: {"domain_styles": domain_styles(path, imgs, d_tr, k)})
     # the loop's rate from the first to the last step event: the final validation and save are not in it
     loop = (clock[-1][0] - clock[0][0]) / max(clock[-1][1] - clock[0][1], 1e-9) if len(clock) > 1 else None
     print(json.dumps({
-        "checkpoint": str(res.path), "step": res.step, "stopped": res.stopped, "metrics": res.metrics,
+        **pick(out, "checkpoint step stopped metrics"),
         "domains": {str(j): [f"{t} ({organ(t)})" for t, d in zip(train_tiles, d_tr) if d == j] for j in range(k)},
-        "val_domains": {t: int(d) for t, d in zip(val, d_va)},
-        "train_seconds": round(res.seconds, 1), "steps_per_s": round(steps_run / max(res.seconds, 1e-9), 3),
+        "val_domains": {t: int(d) for t, d in zip(val, d_va)}, **pick(out, "train_seconds steps_per_s"),
         "steps_per_s_between_steps": None if loop is None else round(loop, 3),
         "batch_size": args.batch_size, "crop": args.crop,
-        "threads": torch.get_num_threads(), "size_mb": round(Path(res.path).stat().st_size / 2**20, 2),
+        "threads": torch.get_num_threads(), "size_mb": out["checkpoint_mb"],
         "seconds": round(time.perf_counter() - t0, 1)}))
 
 
