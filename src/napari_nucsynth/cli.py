@@ -10,6 +10,7 @@
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
                    [--augment basic|strong] [--save-every N]
+    nucsynth train --model points2image --images DIR --steps N --out CKPT [...]    unpaired: images alone, no --labels
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
                    [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
                    [--pretrain-steps G S] --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
@@ -358,6 +359,7 @@ def _train(args) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
     config = _json_config(args.config)
+    _check_labels_option(args)
     world, rank, _ = world_from_env()
     main = rank == 0  # under torchrun, rank 0 alone reports
     report = _TrainReport()
@@ -412,6 +414,22 @@ def _train(args) -> int:
         print(f"stopped at step {res.step} of {args.steps}; to continue:\n  {_resume_command(args.argv, res.path)}",
               flush=True)
     return code
+
+
+def _check_labels_option(args) -> None:
+    """``--labels`` is required, except for the kinds that train unpaired on images alone (points2image), which
+    refuse it."""
+    from .models import get_model, model_kinds
+
+    unpaired = args.model != "joint" and getattr(get_model(args.model), "unpaired", False)
+    if unpaired and args.labels is not None:
+        raise ValueError(f"--labels: {args.model} trains unpaired, on --images alone (its masks come from the mask "
+                         "sampler); leave --labels out")
+    if not unpaired and args.labels is None:
+        alone = [k for k in model_kinds() if getattr(get_model(k), "unpaired", False)]
+        raise ValueError(f"--labels is required for --model {args.model} (it trains on pairs of images and "
+                         "instance labels: a folder of label maps with the images' file names)"
+                         + (f"; only {', '.join(alone)} trains on --images alone" if alone else ""))
 
 
 def _init_checkpoint(kind: str, init: str | None) -> Path | None:
@@ -673,15 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) or generator (adain, sian) on pairs",
-                       description="Train a model on pairs of images and instance labels. Ctrl-C or SIGTERM stops "
+    p = sub.add_parser("train", help="train a segmenter (hovernet, maskrcnn) or generator (adain, sian) on pairs, "
+                       "or points2image on images alone",
+                       description="Train a model on pairs of images and instance labels (points2image: on images "
+                       "alone, unpaired). Ctrl-C or SIGTERM stops "
                        "after the current step and saves (a second Ctrl-C aborts); --resume continues. Under "
                        "torchrun it trains data-parallel (docs/distributed.md).")
     p.add_argument("--model", required=True,
-                   help="the model kind: hovernet, maskrcnn, adain, sian, or joint (a generator and a segmenter "
-                   "trained together: --generator, --segmenter)")
+                   help="the model kind: hovernet, maskrcnn, adain, sian, points2image (unpaired: images alone), or "
+                   "joint (a generator and a segmenter trained together: --generator, --segmenter)")
     p.add_argument("--images", required=True, help="folder of H&E images")
-    p.add_argument("--labels", required=True, help="folder of instance label maps (same file names as the images)")
+    p.add_argument("--labels", help="folder of instance label maps (same file names as the images); required, "
+                   "except for points2image, which trains on --images alone")
     p.add_argument("--steps", type=int, required=True, help="total optimisation steps")
     p.add_argument("--out", required=True, help="the checkpoint to write (.pt), saved every --save-every steps")
     p.add_argument("--resume", help="continue a stopped run from this checkpoint (same step count, optimiser and "

@@ -95,6 +95,14 @@ def _is_generator(kind: str) -> bool:
         return False
 
 
+def _is_unpaired(kind: str) -> bool:
+    """Kinds that train on images alone (their masks come from the mask sampler)."""
+    try:
+        return kind != JOINT and bool(getattr(get_model(kind), "unpaired", False))
+    except ValueError:
+        return False
+
+
 def default_out(kind: str) -> Path:
     """``checkpoint_dir()/<kind>-<timestamp>.pt``."""
     return checkpoint_dir() / f"{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.pt"
@@ -155,7 +163,9 @@ class TrainWidget(Container):
 
     Data: pairs of an Image and a Labels layer of the same height and width (one or more), two folders (images
     and labels, files matched by name), or *synthetic* pairs generated in the worker when training starts
-    (random layouts, sampled masks, the classic renderer in the style of the chosen Image layers).
+    (random layouts, sampled masks, the classic renderer in the style of the chosen Image layers). Kinds that
+    train unpaired (``ModelSpec.unpaired``: points2image) take images alone: Image layers, or a folder of images
+    (no Labels layer, no labels folder).
 
     The checkpoint goes to *Save to* (blank: ``checkpoint_dir()/<kind>-<timestamp>.pt``; when resuming, blank
     continues in the resumed file). *Resume from* continues a run where it stopped (model, optimiser, step and
@@ -189,6 +199,9 @@ class TrainWidget(Container):
         self.pairs = Select(label="Pairs", choices=self._pair_choices, allow_multiple=True)
         self.pairs.tooltip = "Image + Labels layers of the same height and width (select one or more)"
         self.pairs.native.setMaximumHeight(90)
+        self.images = Select(label="Images", choices=self._image_choices, allow_multiple=True)
+        self.images.tooltip = "H&E Image layers to learn from, without labels (for models that train unpaired)"
+        self.images.native.setMaximumHeight(90)
         self.images_dir = FileEdit(label="Images folder", mode="d")
         self.labels_dir = FileEdit(label="Labels folder", mode="d")
         self.styles = Select(label="Styles", choices=self._image_choices, allow_multiple=True)
@@ -244,7 +257,7 @@ class TrainWidget(Container):
         self.status = wrapping_label()
         self.metrics = wrapping_label()
         self.extend([self.model, self.generator, self.segmenter, self.adversarial, self.config, self.source,
-                     self.pairs, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
+                     self.pairs, self.images, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
                      self.n_synth, self.synth_size, self.mix, self.mix_renderer, self.preset, self.steps, self.batch, self.lr, self.crop,
                      self.augment, self.device, self.seed, self.val_fraction, self.eval_every, self.save_every,
                      self.preview_every, self.init,
@@ -349,7 +362,7 @@ class TrainWidget(Container):
         """Refresh the layer dropdowns (a choice that still exists stays chosen); default pairs: each Labels layer
         of the user's own (not a segmentation, masks sampled from clicks or an error overlay made by a widget) with
         the first RGB Image layer of its size."""
-        for w in (self.pairs, self.styles, self.fit_to):
+        for w in (self.pairs, self.images, self.styles, self.fit_to):
             w.reset_choices()
         if not self.pairs.value and self.pairs.choices:
             seen, default = set(), []
@@ -360,6 +373,9 @@ class TrainWidget(Container):
             self.pairs.value = default
         if not self.styles.value and self.styles.choices:
             self.styles.value = [self.styles.choices[0]]
+        if not self.images.value and self.images.choices:  # every RGB layer (H&E tiles) of the user's
+            self.images.value = [lyr for lyr in self.images.choices if getattr(lyr, "rgb", False)] or [
+                self.images.choices[0]]
         self._resume.refresh()
         self.init.reset_choices()
 
@@ -416,8 +432,11 @@ class TrainWidget(Container):
 
     def _on_source(self, _=None):
         src = self.source.value
-        self.pairs.visible = src == "layers"
-        self.images_dir.visible = self.labels_dir.visible = src == "folder"
+        unpaired = _is_unpaired(self.model.value)
+        self.pairs.visible = src == "layers" and not unpaired
+        self.images.visible = src == "layers" and unpaired
+        self.images_dir.visible = src == "folder"
+        self.labels_dir.visible = src == "folder" and not unpaired
         for w in (self.styles, self.fit_to, self.process, self.n_synth, self.synth_size):
             w.visible = src == "synthetic"
         self.mix.visible = self._mixable()
@@ -473,7 +492,11 @@ class TrainWidget(Container):
             return "The joint loop needs a generator and a segmenter."
         src = self.source.value
         kw["source"] = src
-        if src == "layers":
+        if _is_unpaired(kind):
+            problem = self._unpaired_data(kw, src)
+            if problem:
+                return problem
+        elif src == "layers":
             pairs = list(self.pairs.value or [])
             if not pairs:
                 return "Choose one or more Image + Labels pairs (layers of the same height and width)."
@@ -527,6 +550,32 @@ class TrainWidget(Container):
             kw["data"]["init"] = str(init)
         kw.update(resume=resume, out=Path(out), init=init)
         return kw
+
+    def _unpaired_data(self, kw: dict, src: str) -> str | None:
+        """The data of a kind that trains on images alone, into ``kw``: Image layers or a folder of images (labels
+        None); a string says what is wrong."""
+        kind = kw["kind"]
+        if src == "layers":
+            layers = list(self.images.value or [])
+            if not layers:
+                return f"Choose one or more H&E Image layers: {kind} learns from images alone (no labels)."
+            imgs = []
+            for lyr in layers:
+                if getattr(lyr, "multiscale", False):
+                    return f"'{lyr.name}' is multiscale: give single-resolution tiles."
+                imgs.append(np.array(lyr.data, copy=True))
+            kw.update(images=imgs, labels=None, data={"source": "layers", "images": [lyr.name for lyr in layers]})
+        elif src == "folder":
+            idir = self.images_dir.value
+            if idir is None or str(idir) in ("", "."):
+                return "Images folder is not set."
+            if not Path(idir).is_dir():
+                return f"Images folder {idir} does not exist."
+            kw.update(images=str(idir), labels=None, data={"source": "folder", "images": str(idir)})
+        else:
+            return (f"{kind} learns from real images without labels: choose Image layers ('layers') or a folder "
+                    "of images, not synthetic pairs.")
+        return None
 
     def start(self) -> None:
         """Start training in a worker with the widget's settings."""

@@ -69,6 +69,8 @@ class ModelSpec:
     collate: Callable[..., dict] | None = None
     #: the learning rate :func:`napari_nucsynth.train.train` uses when given none (GANs want less than segmenters)
     default_lr: float = 1e-3
+    #: trains on images alone (``train(kind, images, labels=None)``): its masks come from elsewhere (points2image)
+    unpaired: bool = False
 
 
 _MODELS: dict[str, ModelSpec] = {}

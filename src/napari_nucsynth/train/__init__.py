@@ -62,19 +62,46 @@ def shipped_checkpoint(kind: str):
     return Path(path) if path is not None and Path(path).is_file() else None
 
 
+_EXTENSIONS = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
+
+
+def _no_labels(img: np.ndarray) -> np.ndarray:
+    """An all-zero uint32 label map of ``img``'s height and width that costs no memory (a read-only view)."""
+    return np.broadcast_to(np.zeros((), np.uint32), img.shape[:2])
+
+
 def load_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Pairs from two folders (files matched by stem) or two sequences of arrays; returns images (RGB uint8),
-    labels (uint32) and names."""
+    labels (uint32) and names.
+
+    ``labels=None`` (the unpaired kinds, :attr:`napari_nucsynth.models.ModelSpec.unpaired`): the images alone, a
+    folder (every image file in it) or a sequence of arrays; the labels returned are all-zero placeholders
+    (read-only views of the images' height and width)."""
     from ..io import read_image, read_labels
 
+    if labels is None:
+        if isinstance(images, (str, Path)):
+            idir = Path(images)
+            if not idir.is_dir():
+                raise ValueError(f"images folder {idir} does not exist")
+            files = sorted(p for p in idir.iterdir() if p.is_file() and p.suffix.lower() in _EXTENSIONS)
+            if not files:
+                raise ValueError(f"no image file ({', '.join(sorted(_EXTENSIONS))}) in {idir}")
+            imgs = [as_rgb(read_image(p), f"image {p}") for p in files]
+            names = [p.stem for p in files]
+        else:
+            imgs = [as_rgb(im, f"images[{i}]") for i, im in enumerate(images)]
+            names = [f"image{i}" for i in range(len(imgs))]
+            if not imgs:
+                raise ValueError("need at least one image")
+        return imgs, [_no_labels(im) for im in imgs], names
     if isinstance(images, (str, Path)) or isinstance(labels, (str, Path)):
         idir, ldir = Path(images), Path(labels)
         for d, what in ((idir, "images"), (ldir, "labels")):
             if not d.is_dir():
                 raise ValueError(f"{what} folder {d} does not exist")
-        exts = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy"}
-        imgs = {p.stem: p for p in idir.iterdir() if p.suffix.lower() in exts}
-        labs = {p.stem: p for p in ldir.iterdir() if p.suffix.lower() in exts}
+        imgs = {p.stem: p for p in idir.iterdir() if p.suffix.lower() in _EXTENSIONS}
+        labs = {p.stem: p for p in ldir.iterdir() if p.suffix.lower() in _EXTENSIONS}
         names = sorted(set(imgs) & set(labs))
         if not names:
             raise ValueError(f"no image in {idir} has a label file of the same name in {ldir}")
@@ -196,9 +223,12 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     Parameters
     ----------
     kind : str
-        A trainable kind (:func:`napari_nucsynth.models.model_kinds`): "hovernet", "maskrcnn".
+        A trainable kind (:func:`napari_nucsynth.models.model_kinds`): "hovernet", "maskrcnn", "adain", "sian",
+        "points2image", ...
     images, labels : folders or sequences of arrays
-        The pairs (see :func:`load_pairs`).
+        The pairs (see :func:`load_pairs`). Kinds that train unpaired (``ModelSpec.unpaired``: "points2image",
+        whose masks come from the mask sampler) take the images alone: ``labels`` must be None (and
+        ``val_labels`` too); the others need labels.
     steps : int
         Total optimisation steps (a resumed run continues up to this number).
     out : path
@@ -262,6 +292,7 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     if synthetic and int(synthetic_size) < 64:
         raise ValueError(f"synthetic_size must be at least 64 px, got {synthetic_size!r}")
     lr = spec.default_lr if lr is None else float(lr)
+    _check_pairing(kind, spec, labels, val_images, val_labels)
     imgs, labs, names = load_pairs(images, labels)
     dctx, dev = setup(device)  # (None, the device) unless launched by torchrun with more than one process
     try:
@@ -274,6 +305,23 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     finally:
         if dctx is not None:
             dctx.close()
+
+
+def _check_pairing(kind: str, spec, labels, val_images, val_labels) -> None:
+    """Labels for the paired kinds, none for the unpaired ones (a ``ValueError`` that says which)."""
+    unpaired = bool(getattr(spec, "unpaired", False))
+    if unpaired and (labels is not None or val_labels is not None):
+        raise ValueError(f"{kind} trains unpaired, on images alone (its masks come from the mask sampler): give "
+                         "labels=None (no --labels, no Labels layer)")
+    if not unpaired and labels is None:
+        from ..models import get_model, model_kinds
+
+        alone = [k for k in model_kinds() if getattr(get_model(k), "unpaired", False)]
+        raise ValueError(f"{kind} trains on pairs of images and instance labels: give labels (a folder of label "
+                         f"maps or a sequence of arrays)" + (f"; only {', '.join(alone)} trains on images alone"
+                                                             if alone else ""))
+    if not unpaired and val_images is not None and val_labels is None:
+        raise ValueError(f"{kind} validates on pairs: give val_labels with val_images")
 
 
 def _add_synthetic(imgs, labs, t_idx, data, n, size, renderer, dev, seed, progress, should_stop):
@@ -328,6 +376,8 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         v_imgs, v_labs = [imgs[i] for i in v_idx], [labs[i] for i in v_idx]
     data = train_data or {"images": [names[i] for i in t_idx], "n_train": len(t_idx), "n_val": len(v_imgs),
                           "crop": crop, "batch_size": batch_size}
+    if getattr(spec, "unpaired", False):
+        data = {**data, "unpaired": True}
     if synthetic:
         imgs, labs, t_idx, data = _add_synthetic(imgs, labs, t_idx, data, int(synthetic), int(synthetic_size),
                                                  synthetic_renderer, dev, split_seed, progress, should_stop)
