@@ -309,6 +309,7 @@ def test_joint_is_listed_when_installed(make_napari_viewer, qtbot, monkeypatch, 
     fake = types.ModuleType("napari_nucsynth.train.joint")
     fake.__spec__ = importlib.machinery.ModuleSpec("napari_nucsynth.train.joint", None)
     fake.train_joint = train_joint
+    fake.GENERATORS, fake.SEGMENTERS = ("adain", "sian"), ("hovernet", "maskrcnn")
     monkeypatch.setitem(sys.modules, "napari_nucsynth.train.joint", fake)
     assert joint_available()
     viewer = make_napari_viewer()
@@ -319,7 +320,9 @@ def test_joint_is_listed_when_installed(make_napari_viewer, qtbot, monkeypatch, 
     assert JOINT in widget.model.choices
     widget.model.value = JOINT
     assert not _hidden(widget.generator) and not _hidden(widget.segmenter) and _hidden(widget.config)
-    assert "adain" in widget.generator.choices and "hovernet" in widget.segmenter.choices
+    # what the joint loop trains (not nuclick, pix2pixhd, points2image)
+    assert list(widget.generator.choices) == ["adain", "sian"]
+    assert list(widget.segmenter.choices) == ["hovernet", "maskrcnn"]
     widget.generator.value, widget.segmenter.value, widget.adversarial.value = "sian", "hovernet", "acgan"
     widget.steps.value = 1
     widget.start()

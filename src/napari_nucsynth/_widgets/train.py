@@ -87,6 +87,19 @@ def joint_available() -> bool:
         return False
 
 
+def _joint_kinds() -> tuple[list[str], list[str]]:
+    """The generator and segmenter kinds the joint loop can train (not every registered kind); empty when the
+    loop is not installed."""
+    if not joint_available():
+        return [], []
+    try:
+        from ..train.joint import GENERATORS, SEGMENTERS
+    except ImportError:
+        return [], []
+    kinds = model_kinds()
+    return [k for k in GENERATORS if k in kinds], [k for k in SEGMENTERS if k in kinds]
+
+
 def _is_generator(kind: str) -> bool:
     """Generators are the kinds with a preview hook (they render images); the others segment."""
     try:
@@ -186,8 +199,7 @@ class TrainWidget(Container):
         kinds = self._kinds()
         self.model = ComboBox(label="Model", choices=kinds, value="hovernet" if "hovernet" in kinds else kinds[0])
         self.model.tooltip = "What to train: a segmenter, a generator, or (joint) both adversarially"
-        gens = [k for k in model_kinds() if _is_generator(k)]
-        segs = [k for k in model_kinds() if not _is_generator(k)]
+        gens, segs = _joint_kinds()
         self.generator = ComboBox(label="Generator", choices=gens or [None])
         self.segmenter = ComboBox(label="Segmenter", choices=segs or [None])
         self.adversarial = ComboBox(label="Adversarial", choices=["reverse", "acgan"], value="reverse")
