@@ -1,4 +1,5 @@
-"""Benchmark of the renderers (classic, adain, sian) on MoNuSeg held-out tiles; prints one JSON object.
+"""Benchmark of the renderers (classic, adain, sian, pix2pixhd, points2image) on MoNuSeg held-out tiles; prints
+one JSON object.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generators.py --adain bench-out/adain_bench.pt \
         --sian bench-out/sian_bench.pt [--segmenter bench-out/hovernet_bench.pt] [--c2st-seeds 3]
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
 from _data import REPO, SEGMENT_HELDOUT, load_image, load_labels
 
-METHODS = ("classic", "adain", "sian")
+METHODS = ("classic", "adain", "sian", "pix2pixhd", "points2image")
 
 
 def _available(method: str, ckpt: str | None) -> str | None:
@@ -70,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adain", help="adain checkpoint (default: the shipped one, if any)")
     ap.add_argument("--sian", help="sian checkpoint (default: the shipped one, if any)")
+    ap.add_argument("--pix2pixhd", help="pix2pixhd checkpoint (default: the shipped one, if any)")
+    ap.add_argument("--points2image", help="points2image checkpoint (default: the shipped one, if any)")
     ap.add_argument("--segmenter", help="hovernet checkpoint for mask fidelity (default: the shipped model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--c2st-seeds", type=int, default=3)
@@ -85,7 +88,8 @@ def main() -> None:
     from napari_nucsynth.segment import segment
 
     t_start = time.perf_counter()
-    ckpts = {"classic": None, "adain": args.adain, "sian": args.sian}
+    ckpts = {"classic": None, "adain": args.adain, "sian": args.sian, "pix2pixhd": args.pix2pixhd,
+             "points2image": args.points2image}
     skipped = {m: why for m in METHODS if (why := _available(m, ckpts[m])) is not None}
     methods = [m for m in METHODS if m not in skipped]
 
@@ -97,7 +101,8 @@ def main() -> None:
     seg_kw = {"method": "hovernet", "checkpoint": args.segmenter, "device": args.device}
     real_pq = [instance_metrics(labs[t], segment(reals[t], **seg_kw))["pq"] for t in tiles]
 
-    out: dict = {"benchmark": "generators (classic, adain, sian)", "tiles": tiles, "renders_per_method": len(jobs),
+    out: dict = {"benchmark": "generators (" + ", ".join(METHODS) + ")", "tiles": tiles,
+                 "renders_per_method": len(jobs),
                  "segmenter": args.segmenter or "shipped hovernet (trained on all 30 tiles)",
                  "segmenter_pq_on_real_tiles": float(np.mean(real_pq)), "not_run": skipped, "methods": {}}
     renders: dict[str, list] = {}

@@ -111,7 +111,8 @@ def test_without_image_options_it_samples_as_before(crop):
 
 
 @pytest.mark.parametrize("case", ["unreadable image", "shape with image", "method without image", "no shape",
-                                  "bad method", "two priors", "points csv"])
+                                  "bad method", "two priors", "points csv", "sampler with image",
+                                  "daff without its model", "checkpoint with the prior"])
 def test_bad_input_is_one_line_and_writes_nothing(crop, case):
     d, *_ = crop
     (d / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
@@ -124,6 +125,11 @@ def test_bad_input_is_one_line_and_writes_nothing(crop, case):
         "two priors": (["--points", "pts.csv", "--shape", "9", "9", "--prior", LABELS, "--prior-image", IMAGE],
                        ["--prior", "--prior-image"]),
         "points csv": (["--points", "junk.png", "--image", IMAGE, "--method", "watershed"], ["junk.png"]),
+        "sampler with image": (["--points", "pts.csv", "--image", IMAGE, "--method", "daff"], ["--method daff"]),
+        "daff without its model": (["--points", "pts.csv", "--shape", "99", "99", "--method", "daff",
+                                    "--checkpoint", "missing.pt"], ["missing.pt"]),
+        "checkpoint with the prior": (["--points", "pts.csv", "--shape", "9", "9", "--checkpoint", "m.pt"],
+                                      ["--checkpoint"]),
     }[case]
     out = _cli(d, *args, "--out", "bad.tif")
     if case == "bad method":  # argparse's own rule: usage and one error line, status 2

@@ -74,6 +74,10 @@ def _check_memory(option: str, shape, command: str, processes: int = 1) -> None:
                          "available; ask for a smaller size")
 
 
+#: ``sample-masks`` methods that sample masks without an image (the others fit them to ``--image``)
+SAMPLE_METHODS = ("prior", "daff")
+
+
 def _sample_masks(args) -> int:
     from .io import check_output, read_image, read_labels, read_points_csv, write_labels
     from .masks import ShapePrior, sample_masks
@@ -81,8 +85,10 @@ def _sample_masks(args) -> int:
     out = check_output(args.out, "labels", name="--out")
     if args.image is not None:
         return _fit_masks(args, out)
-    if args.method is not None:
+    if args.method not in (None, *SAMPLE_METHODS):
         raise ValueError(f"--method {args.method}: fits masks to an image; give --image too")
+    if args.checkpoint is not None and args.method != "daff":
+        raise ValueError("--checkpoint: for --method daff (or a learned fit with --image)")
     if args.shape is None:
         raise ValueError("--shape H W is needed to sample masks (or --image I.png to fit them to an image)")
     if args.prior and args.prior_image:
@@ -98,7 +104,9 @@ def _sample_masks(args) -> int:
                                           seed=args.seed if args.seed is not None else 0)
         except ValueError as e:
             raise ValueError(f"--prior-image {args.prior_image}: {e}") from None
-    labels = sample_masks(points, tuple(args.shape), classes=classes, prior=prior, seed=args.seed)
+    learned = {} if args.method in (None, "prior") else {"method": args.method, "checkpoint": args.checkpoint,
+                                                          "device": args.device}
+    labels = sample_masks(points, tuple(args.shape), classes=classes, prior=prior, seed=args.seed, **learned)
     out = write_labels(out, labels)
     n = len(set(labels[labels > 0].tolist())) if labels.any() else 0
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {n} nuclei from {len(points)} points"
@@ -111,6 +119,9 @@ def _fit_masks(args, out: Path) -> int:
     from .annotate import fit_masks
     from .io import read_image, read_points_csv, write_labels
 
+    if args.method in SAMPLE_METHODS:
+        raise ValueError(f"--method {args.method}: samples masks without an image; drop --image, or fit with "
+                         "auto, hovernet, watershed or nuclick")
     for option, value in (("--shape", args.shape), ("--prior", args.prior), ("--prior-image", args.prior_image)):
         if value is not None:
             raise ValueError(f"{option}: --image fits the masks to the image (its size, its nuclei); "
@@ -118,8 +129,8 @@ def _fit_masks(args, out: Path) -> int:
     points, classes = read_points_csv(args.points)
     img = read_image(args.image)
     _check_memory("--image", img.shape[:2], "sample-masks")
-    res = fit_masks(img, points, method=args.method or "auto", classes=classes, device=args.device, seed=args.seed,
-                    return_result=True)
+    res = fit_masks(img, points, method=args.method or "auto", classes=classes, checkpoint=args.checkpoint,
+                    device=args.device, seed=args.seed, return_result=True)
     out = write_labels(out, res.labels)
     h, w = res.labels.shape
     print(f"wrote {out} ({h} x {w}, {len(points)} points on {Path(args.image).name}): {res.summary()}")
@@ -644,8 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
                    help="output height and width (sampling; with --image the image's size)")
     p.add_argument("--image", help="a real H&E image: fit each point's mask to the nucleus under it")
-    p.add_argument("--method", choices=["auto", *fit_methods()], default=None,
-                   help="how --image's nuclei are found (default auto: hovernet where its model is present)")
+    p.add_argument("--method", choices=["auto", *fit_methods(), *SAMPLE_METHODS], default=None,
+                   help="with --image, how its nuclei are found (default auto: hovernet where its model is "
+                   "present); without, how masks are sampled: prior (default) or daff (the learned sampler)")
+    p.add_argument("--checkpoint", help="the model of a learned --method (nuclick, daff; default: the shipped one)")
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.add_argument("--prior", help="a real label map to fit the shape prior from (default: the MoNuSeg prior)")
     p.add_argument("--prior-image", help="a real H&E image to fit the shape prior to (its nuclei, segmented)")
@@ -698,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "after the current step and saves (a second Ctrl-C aborts); --resume continues. Under "
                        "torchrun it trains data-parallel (docs/distributed.md).")
     p.add_argument("--model", required=True,
-                   help="the model kind: hovernet, maskrcnn, adain, sian, points2image (unpaired: images alone), or "
+                   help="the model kind: hovernet, maskrcnn, nuclick, adain, sian, pix2pixhd, daff, drit, "
+                   "points2image (unpaired: images alone), or "
                    "joint (a generator and a segmenter trained together: --generator, --segmenter)")
     p.add_argument("--images", required=True, help="folder of H&E images")
     p.add_argument("--labels", help="folder of instance label maps (same file names as the images); required, "

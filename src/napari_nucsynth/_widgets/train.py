@@ -229,7 +229,8 @@ class TrainWidget(Container):
                             "layouts, nucleus shapes and styles), the headline's recipe B; as many as the real "
                             "pairs trains on half real, half synthetic crops. 0: real pairs only.")
         self.mix_renderer = ComboBox(label="Mix renderer", choices=["classic", "adain", "sian"], value="classic")
-        self.mix_renderer.tooltip = "The renderer of the mixed-in synthetic pairs (learned ones use their shipped model)"
+        self.mix_renderer.tooltip = ("The renderer of the mixed-in synthetic pairs (learned ones use their shipped "
+                                     "model)")
 
         self.preset = ComboBox(label="Preset", choices=[CUSTOM, *PRESETS], value=STANDARD)
         self.preset.tooltip = (f"{QUICK}: 300 steps of 128-px crops, a first model in minutes on a CPU. {STANDARD}: "
@@ -270,7 +271,8 @@ class TrainWidget(Container):
         self.metrics = wrapping_label()
         self.extend([self.model, self.generator, self.segmenter, self.adversarial, self.config, self.source,
                      self.pairs, self.images, self.images_dir, self.labels_dir, self.styles, self.fit_to, self.process,
-                     self.n_synth, self.synth_size, self.mix, self.mix_renderer, self.preset, self.steps, self.batch, self.lr, self.crop,
+                     self.n_synth, self.synth_size, self.mix, self.mix_renderer, self.preset, self.steps, self.batch,
+                     self.lr, self.crop,
                      self.augment, self.device, self.seed, self.val_fraction, self.eval_every, self.save_every,
                      self.preview_every, self.init,
                      self.out, self.resume, self.resume_file, buttons, self.progress, self.status, self.metrics])
