@@ -70,6 +70,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .._checks import SeedLike, as_labels, as_rgb, as_rng
 from . import ModelSpec, register_model
 from . import gan
+from ._rendering import device_of, evaluating
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 from .sian import StyleEncoder
 
@@ -415,14 +416,9 @@ def generator_loss(model: DRIT, batch: dict) -> tuple[torch.Tensor, dict[str, fl
     mu2, logvar2 = Es(u)
     x_cyc = G(c2, _reparam(mu2, logvar2)[p])  # content i (from u_i), style i (from u_p(i))
     D = model.discriminator
-    req = [q.requires_grad for q in D.parameters()]
-    D.requires_grad_(False)  # gradients reach the images and content through D, not D's weights
-    try:
+    with gan.frozen(D):  # gradients reach the images and content through D, not D's weights
         preds = D.image(torch.cat([u, _onehot_maps(d[p], k, u)], 1))
         logits = D.content(c).float()
-    finally:
-        for q, r in zip(D.parameters(), req):
-            q.requires_grad_(r)
     terms = {
         "g_gan": gan.g_hinge(preds) * float(cfg["lambda_gan"]),
         "g_content": -F.log_softmax(logits, 1).mean() * float(cfg["lambda_content"]),  # CE to the uniform
@@ -450,26 +446,11 @@ def optimizers(model: DRIT, lr: float | None) -> dict[str, torch.optim.Optimizer
 def train_step(model: DRIT, batch: dict, optimizers: dict, step: int) -> dict[str, float]:
     """One step of both discriminators, one step of the encoders and generator, one EMA update; forward passes
     under the core's autocast (:func:`napari_nucsynth.models.gan.amp_dtype`)."""
-    with gan._autocast(model, batch):
-        d_loss, d_logs = discriminator_loss(model, batch)
-    optimizers["d"].zero_grad(set_to_none=True)
-    d_loss.backward()
-    optimizers["d"].step()
-    with gan._autocast(model, batch):
-        g_loss, g_logs = generator_loss(model, batch)
-    optimizers["g"].zero_grad(set_to_none=True)
-    g_loss.backward()
-    optimizers["g"].step()
-    model.update_ema(step)
-    return {**g_logs, **d_logs}
+    return gan.train_step(model, batch, optimizers, step, d_loss_fn=discriminator_loss, g_loss_fn=generator_loss)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inference
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _to_tensor(img: np.ndarray, device) -> torch.Tensor:
@@ -482,13 +463,8 @@ def encode_style(model: DRIT, reference) -> tuple[np.ndarray, np.ndarray]:
     ref = as_rgb(reference, "reference")
     if min(ref.shape[:2]) < 2:
         raise ValueError(f"reference must be at least 2 x 2 pixels, got {ref.shape[0]} x {ref.shape[1]}")
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            mu, logvar = model.inference("style_encoder")(_to_tensor(ref, _device(model)))
-    finally:
-        model.train(was)
+    with evaluating(model):
+        mu, logvar = model.inference("style_encoder")(_to_tensor(ref, device_of(model)))
     return mu[0].float().cpu().numpy(), logvar[0].float().cpu().numpy()
 
 
@@ -539,16 +515,11 @@ def transfer(model: DRIT, image, reference, seed: SeedLike = None, *, sample_sty
     ph, pw = -H % m, -W % m
     mode = "reflect" if min(H, W) > max(ph, pw) else "edge"
     x_np = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode) if ph or pw else img
-    dev = _device(model)
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            x = _to_tensor(x_np, dev)
-            zt = torch.from_numpy(z[None]).to(dev)
-            y = model.inference("generator")(model.inference("content_encoder")(x), zt)[0]
-    finally:
-        model.train(was)
+    dev = device_of(model)
+    with evaluating(model):
+        x = _to_tensor(x_np, dev)
+        zt = torch.from_numpy(z[None]).to(dev)
+        y = model.inference("generator")(model.inference("content_encoder")(x), zt)[0]
     out = ((y.float().cpu().numpy().transpose(1, 2, 0)[:H, :W] + 1) * 127.5).clip(0, 255)
     if progress is not None:
         progress(2, 2, "translating")
@@ -566,21 +537,7 @@ _MODELS: dict = {}
 def load_model(checkpoint, device) -> DRIT:
     """The DRIT model of a checkpoint on ``device`` in eval mode, cached per (path, modification time, device). A
     stripped checkpoint (the EMA modules only) loads too."""
-    from . import load_checkpoint
-
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
-    if key not in _MODELS:
-        ck = load_checkpoint(path, kind="drit")
-        model = build(dict(ck["config"]))
-        try:
-            model.load_shipped(ck["state_dict"])
-        except ValueError as exc:
-            raise ValueError(f"{path} does not match its drit config ({exc}); retrain it with {TRAIN_HINT}") from None
-        model.to(device).eval()
-        _MODELS.clear()  # one model at a time
-        _MODELS[key] = model
-    return _MODELS[key]
+    return gan.load_generator(checkpoint, "drit", device, cache=_MODELS, hint=TRAIN_HINT, build=build)
 
 
 # ----------------------------------------------------------------------------------------------------------------

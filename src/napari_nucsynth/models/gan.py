@@ -31,7 +31,9 @@ implements ``inputs(batch) -> (cond or None, real in [-1, 1])`` and ``generate(b
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,9 +43,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 from . import ModelSpec, register_model
 
 __all__ = [
-    "GAN_DEFAULTS", "SHIPPED_PREFIX", "GANModel", "MultiscaleDiscriminator", "PatchDiscriminator", "d_hinge", "discriminator_loss",
-    "feature_matching", "features_for", "amp_dtype", "g_hinge", "gan_spec", "generator_loss", "optimizers", "perceptual",
-    "shipped_state_dict", "train_step",
+    "GAN_DEFAULTS", "SHIPPED_PREFIX", "GANModel", "MultiscaleDiscriminator", "PatchDiscriminator", "d_hinge",
+    "discriminator_loss", "feature_matching", "features_for", "amp_dtype", "g_hinge", "gan_spec", "generator_loss",
+    "optimizers", "perceptual", "frozen", "load_generator", "shipped_state_dict", "train_step"
 ]
 
 #: the core's configuration keys and defaults (a model's own config adds its keys to these)
@@ -258,15 +260,9 @@ def generator_loss(model: GANModel, batch: dict) -> tuple[torch.Tensor, dict[str
     cfg = model.config
     cond, real = model.inputs(batch)
     fake, extra = model.generate(batch, cond, real)
-    d = model.discriminator
-    req = [p.requires_grad for p in d.parameters()]
-    d.requires_grad_(False)  # gradients reach the image through D, not D's weights
-    try:
-        n = real.shape[0]
-        preds = d(torch.cat([_d_input(cond, fake), _d_input(cond, real)], 0))
-    finally:
-        for p, r in zip(d.parameters(), req):
-            p.requires_grad_(r)
+    n = real.shape[0]
+    with frozen(model.discriminator):
+        preds = model.discriminator(torch.cat([_d_input(cond, fake), _d_input(cond, real)], 0))
     pf = [[t[:n] for t in p] for p in preds]
     pr = [[t[n:] for t in p] for p in preds]
     terms = {"g_gan": g_hinge(pf)}
@@ -317,16 +313,31 @@ def _autocast(model: GANModel, batch: dict):
     return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_step(model: GANModel, batch: dict, optimizers: dict, step: int) -> dict[str, float]:
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters without gradients for the block (gradients reach its input, not its weights), each
+    parameter's ``requires_grad`` restored after."""
+    req = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(module.parameters(), req):
+            p.requires_grad_(r)
+
+
+def train_step(model: GANModel, batch: dict, optimizers: dict, step: int, *,
+               d_loss_fn: Callable | None = None, g_loss_fn: Callable | None = None) -> dict[str, float]:
     """One discriminator step, one generator step (``D_steps_per_G`` = 1), one EMA update; forward passes under
-    :func:`amp_dtype`'s autocast."""
+    :func:`amp_dtype`'s autocast. ``d_loss_fn`` / ``g_loss_fn`` (``(model, batch) -> (loss, logs)``) replace the
+    core's hinge losses for models with their own (Points2Image, DRIT)."""
     with _autocast(model, batch):
-        d_loss, d_logs = discriminator_loss(model, batch)
+        d_loss, d_logs = (d_loss_fn or discriminator_loss)(model, batch)
     optimizers["d"].zero_grad(set_to_none=True)
     d_loss.backward()
     optimizers["d"].step()
     with _autocast(model, batch):
-        g_loss, g_logs = generator_loss(model, batch)
+        g_loss, g_logs = (g_loss_fn or generator_loss)(model, batch)
     optimizers["g"].zero_grad(set_to_none=True)
     g_loss.backward()
     optimizers["g"].step()
@@ -351,3 +362,27 @@ def gan_spec(kind: str, *, build: Callable[[dict], GANModel], default_config: Ca
         kind=kind, build=build, default_config=default_config, targets=targets, loss=generator_loss,
         predict=_not_a_segmenter(kind), optimizers=lambda model, lr: optimizers(model, lr, default_lr=default_lr),
         train_step=train_step, validate=validate, preview=preview, collate=collate, default_lr=default_lr))
+
+
+def load_generator(checkpoint, kind: str, device, *, cache: dict, hint: str, name: str | None = None,
+                   build: Callable[[dict], nn.Module] | None = None) -> nn.Module:
+    """The ``kind`` model of a checkpoint (a full or a shipped one: :meth:`GANModel.load_shipped`) on ``device`` in
+    eval mode, cached in ``cache`` per (path, modification time, device), one model at a time. ``build`` is the
+    registered kind's when None; a checkpoint that does not fit its config raises a ``ValueError`` that names
+    ``name`` (``kind`` when None) and the command ``hint`` that trains one."""
+    from . import get_model, load_checkpoint
+
+    path = Path(checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
+    if key not in cache:
+        ck = load_checkpoint(path, kind=kind)
+        model = (build or get_model(kind).build)(dict(ck["config"]))
+        try:
+            model.load_shipped(ck["state_dict"])
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{path} does not match its {name or kind} config ({exc}); retrain it with "
+                             f"{hint}") from None
+        model.to(device).eval()
+        cache.clear()  # one model at a time
+        cache[key] = model
+    return cache[key]

@@ -55,22 +55,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import SeedLike, as_labels, as_rgb
-from . import gan
+from .._checks import SeedLike, as_labels
+from . import _rendering, gan
 from .blocks import RecurrentCrissCross
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
-from .sian import (
-    StyleEncoder,
-    _axis_weights,
-    _center_crop,
-    _init,
-    _seed_int,
-    _to_uint8,
-    _windows,
-    encode_style,
-    hash_normal,
-    style_vector,
-)
+from ._rendering import center_crop, device_of, padded_conditioning, run_windows, window_model
+from .sian import StyleEncoder, _init, encode_style, hash_normal, style_vector
 
 __all__ = [
     "COND_NC", "Pix2PixHD", "Pix2PixHDGenerator", "SPEC", "build", "conditioning", "default_config",
@@ -313,7 +303,7 @@ def validate(model: Pix2PixHD, images: Sequence[np.ndarray], labels: Sequence[np
     l1, perc = [], []
     net = gan.features_for(model, device)
     for img, lab in list(zip(images, labels))[:max_pairs]:
-        im, lb = _center_crop(np.asarray(img), np.asarray(lab), crop)
+        im, lb = center_crop(np.asarray(img), np.asarray(lab), crop)
         out = _render_float(model, lb, style_vector(model, im), 0)
         with torch.no_grad():
             fake = torch.from_numpy(out.transpose(2, 0, 1))[None].to(device)
@@ -325,56 +315,12 @@ def validate(model: Pix2PixHD, images: Sequence[np.ndarray], labels: Sequence[np
 
 def preview(model: Pix2PixHD, image: np.ndarray, labels: np.ndarray, device) -> np.ndarray:
     """What the generator makes of a held-out pair's labels in its own style (centre 512 x 512 at most, seed 0)."""
-    im, lb = _center_crop(np.asarray(image), np.asarray(labels), 512)
+    im, lb = center_crop(np.asarray(image), np.asarray(labels), 512)
     return render(model, lb, im, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inference
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def run_windows(fn: Callable[[np.ndarray, int, int], np.ndarray], inputs: np.ndarray, out_nc: int, *, tile: int,
-                halo: int, blend: int, multiple: int,
-                progress: Callable[[int, int, str], None] | None = None,
-                should_stop: Callable[[], bool] | None = None, what: str = "rendering") -> np.ndarray:
-    """Run a fully convolutional network over ``inputs`` (C x H x W, H and W multiples of ``multiple``) in windows
-    of ``tile`` px that overlap by ``2 halo + blend`` and are cross-faded (SIAN's windows,
-    :func:`napari_nucsynth.models.sian._windows`); ``fn(window, r0, c0) -> out_nc x h x w`` gets each window and
-    its top-left corner. One window (the plain forward pass) when the input fits in ``tile``."""
-    _, Hp, Wp = inputs.shape
-    m = int(multiple)
-    blend = max(int(blend), m)
-    tile, halo = int(tile), -(-int(halo) // m) * m
-    least = 2 * halo + blend + m
-    if tile < least or tile % m:
-        raise ValueError(f"tile must be a multiple of {m} and at least {least} px for this model, got {tile}")
-    rows, cols = _windows(Hp, tile, halo, blend, m), _windows(Wp, tile, halo, blend, m)
-    single = len(rows) == 1 and len(cols) == 1
-    out = np.zeros((out_nc, Hp, Wp), np.float32)
-    wsum = None if single else np.zeros((Hp, Wp), np.float32)
-    total, done = len(rows) * len(cols), 0
-    for rw in rows:
-        for cw in cols:
-            if should_stop is not None and should_stop():
-                raise InterruptedError(f"{what} stopped")
-            r0, r1, c0, c1 = rw[0], rw[1], cw[0], cw[1]
-            y = fn(np.ascontiguousarray(inputs[:, r0:r1, c0:c1]), r0, c0)
-            if single:
-                out[:] = y
-            else:
-                w = np.outer(_axis_weights(rw, blend, Hp), _axis_weights(cw, blend, Wp)).astype(np.float32)
-                out[:, r0:r1, c0:c1] += y * w
-                wsum[r0:r1, c0:c1] += w
-            done += 1
-            if progress is not None:
-                progress(done, total, what)
-    if wsum is not None:
-        out /= wsum
-    return out
 
 
 def seeded_noise(seed: int, channels: int, r0: int, c0: int, h: int, w: int, *, stream0: int = 0) -> np.ndarray:
@@ -390,17 +336,10 @@ def _render_float(model: Pix2PixHD, labels, style: np.ndarray, seed: int, *, til
                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """The EMA generator on the conditioning of ``labels`` with style vector ``style``: float32 H x W x 3 in
     [0, 1] (padded to a multiple of the generator's inside, in windows beyond ``tile``, see :func:`run_windows`)."""
-    lab = as_labels(labels)
     cfg = model.config
     gen = model.inference("generator")
-    dev = _device(model)
-    H, W = lab.shape
-    if H == 0 or W == 0:
-        raise ValueError(f"labels is empty (shape {lab.shape})")
-    m = model.multiple
-    Hp, Wp = -(-H // m) * m, -(-W // m) * m
-    cond = np.zeros((COND_NC, Hp, Wp), np.float32)
-    cond[:, :H, :W] = conditioning(lab)
+    dev = device_of(model)
+    cond, size = padded_conditioning(labels, conditioning, COND_NC, model.multiple)
     z = torch.from_numpy(np.asarray(style, np.float32).reshape(1, -1)).to(dev)
     if z.shape[1] != int(cfg["style_dim"]):
         raise ValueError(f"the style vector must have {cfg['style_dim']} values, got {z.shape[1]}")
@@ -414,48 +353,18 @@ def _render_float(model: Pix2PixHD, labels, style: np.ndarray, seed: int, *, til
             t = t.contiguous(memory_format=torch.channels_last)
         return gen(t, z)[0].float().cpu().numpy()
 
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = run_windows(fn, cond, 3, tile=int(cfg["tile"] if tile is None else tile), halo=int(cfg["halo"]),
-                              blend=int(cfg["blend"]), multiple=m, progress=progress, should_stop=should_stop)
-    finally:
-        model.train(was)
-    return np.clip((out[:, :H, :W].transpose(1, 2, 0) + 1) / 2, 0, 1)
+    return window_model(model, fn, cond, size, tile=int(cfg["tile"] if tile is None else tile),
+                        halo=int(cfg["halo"]), blend=int(cfg["blend"]), progress=progress, should_stop=should_stop)
 
 
 def render(model: Pix2PixHD, labels, style_image, seed: SeedLike = None, *, sample_style: bool = False,
            tile: int | None = None, progress: Callable[[int, int, str], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-    """Render instance ``labels`` in the style of ``style_image`` with a trained pix2pixHD model (on its device).
-
-    Parameters
-    ----------
-    model : Pix2PixHD
-        A model (e.g. from a checkpoint); its train/eval mode is restored afterwards.
-    labels : (H, W) integer array
-        Instance masks, 0 = background; any size (windows of ``tile`` px beyond it).
-    style_image : image
-        The style reference (RGB uint8; grey, RGBA, float in [0, 1] and uint16 are converted), any size.
-    seed : int, numpy Generator or None
-        Draws the noise channels (and the style sample with ``sample_style``); the same seed gives the same image.
-    sample_style : bool
-        Use ``mu + sigma * eps`` of the reference's encoding instead of its mean ``mu``.
-    tile : int, optional
-        Window size (the config's ``tile`` when None).
-    progress, should_stop : callables, optional
-        ``progress(done, total, "rendering")`` per window; ``should_stop()`` ends the render with
-        ``InterruptedError``.
-
-    Returns
-    -------
-    (H, W, 3) uint8 RGB array.
-    """
-    lab = as_labels(labels)
-    s = _seed_int(seed)
-    z = style_vector(model, as_rgb(style_image, "style"), s, sample=sample_style)
-    return _to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop))
+    """Render instance ``labels`` (any size: windows of ``tile`` px beyond it) in the style of ``style_image``
+    with a trained pix2pixHD model (on its device): the parameters and result of
+    :func:`napari_nucsynth.models.sian.render`, the seed drawing the noise channels (and the style sample)."""
+    return _rendering.render_styled(_render_float, style_vector, model, labels, style_image, seed,
+                                    sample_style=sample_style, tile=tile, progress=progress, should_stop=should_stop)
 
 
 def interpolate_styles(model: Pix2PixHD, labels, style_a, style_b, t, seed: SeedLike = None, *,
@@ -463,18 +372,8 @@ def interpolate_styles(model: Pix2PixHD, labels, style_a, style_b, t, seed: Seed
     """Render ``labels`` with the style vector ``(1 - t) mu_a + t mu_b`` between the mean styles of two references
     (the same noise for every ``t``). ``t`` a number (0 gives exactly ``render(model, labels, style_a, seed)``) or
     a sequence of numbers (then a list of images)."""
-    lab = as_labels(labels)
-    ts = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    if ts.ndim != 1 or ts.size == 0 or not np.all(np.isfinite(ts)):
-        raise ValueError(f"t must be a finite number or a sequence of finite numbers, got {t!r}")
-    s = _seed_int(seed)
-    mu_a, _ = encode_style(model, style_a)
-    mu_b, _ = encode_style(model, style_b)
-    out = []
-    for ti in ts:
-        z = ((1.0 - ti) * mu_a.astype(np.float64) + ti * mu_b.astype(np.float64)).astype(np.float32)
-        out.append(_to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop)))
-    return out if np.ndim(t) else out[0]
+    return _rendering.interpolate_styles(_render_float, encode_style, model, labels, style_a, style_b, t, seed,
+                                         tile=tile, progress=progress, should_stop=should_stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -90,7 +90,10 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .._checks import SeedLike, as_labels, as_rgb
 from . import gan, register_model
 from .gan import GANModel
-from .sian import _axis_weights, _seed_int, _windows, hash_normal
+from ._rendering import device_of, padded_conditioning, seed_int, to_uint8, window_model
+from .sian import hash_normal
+
+_to_uint8 = to_uint8  # the name the tests use
 
 __all__ = [
     "COND_NC", "DEFAULT_LR", "MIN_FG", "N_CLASSES", "SPEC", "STYLE_NC", "P2IGenerator", "Points2Image",
@@ -642,14 +645,8 @@ def generator_loss(model: Points2Image, batch: dict) -> tuple[torch.Tensor, dict
     cfg = model.config
     cond, real = model.inputs(batch)
     fake, _ = model.generate(batch, cond, real)
-    d = model.discriminator
-    req = [p.requires_grad for p in d.parameters()]
-    d.requires_grad_(False)  # gradients reach the image through D, not D's weights
-    try:
-        out = d(fake)
-    finally:
-        for p, r in zip(d.parameters(), req):
-            p.requires_grad_(r)
+    with gan.frozen(model.discriminator):  # gradients reach the image through D, not D's weights
+        out = model.discriminator(fake)
     sem = cond[:, :1]
     terms = {"g_adv": class_balanced_ce(out, _classes(sem))}
     with torch.autocast(fake.device.type, enabled=False):  # optical densities and statistics in float32
@@ -667,18 +664,7 @@ def generator_loss(model: Points2Image, batch: dict) -> tuple[torch.Tensor, dict
 def train_step(model: Points2Image, batch: dict, optimizers: dict, step: int) -> dict[str, float]:
     """One discriminator step, one generator step, one EMA update (the core's autocast, optimisers and EMA; OASIS's
     losses instead of the core's hinge)."""
-    with gan._autocast(model, batch):
-        d_loss, d_logs = discriminator_loss(model, batch)
-    optimizers["d"].zero_grad(set_to_none=True)
-    d_loss.backward()
-    optimizers["d"].step()
-    with gan._autocast(model, batch):
-        g_loss, g_logs = generator_loss(model, batch)
-    optimizers["g"].zero_grad(set_to_none=True)
-    g_loss.backward()
-    optimizers["g"].step()
-    model.update_ema(step)
-    return {**g_logs, **d_logs}
+    return gan.train_step(model, batch, optimizers, step, d_loss_fn=discriminator_loss, g_loss_fn=generator_loss)
 
 
 def optimizers(model: Points2Image, lr: float | None) -> dict[str, torch.optim.Optimizer]:
@@ -690,71 +676,28 @@ def optimizers(model: Points2Image, lr: float | None) -> dict[str, torch.optim.O
 # inference
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _render_float(model: Points2Image, labels, code: np.ndarray, seed: int, *, tile: int | None = None,
                   progress: Callable[[int, int, str], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """The EMA generator on ``labels`` with style code ``code``: float32 H x W x 3 in [0, 1]. Outputs larger than
     ``tile`` run in windows that overlap by twice :func:`halo` plus ``blend``, cross-faded (no seams)."""
-    lab = as_labels(labels)
     cfg = model.config
     gen = model.inference("generator")
-    dev = _device(model)
-    H, W = lab.shape
-    if H == 0 or W == 0:
-        raise ValueError(f"labels is empty (shape {lab.shape})")
-    m = model.multiple
-    margin = halo(cfg)
-    blend = max(int(cfg.get("blend", 16)), m)
-    tile = int(cfg["tile"] if tile is None else tile)
-    least = 2 * margin + blend + m
-    if tile < least or tile % m:
-        raise ValueError(f"tile must be a multiple of {m} and at least {least} px for this model, got {tile}")
+    dev = device_of(model)
     code = np.asarray(code, np.float32).reshape(1, -1)
     if code.shape[1] != STYLE_NC:
         raise ValueError(f"the style code must have {STYLE_NC} values, got {code.shape[1]}")
-    Hp, Wp = -(-H // m) * m, -(-W // m) * m
-    cond = np.zeros((COND_NC, Hp, Wp), np.float32)
-    cond[:, :H, :W] = conditioning(lab)
+    cond, size = padded_conditioning(labels, conditioning, COND_NC, model.multiple)
     z = torch.from_numpy(code).to(dev)
-    rows, cols = _windows(Hp, tile, margin, blend, m), _windows(Wp, tile, margin, blend, m)
-    single = len(rows) == 1 and len(cols) == 1
-    out = np.zeros((3, Hp, Wp), np.float32)
-    wsum = None if single else np.zeros((Hp, Wp), np.float32)
-    total, done = len(rows) * len(cols), 0
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for rw in rows:
-                for cw in cols:
-                    if should_stop is not None and should_stop():
-                        raise InterruptedError("rendering stopped")
-                    r0, r1, c0, c1 = rw[0], rw[1], cw[0], cw[1]
-                    x = torch.from_numpy(np.ascontiguousarray(cond[:, r0:r1, c0:c1]))[None].to(dev)
-                    noise = _window_noise(gen, seed, r0, c0, r1 - r0, c1 - c0, dev) if gen.z_dim else None
-                    y = gen(x, z, noise)[0].float().cpu().numpy()
-                    if single:
-                        out[:] = y
-                    else:
-                        wgt = np.outer(_axis_weights(rw, blend, Hp), _axis_weights(cw, blend, Wp)).astype(np.float32)
-                        out[:, r0:r1, c0:c1] += y * wgt
-                        wsum[r0:r1, c0:c1] += wgt
-                    done += 1
-                    if progress is not None:
-                        progress(done, total, "rendering")
-    finally:
-        model.train(was)
-    if wsum is not None:
-        out /= wsum
-    return np.clip((out[:, :H, :W].transpose(1, 2, 0) + 1) / 2, 0, 1)
 
+    def fn(window: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        _, h, w = window.shape
+        x = torch.from_numpy(window)[None].to(dev)
+        noise = _window_noise(gen, seed, r0, c0, h, w, dev) if gen.z_dim else None
+        return gen(x, z, noise)[0].float().cpu().numpy()
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    return window_model(model, fn, cond, size, tile=int(cfg["tile"] if tile is None else tile), halo=halo(cfg),
+                        blend=int(cfg.get("blend", 16)), progress=progress, should_stop=should_stop)
 
 
 def render(model: Points2Image, labels, style_image, seed: SeedLike = None, *, style_labels=None,
@@ -786,7 +729,7 @@ def render(model: Points2Image, labels, style_image, seed: SeedLike = None, *, s
     """
     lab = as_labels(labels)
     code = style_code(style_image, style_labels)
-    return _to_uint8(_render_float(model, lab, code, _seed_int(seed), tile=tile, progress=progress,
+    return to_uint8(_render_float(model, lab, code, seed_int(seed), tile=tile, progress=progress,
                                    should_stop=should_stop))
 
 
@@ -824,7 +767,7 @@ def validate(model: Points2Image, images: Sequence[np.ndarray], labels=None, dev
         im = _centre_crop(as_rgb(img, "validation image"), crop, model.multiple)
         lab = sample_layout(im.shape[:2], i)
         real_code = style_code(im)
-        out = _to_uint8(_render_float(model, lab, real_code, 0))
+        out = to_uint8(_render_float(model, lab, real_code, 0))
         dice.append(_dice(detect_nuclei(out) > 0, lab > 0))
         h = rgb_to_hed(out)[..., 0]
         pts = np.asarray(centroids(lab))

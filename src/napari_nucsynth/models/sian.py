@@ -54,8 +54,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .._checks import SeedLike, as_labels, as_rgb, as_rng
-from . import gan
+from .._checks import SeedLike, as_labels, as_rgb
+from . import _rendering, gan
+from ._rendering import center_crop, device_of, evaluating, padded_conditioning, seed_int, window_model
+
+_seed_int = seed_int  # the name models.daff imports
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 
 __all__ = [
@@ -353,37 +356,6 @@ def halo(config: dict) -> int:
     return -(-receptive_radius(config) // m) * m
 
 
-def _windows(length: int, tile: int, margin: int, blend: int, m: int) -> list[tuple[int, int, int, int]]:
-    """Windows along one axis of a padded length: (start, stop, valid_start, valid_stop). Starts are multiples of
-    ``m``; each valid part is the window less ``margin`` on sides that are not the image's edge; neighbouring valid
-    parts overlap (by about ``blend``) and cover the axis."""
-    if length <= tile:
-        return [(0, length, 0, length)]
-    step = tile - 2 * margin - blend
-    n = -(-(length - tile) // step) + 1
-    starts = sorted({(i * (length - tile) // (n - 1)) // m * m for i in range(n)} | {length - tile})
-    out = []
-    for s in starts:
-        e = s + tile
-        out.append((s, e, s + margin if s > 0 else 0, e - margin if e < length else length))
-    return out
-
-
-def _axis_weights(win: tuple[int, int, int, int], blend: int, length: int) -> np.ndarray:
-    """Blending weights over a window: 0 outside its valid part, rising linearly over ``blend`` px from the valid
-    part's inner edges, 1 elsewhere (never 0 inside the valid part)."""
-    s, e, a, b = win
-    x = np.arange(s, e, dtype=np.float64) + 0.5
-    w = np.ones(e - s)
-    ramp = max(1.0, float(blend))
-    if a > 0:
-        w = np.minimum(w, (x - a) / ramp)
-    if b < length:
-        w = np.minimum(w, (b - x) / ramp)
-    w[(x < a) | (x > b)] = 0
-    return np.clip(w, 0, 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # seeded noise (position-hashed, so tiles agree with the one-piece render)
 
@@ -458,13 +430,6 @@ def optimizers(model: SIAN, lr: float | None) -> dict[str, torch.optim.Optimizer
     return gan.optimizers(model, lr, default_lr=DEFAULT_LR)
 
 
-def _center_crop(img: np.ndarray, lab: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    H, W = lab.shape
-    h, w = min(H, size), min(W, size)
-    r, c = (H - h) // 2, (W - w) // 2
-    return img[r : r + h, c : c + w], lab[r : r + h, c : c + w]
-
-
 def validate(model: SIAN, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], device,
              max_pairs: int = 4, crop: int = 256) -> dict[str, float]:
     """Reconstruction of held-out pairs (cheap: the centre ``crop`` of at most ``max_pairs`` pairs, each rendered
@@ -473,7 +438,7 @@ def validate(model: SIAN, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     l1, perc = [], []
     net = gan.features_for(model, device)
     for img, lab in list(zip(images, labels))[:max_pairs]:
-        im, lb = _center_crop(np.asarray(img), np.asarray(lab), crop)
+        im, lb = center_crop(np.asarray(img), np.asarray(lab), crop)
         out = _render_float(model, lb, style_vector(model, im), 0)
         with torch.no_grad():
             fake = torch.from_numpy(out.transpose(2, 0, 1))[None].to(device) * 2 - 1
@@ -485,23 +450,12 @@ def validate(model: SIAN, images: Sequence[np.ndarray], labels: Sequence[np.ndar
 
 def preview(model: SIAN, image: np.ndarray, labels: np.ndarray, device) -> np.ndarray:
     """What the generator makes of a held-out pair's labels in its own style (centre 512 x 512 at most, seed 0)."""
-    im, lb = _center_crop(np.asarray(image), np.asarray(labels), 512)
+    im, lb = center_crop(np.asarray(image), np.asarray(labels), 512)
     return render(model, lb, im, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inference
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _seed_int(seed: SeedLike) -> int:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        as_rng(seed)  # validates (non-negative)
-        return int(seed)
-    return int(as_rng(seed).integers(0, 2**63 - 1))
 
 
 def encode_style(model: SIAN, image) -> tuple[np.ndarray, np.ndarray]:
@@ -510,14 +464,9 @@ def encode_style(model: SIAN, image) -> tuple[np.ndarray, np.ndarray]:
     img = as_rgb(image, "style")
     if min(img.shape[:2]) < 2:
         raise ValueError(f"the style image must be at least 2 x 2 pixels, got {img.shape[0]} x {img.shape[1]}")
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(_device(model)).float()
-            mu, logvar = model.inference("encoder")(x[None] / 127.5 - 1)
-    finally:
-        model.train(was)
+    with evaluating(model):
+        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).to(device_of(model)).float()
+        mu, logvar = model.inference("encoder")(x[None] / 127.5 - 1)
     return mu[0].float().cpu().numpy(), logvar[0].float().cpu().numpy()
 
 
@@ -527,7 +476,7 @@ def style_vector(model: SIAN, image, seed: SeedLike = None, *, sample: bool = Fa
     mu, logvar = encode_style(model, image)
     if not sample:
         return mu
-    eps = np.random.default_rng(_seed_int(seed)).standard_normal(mu.shape).astype(np.float32)
+    eps = np.random.default_rng(seed_int(seed)).standard_normal(mu.shape).astype(np.float32)
     return (mu + np.exp(0.5 * logvar) * eps).astype(np.float32)
 
 
@@ -538,63 +487,24 @@ def _render_float(model: SIAN, labels, style: np.ndarray, seed: int, *, tile: in
     Images larger than ``tile`` (the config's when None) are generated in windows that overlap by twice
     :func:`halo` plus ``blend`` and are cross-faded where they overlap (the pixels kept from each window equal the
     one-piece render, so there is no seam)."""
-    lab = as_labels(labels)
     cfg = model.config
     gen = model.inference("generator")
-    dev = _device(model)
-    H, W = lab.shape
-    if H == 0 or W == 0:
-        raise ValueError(f"labels is empty (shape {lab.shape})")
-    m = model.multiple
-    margin = halo(cfg)
-    blend = max(int(cfg.get("blend", 16)), m)  # at least m: the rounding of window starts cannot open a gap
-    tile = int(cfg["tile"] if tile is None else tile)
-    least = 2 * margin + blend + m
-    if tile < least or tile % m:
-        raise ValueError(f"tile must be a multiple of {m} and at least {least} px for this model, got {tile}")
-    Hp, Wp = -(-H // m) * m, -(-W // m) * m
-    cond = np.zeros((COND_NC, Hp, Wp), np.float32)
-    cond[:, :H, :W] = conditioning(lab)
+    dev = device_of(model)
+    cond, size = padded_conditioning(labels, conditioning, COND_NC, model.multiple)
     z = torch.from_numpy(np.asarray(style, np.float32).reshape(1, -1)).to(dev)
     if z.shape[1] != int(cfg["style_dim"]):
         raise ValueError(f"the style vector must have {cfg['style_dim']} values, got {z.shape[1]}")
-    rows, cols = _windows(Hp, tile, margin, blend, m), _windows(Wp, tile, margin, blend, m)
-    single = len(rows) == 1 and len(cols) == 1
-    out = np.zeros((3, Hp, Wp), np.float32)
-    wsum = None if single else np.zeros((Hp, Wp), np.float32)
-    total, done = len(rows) * len(cols), 0
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for rw in rows:
-                for cw in cols:
-                    if should_stop is not None and should_stop():
-                        raise InterruptedError("rendering stopped")
-                    r0, r1, c0, c1 = rw[0], rw[1], cw[0], cw[1]
-                    x = torch.from_numpy(np.ascontiguousarray(cond[:, r0:r1, c0:c1]))[None].to(dev)
-                    if dev.type == "cpu":  # oneDNN's convolutions are about 30 % faster on channels-last input
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    noise = _window_noise(gen, seed, r0, c0, r1 - r0, c1 - c0, dev) if gen.noise_nc else None
-                    y = gen(x, z, noise)[0].float().cpu().numpy()
-                    if single:
-                        out[:] = y
-                    else:
-                        w = np.outer(_axis_weights(rw, blend, Hp), _axis_weights(cw, blend, Wp)).astype(np.float32)
-                        out[:, r0:r1, c0:c1] += y * w
-                        wsum[r0:r1, c0:c1] += w
-                    done += 1
-                    if progress is not None:
-                        progress(done, total, "rendering")
-    finally:
-        model.train(was)
-    if wsum is not None:
-        out /= wsum
-    return np.clip((out[:, :H, :W].transpose(1, 2, 0) + 1) / 2, 0, 1)
 
+    def fn(window: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        _, h, w = window.shape
+        x = torch.from_numpy(window)[None].to(dev)
+        if dev.type == "cpu":  # oneDNN's convolutions are about 30 % faster on channels-last input
+            x = x.contiguous(memory_format=torch.channels_last)
+        noise = _window_noise(gen, seed, r0, c0, h, w, dev) if gen.noise_nc else None
+        return gen(x, z, noise)[0].float().cpu().numpy()
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    return window_model(model, fn, cond, size, tile=int(cfg["tile"] if tile is None else tile), halo=halo(cfg),
+                        blend=int(cfg.get("blend", 16)), progress=progress, should_stop=should_stop)
 
 
 def render(model: SIAN, labels, style_image, seed: SeedLike = None, *, sample_style: bool = False,
@@ -624,10 +534,8 @@ def render(model: SIAN, labels, style_image, seed: SeedLike = None, *, sample_st
     -------
     (H, W, 3) uint8 RGB array.
     """
-    lab = as_labels(labels)
-    s = _seed_int(seed)
-    z = style_vector(model, style_image, s, sample=sample_style)
-    return _to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop))
+    return _rendering.render_styled(_render_float, style_vector, model, labels, style_image, seed,
+                                    sample_style=sample_style, tile=tile, progress=progress, should_stop=should_stop)
 
 
 def interpolate_styles(model: SIAN, labels, style_a, style_b, t, seed: SeedLike = None, *, tile: int | None = None,
@@ -638,18 +546,8 @@ def interpolate_styles(model: SIAN, labels, style_a, style_b, t, seed: SeedLike 
     ``t`` is a number (0 gives exactly ``render(model, labels, style_a, seed)``, 1 that of ``style_b``; values
     outside [0, 1] extrapolate) or a sequence of numbers, for which a list of images is returned.
     """
-    lab = as_labels(labels)
-    ts = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    if ts.ndim != 1 or not np.all(np.isfinite(ts)) or ts.size == 0:
-        raise ValueError(f"t must be a finite number or a sequence of finite numbers, got {t!r}")
-    s = _seed_int(seed)
-    mu_a, _ = encode_style(model, style_a)
-    mu_b, _ = encode_style(model, style_b)
-    out = []
-    for ti in ts:
-        z = ((1.0 - ti) * mu_a.astype(np.float64) + ti * mu_b.astype(np.float64)).astype(np.float32)
-        out.append(_to_uint8(_render_float(model, lab, z, s, tile=tile, progress=progress, should_stop=should_stop)))
-    return out if np.ndim(t) else out[0]
+    return _rendering.interpolate_styles(_render_float, encode_style, model, labels, style_a, style_b, t, seed,
+                                         tile=tile, progress=progress, should_stop=should_stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,22 +45,9 @@ def load_model(checkpoint, device):
     """The pix2pixHD model of a checkpoint on ``device`` in eval mode, cached per (path, modification time,
     device); one model at a time. A shipped checkpoint (only the moving average of the encoder and generator)
     loads too."""
-    from ..models import get_model, load_checkpoint
+    from ..models.gan import load_generator
 
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
-    if key not in _MODELS:
-        ck = load_checkpoint(path, kind="pix2pixhd")
-        model = get_model("pix2pixhd").build(dict(ck["config"]))
-        try:
-            model.load_shipped(ck["state_dict"])
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"{path} does not match its pix2pixhd config ({exc}); retrain it with "
-                             f"{TRAIN_HINT}") from None
-        model.to(device).eval()
-        _MODELS.clear()
-        _MODELS[key] = model
-    return _MODELS[key]
+    return load_generator(checkpoint, "pix2pixhd", device, cache=_MODELS, hint=TRAIN_HINT)
 
 
 @register("pix2pixhd")

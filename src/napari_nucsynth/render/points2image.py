@@ -34,22 +34,9 @@ def default_checkpoint() -> Path:
 def load_model(checkpoint, device):
     """The Points2Image model of a checkpoint on ``device`` in eval mode, cached per (path, modification time,
     device). A shipped checkpoint, which keeps only the moving average of the generator, loads too."""
-    from ..models import get_model, load_checkpoint
+    from ..models.gan import load_generator
 
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
-    if key not in _MODELS:
-        ck = load_checkpoint(path, kind="points2image")
-        model = get_model("points2image").build(dict(ck["config"]))
-        try:
-            model.load_shipped(ck["state_dict"])
-        except ValueError as exc:
-            raise ValueError(f"{path} does not match its points2image config ({exc}); retrain it with "
-                             f"{TRAIN_HINT}") from None
-        model.to(device).eval()
-        _MODELS.clear()  # one model at a time
-        _MODELS[key] = model
-    return _MODELS[key]
+    return load_generator(checkpoint, "points2image", device, cache=_MODELS, hint=TRAIN_HINT)
 
 
 @register("points2image")
@@ -92,14 +79,14 @@ class Points2ImageRenderer:
         noise at every ``t``; 0 gives exactly the render in ``style_a``): the Render widget's style slider
         (:func:`napari_nucsynth.render.interpolate`)."""
         from ..devices import resolve_device
-        from ..models.points2image import _render_float, _seed_int, _to_uint8, style_code
+        from ..models._rendering import seed_int, to_uint8
+        from ..models.points2image import _render_float, style_code
 
         lab = as_labels(labels, "labels")
         a, b = style_code(as_rgb(style_a, "style_a")), style_code(as_rgb(style_b, "style_b"))
         code = ((1.0 - float(t)) * a.astype(np.float64) + float(t) * b.astype(np.float64)).astype(np.float32)
         model = load_model(_checkpoint(checkpoint), resolve_device(device))
-        return _to_uint8(_render_float(model, lab, code, _seed_int(seed), progress=progress,
-                                       should_stop=should_stop))
+        return to_uint8(_render_float(model, lab, code, seed_int(seed), progress=progress, should_stop=should_stop))
 
 
 def _checkpoint(checkpoint) -> Path:

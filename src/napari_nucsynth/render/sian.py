@@ -32,21 +32,9 @@ def load_model(checkpoint, device):
     """The SIAN model of a checkpoint on ``device`` in eval mode, cached per (path, modification time, device).
     A shipped checkpoint, which keeps only the moving average of the generator (the part that renders), loads
     too."""
-    from ..models import get_model, load_checkpoint
+    from ..models.gan import load_generator
 
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, str(device))
-    if key not in _MODELS:
-        ck = load_checkpoint(path, kind="sian")
-        model = get_model("sian").build(dict(ck["config"]))
-        try:
-            model.load_shipped(ck["state_dict"])
-        except ValueError as exc:
-            raise ValueError(f"{path} does not match its SIAN config ({exc}); retrain it with {TRAIN_HINT}") from None
-        model.to(device).eval()
-        _MODELS.clear()  # one model at a time
-        _MODELS[key] = model
-    return _MODELS[key]
+    return load_generator(checkpoint, "sian", device, cache=_MODELS, hint=TRAIN_HINT, name="SIAN")
 
 
 @register("sian")
