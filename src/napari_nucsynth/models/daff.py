@@ -54,9 +54,9 @@ from torch import nn
 
 from .._checks import SeedLike, as_classes, as_labels, as_points, as_shape
 from . import gan, register_model
+from ._rendering import seed_int
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 from .pix2pixhd import Pix2PixHDGenerator, check_config, generator_kwargs, run_windows, seeded_noise
-from .sian import _seed_int
 
 __all__ = [
     "DAFF", "SPEC", "TRAIN_HINT", "build", "default_checkpoint", "default_config", "load_model", "point_maps",
@@ -231,7 +231,7 @@ def predict_maps(model: DAFF, points, shape, *, classes=None, seed: SeedLike = N
     pts = as_points(points)
     cls = as_classes(classes, len(pts))
     cfg = model.config
-    s = _seed_int(seed)
+    s = seed_int(seed)
     pad, m = int(cfg["pad"]), model.multiple
     Hc, Wc = H + 2 * pad, W + 2 * pad
     Hp, Wp = -(-Hc // m) * m, -(-Wc // m) * m

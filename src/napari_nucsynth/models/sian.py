@@ -58,7 +58,6 @@ from .._checks import SeedLike, as_labels, as_rgb
 from . import _rendering, gan
 from ._rendering import center_crop, device_of, evaluating, padded_conditioning, seed_int, window_model
 
-_seed_int = seed_int  # the name models.daff imports
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 
 __all__ = [
