@@ -96,6 +96,23 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
                                 checkpoint=checkpoint, progress=progress, should_stop=should_stop)
 
 
+def check_render_inputs(labels, style, style_labels=None):
+    """The learned renderers' input rules: ``(labels, style, style_labels)`` as uint32 labels, RGB uint8 and
+    labels of the style's shape (or None); ``ValueError`` naming the argument otherwise."""
+    from .._checks import as_labels, as_rgb
+
+    lab = as_labels(labels, "labels")
+    if lab.size == 0:
+        raise ValueError(f"labels is empty (shape {lab.shape})")
+    sty = as_rgb(style, "style")
+    sl = None
+    if style_labels is not None:
+        sl = as_labels(style_labels, "style_labels")
+        if sl.shape != sty.shape[:2]:
+            raise ValueError(f"style_labels must have the style image's shape {sty.shape[:2]}, got {sl.shape}")
+    return lab, sty, sl
+
+
 def _load_builtin() -> None:
     import importlib
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb
-from . import register
+from . import check_render_inputs, register
 
 __all__ = ["Pix2PixHDRenderer", "TRAIN_HINT", "default_checkpoint", "load_model"]
 
@@ -69,14 +69,7 @@ class Pix2PixHDRenderer:
         alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
         trains one.
         """
-        lab = as_labels(labels, "labels")
-        if lab.size == 0:
-            raise ValueError(f"labels is empty (shape {lab.shape})")
-        sty = as_rgb(style, "style")
-        if style_labels is not None:
-            sl = as_labels(style_labels, "style_labels")
-            if sl.shape != sty.shape[:2]:
-                raise ValueError(f"style_labels must have the style image's shape {sty.shape[:2]}, got {sl.shape}")
+        lab, sty, _ = check_render_inputs(labels, style, style_labels)
         from ..devices import resolve_device
         from ..models.pix2pixhd import render
 

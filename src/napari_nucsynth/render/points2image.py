@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb
-from . import register
+from . import check_render_inputs, register
 
 __all__ = ["Points2ImageRenderer", "default_checkpoint", "load_model"]
 
@@ -58,15 +58,7 @@ class Points2ImageRenderer:
         (else they are detected by Otsu on the haematoxylin channel). Raises ``ValueError`` when no checkpoint is
         given and none is shipped, naming the command that trains one.
         """
-        lab = as_labels(labels, "labels")
-        if lab.size == 0:
-            raise ValueError(f"labels is empty (shape {lab.shape})")
-        sty = as_rgb(style, "style")
-        sl = None
-        if style_labels is not None:
-            sl = as_labels(style_labels, "style_labels")
-            if sl.shape != sty.shape[:2]:
-                raise ValueError(f"style_labels must have the style image's shape {sty.shape[:2]}, got {sl.shape}")
+        lab, sty, sl = check_render_inputs(labels, style, style_labels)
         from ..devices import resolve_device
         from ..models.points2image import render
 
