@@ -36,3 +36,43 @@ def synthetic_pair(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     fg = np.array([95, 60, 150]) + rng.integers(-20, 20, 3)
     img = np.where((lab > 0)[..., None], fg, bg) + rng.normal(0, 12, (size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def discs(shape=(64, 64), seed: int = 0, n: int = 12, r=(4, 8)) -> np.ndarray:
+    """Instance labels of up to ``n`` random discs (radius in ``r``), clipped by the edges, first come first kept."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in range(1, n + 1):
+        cy, cx, rr = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(*r)
+        lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2) & (lab == 0)] = i
+    return lab
+
+
+def flat_style(seed: int = 0, shape=(48, 40)) -> np.ndarray:
+    """A style reference: one random colour with noise (no nuclei), of a shape unlike the labels'."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.integers(60, 230, 3) + rng.normal(0, 20, shape + (3,)), 0, 255).astype(np.uint8)
+
+
+def lively(model, seed: int = 0, *, sync_ema: bool = False):
+    """Unit-gain random weights (a GAN's initial ones are tiny or zero: SPADE's gain 0.02, attention gammas,
+    zero-initialised style layers), so that every input visibly changes the output; spectrally normalised weights
+    are left alone (their norm is 1 either way). ``sync_ema`` copies them into the moving-average generator too.
+    Returns the model in eval mode."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "parametrizations" in name:
+                continue
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if sync_ema:
+            model.ema["generator"].load_state_dict(model.generator.state_dict())
+    return model.eval()

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tiny import lively
 from scipy import ndimage as ndi
 
 from napari_nucsynth.masks import distance_map, sample_masks
@@ -25,23 +26,10 @@ TINY = {"ngf": 4, "ngf_max": 16, "n_down": 2, "n_blocks": 2, "n_local_blocks": 1
         "num_d": 1, "pad": 8, "tile": 96, "halo": 16, "blend": 8}
 
 
-def _lively(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "parametrizations" in name:
-                continue
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _lively(D.build(dict(TINY)))
+    return lively(D.build(dict(TINY)))
 
 
 def _points(n=25, size=64, seed=0):
@@ -161,7 +149,7 @@ def test_sample_is_seeded_and_one_connected_nucleus_per_point(tiny):
 
 def test_typed_model_uses_the_classes():
     torch.manual_seed(0)
-    typed = _lively(D.build({**TINY, "n_classes": 2}))
+    typed = lively(D.build({**TINY, "n_classes": 2}))
     pts = _points()
     a = D.predict_maps(typed, pts, (64, 64), classes=np.zeros(len(pts), int), seed=0)["prob"]
     b = D.predict_maps(typed, pts, (64, 64), classes=np.ones(len(pts), int), seed=0)["prob"]

@@ -5,13 +5,13 @@ checkpoint errors. Tiny models and crops only."""
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _tiny import discs as _discs
+from _tiny import flat_style as _style
+from _tiny import lively
 
 from napari_nucsynth.models import get_model, load_checkpoint, model_kinds, save_checkpoint
 from napari_nucsynth.models import pix2pixhd as P
@@ -24,40 +24,10 @@ TINY = {"ngf": 4, "ngf_max": 16, "n_down": 2, "n_blocks": 2, "n_local_blocks": 1
         "tile": 96, "halo": 16, "blend": 8}
 
 
-def _discs(shape=(64, 64), seed=0, n=12, r=(4, 8)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.uint32)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for i in range(1, n + 1):
-        cy, cx, rr = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(*r)
-        lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2) & (lab == 0)] = i
-    return lab
-
-
-def _style(seed=0, shape=(48, 40)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.integers(60, 230, 3) + rng.normal(0, 20, shape + (3,)), 0, 255).astype(np.uint8)
-
-
-def _lively(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Unit-gain random weights (the initial ones are tiny or zero: gamma of the attention, style maps), so every
-    input visibly changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "parametrizations" in name:
-                continue
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _lively(P.build(dict(TINY)))
+    return lively(P.build(dict(TINY)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,20 +305,3 @@ def test_renderer_with_checkpoint_and_interpolation(tmp_path, tiny):
     p4 = save_checkpoint(tmp_path / "h.pt", kind="sian", config={}, state_dict={}, step=0)
     with pytest.raises(ValueError, match="not a 'pix2pixhd'"):
         render(lab, style, method="pix2pixhd", checkpoint=p4)
-
-
-def test_missing_checkpoint_says_how_to_train(monkeypatch, tmp_path):
-    from napari_nucsynth.render import render
-    from napari_nucsynth.render import pix2pixhd as RP
-
-    monkeypatch.setattr(RP, "default_checkpoint", lambda: tmp_path / "none.pt")
-    with pytest.raises(ValueError, match="nucsynth train --model pix2pixhd"):
-        render(_discs(), _style(), method="pix2pixhd")
-    with pytest.raises(ValueError, match="does not exist"):
-        render(_discs(), _style(), method="pix2pixhd", checkpoint=tmp_path / "missing.pt")
-
-
-def test_renderer_module_does_not_import_torch():
-    code = ("import sys; import napari_nucsynth.render as r; r.renderers(); import napari_nucsynth.render.pix2pixhd; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], check=False, capture_output=True).returncode == 0

@@ -6,13 +6,12 @@ points2image`` without --labels. Tiny models and 64-px crops only."""
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _tiny import discs as _discs
+from _tiny import lively
 
 from napari_nucsynth.models import get_model, load_checkpoint, model_kinds, save_checkpoint
 from napari_nucsynth.models import points2image as P
@@ -23,37 +22,11 @@ TINY = {"ngf": 4, "ngf_max": 16, "n_up": 2, "hidden": 0.5, "z_dim": 2, "noise_do
         "ndf": 4, "d_levels": 3, "tile": 128, "blend": 8}
 
 
-def _discs(shape=(64, 64), seed=0, n=12, r=(4, 8)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.uint32)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for i in range(1, n + 1):
-        cy, cx, rr = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(*r)
-        lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2) & (lab == 0)] = i
-    return lab
-
-
 def _he(lab: np.ndarray, nucleus=(80, 50, 140), background=(235, 190, 215), seed=0) -> np.ndarray:
     """An H&E-like image of ``lab``: purple nuclei on pink, with noise."""
     rng = np.random.default_rng(seed)
     img = np.where((lab > 0)[..., None], np.array(nucleus), np.array(background)).astype(np.float64)
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-
-
-def _lively(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Unit-gain random weights everywhere (the zero-initialised style layers included), so every input visibly
-    changes the output; the EMA copy takes them too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "parametrizations" in name:
-                continue
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        model.ema["generator"].load_state_dict(model.generator.state_dict())
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +42,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _lively(P.build(dict(TINY)))
+    return lively(P.build(dict(TINY)), sync_ema=True)
 
 
 def _batch(images: list[np.ndarray]) -> dict:
@@ -390,18 +363,3 @@ def test_style_interpolation(tmp_path, tiny):
     got = [interpolate(lab, sa, sb, t, **kw) for t in (0.0, 0.5, 1.0)]
     assert np.array_equal(got[0], ends[0]) and np.array_equal(got[2], ends[1])
     assert not np.array_equal(got[1], ends[0]) and not np.array_equal(got[1], ends[1])
-
-
-def test_missing_checkpoint_says_how_to_train(monkeypatch, tmp_path):
-    from napari_nucsynth.render import points2image as RP
-    from napari_nucsynth.render import render
-
-    monkeypatch.setattr(RP, "default_checkpoint", lambda: tmp_path / "none.pt")
-    with pytest.raises(ValueError, match=r"nucsynth train --model points2image --images DIR"):
-        render(_discs(), _he(_discs()), method="points2image")
-
-
-def test_renderer_module_does_not_import_torch():
-    code = ("import sys; import napari_nucsynth.render as r; r.renderers(); "
-            "import napari_nucsynth.render.points2image; sys.exit(1 if 'torch' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], check=False, capture_output=True).returncode == 0

@@ -3,14 +3,14 @@ through the generic loop (with resume), the renderer and its checkpoint errors. 
 
 from __future__ import annotations
 
-import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from _tiny import SIAN
+from _tiny import discs as _discs
+from _tiny import flat_style as _style
+from _tiny import lively
 
 from napari_nucsynth.models import (
     get_model,
@@ -24,42 +24,10 @@ TILE = "TCGA-A7-A13F-01Z-00-DX1"
 TINY = SIAN
 
 
-def _discs(shape=(64, 64), seed=0, n=12, r=(4, 8)) -> np.ndarray:
-    """Random (possibly touching) discs as an instance map."""
-    rng = np.random.default_rng(seed)
-    lab = np.zeros(shape, np.uint32)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for i in range(1, n + 1):
-        cy, cx, rr = rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(*r)
-        lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= rr**2) & (lab == 0)] = i
-    return lab
-
-
-def _style(seed=0, shape=(48, 40)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(60, 230, 3)
-    return np.clip(base + rng.normal(0, 20, shape + (3,)), 0, 255).astype(np.uint8)
-
-
-def _lively(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Replace SPADE's tiny initial weights (gain 0.02) by unit-gain random ones, so that every input visibly
-    changes the output (spectrally normalised weights are left alone: their norm is 1 either way)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "parametrizations" in name:
-                continue
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _lively(S.build(dict(TINY)))
+    return lively(S.build(dict(TINY)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +77,7 @@ def test_build_records_feature_network_and_rejects_bad_config():
 def test_sian_norm_responds_to_descriptors_and_style():
     torch.manual_seed(1)
     cond_mod, norm = S.SIANCondition(8, 8), S.SIANNorm(6, 8, 8)
-    _lively(cond_mod), _lively(norm)
+    lively(cond_mod), lively(norm)
     lab = _discs((40, 40), seed=2)
     cond = torch.from_numpy(S.conditioning(lab))[None]
     x, style = torch.randn(1, 6, 40, 40), torch.randn(1, 8)
@@ -309,23 +277,6 @@ def test_renderer_with_checkpoint(tmp_path, tiny):
     p3 = save_checkpoint(tmp_path / "h.pt", kind="hovernet", config={}, state_dict={}, step=0)
     with pytest.raises(ValueError, match="not a 'sian'"):
         render(lab, style, method="sian", checkpoint=p3)
-
-
-def test_missing_checkpoint_says_how_to_train(monkeypatch, tmp_path):
-    from napari_nucsynth.render import render
-    from napari_nucsynth.render import sian as RS
-
-    monkeypatch.setattr(RS, "default_checkpoint", lambda: tmp_path / "none.pt")
-    with pytest.raises(ValueError, match="nucsynth train --model sian"):
-        render(_discs(), _style(), method="sian")
-    with pytest.raises(ValueError, match="does not exist"):
-        render(_discs(), _style(), method="sian", checkpoint=tmp_path / "missing.pt")
-
-
-def test_renderer_module_does_not_import_torch():
-    code = ("import sys; import napari_nucsynth.render as r; r.renderers(); import napari_nucsynth.render.sian; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], check=False, capture_output=True).returncode == 0
 
 
 def test_ema_renders_and_follows_the_live_generator(load_tile):
