@@ -49,7 +49,7 @@ def test_average_without_pairs_is_the_mean_of_every_tensor(tmp_path):
     assert all(torch.equal(same[k], sds[0][k]) for k in same)
 
 
-@pytest.mark.parametrize("augment", ["basic", "strong"])
+@pytest.mark.parametrize("augment", ["basic", "strong", "modality"])
 def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
     paths = [_checkpoint(tmp_path / f"{i}.pt", i, augment=augment) for i in range(2)]
     imgs, labs = _pairs()
@@ -77,8 +77,9 @@ def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
     assert all(torch.equal(sd[k], b[k]) for k in sd)
     # the first BatchNorm's statistics are the mean, over the same seeded training crops, of its inputs' batch
     # statistics (the crops drawn here as the function draws them, with the runs' own augmentation)
-    from napari_nucsynth.train import _augment
+    from napari_nucsynth.train import _augment, _modality_references, _other_references
 
+    refs = _modality_references(imgs, range(len(imgs))) if augment == "modality" else None
     model = get_model("hovernet").build(HOVERNET)
     model.load_state_dict(plain)
     name, first = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -90,7 +91,8 @@ def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
             crops = []
             for _ in range(2):
                 i = int(rng.integers(0, len(imgs)))
-                crops.append(_augment(imgs[i], labs[i], 64, rng, augment)[0])
+                extra = {} if refs is None else {"references": _other_references(refs, i)}
+                crops.append(_augment(imgs[i], labs[i], 64, rng, augment, **extra)[0])
             model(torch.from_numpy(np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 255.0))
     means = torch.stack([x.mean((0, 2, 3)) for x in seen]).mean(0)
     variances = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen]).mean(0)

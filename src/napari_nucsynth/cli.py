@@ -6,10 +6,11 @@
     nucsynth render --labels L --style S [--style-labels SL] [--method classic|adain|sian] [--checkpoint C]
                     [--seed N] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
-    nucsynth segment --image I [--method M] [--checkpoint C] [--tta] [--device D] --out L.tif
+    nucsynth segment --image I [--method M] [--checkpoint C] [--tta [flips|modality]] [--tta-reference IMG ...]
+                     [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
-                   [--augment basic|strong] [--save-every N]
+                   [--augment basic|strong|modality] [--save-every N]
     nucsynth train --model points2image --images DIR --steps N --out CKPT [...]    unpaired: images alone, no --labels
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
                    [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
@@ -174,11 +175,25 @@ def _segment(args) -> int:
     if args.checkpoint is not None and not getattr(get_segmenter(args.method), "needs_checkpoint", True):
         raise ValueError(f"--checkpoint {args.checkpoint}: the {args.method} method runs no trained model; "
                          f"use a --method that does ({', '.join(_model_segmenters())})")
+    refs = args.tta_reference or None
+    if refs is not None and args.tta != "modality":
+        raise ValueError("--tta-reference: the references are the stain modalities of --tta modality")
+    if args.tta == "modality":
+        from .segment import modality_tta_methods
+
+        if args.method not in modality_tta_methods():
+            raise ValueError(f"--tta modality averages dense network maps over restained copies; the {args.method} "
+                             f"method has none: use --method {' or '.join(modality_tta_methods())}, or --tta flips")
+        if refs is None:
+            raise ValueError("--tta modality needs --tta-reference IMAGE (repeat it for several): tiles of the stain "
+                             "modalities to restain to, e.g. one per stain domain of the model's training data")
+        refs = [read_image(r) for r in refs]
     img = read_image(args.image)
-    labels = segment(img, method=args.method, checkpoint=args.checkpoint, device=args.device, tta=args.tta)
+    labels = segment(img, method=args.method, checkpoint=args.checkpoint, device=args.device, tta=args.tta or False,
+                     tta_references=refs)
     write_labels(out, labels)
     print(f"wrote {out} ({labels.shape[0]} x {labels.shape[1]}, {int(labels.max())} nuclei, method {args.method}"
-          + (", tta" if args.tta else "") + ")")
+          + (f", tta {args.tta}" if args.tta else "") + ")")
     return 0
 
 
@@ -699,7 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="an H&E image (RGB; grey, RGBA, 16-bit and float are converted)")
     p.add_argument("--method", default="watershed", choices=segmenters())
     p.add_argument("--checkpoint", help="model checkpoint for the methods that run one (default: the shipped one)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (8 flips/rotations, merged)")
+    p.add_argument("--tta", nargs="?", const="flips", choices=("flips", "modality"), default=None,
+                   help="test-time augmentation: flips (the default of a bare --tta: 8 flips/rotations, merged) or "
+                   "modality (network maps averaged over the image and its copies restained to each "
+                   "--tta-reference; hovernet only)")
+    p.add_argument("--tta-reference", action="append", metavar="IMAGE",
+                   help="--tta modality (required with it): a reference tile of a stain modality to restain to "
+                   "(repeat for several)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (network methods)")
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)
@@ -731,7 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="training augmentation: crops, flips, 90-degree rotations and stain jitter; 'strong' adds "
-                   "HoVer-Net's scale, blur and colour jitter (default: basic; with --resume, the run's own)")
+                   "HoVer-Net's scale, blur and colour jitter; 'modality' restains half the crops to another "
+                   "training image's stain modality (Macenko; Liu et al.) (default: basic; with --resume, the "
+                   "run's own)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")

@@ -31,6 +31,7 @@ __all__ = [
     "od_distance",
     "reinhard",
     "rgb_to_hed",
+    "shipped_drit_checkpoint",
     "stain_domains",
     "stain_features",
     "stain_reference",
@@ -340,6 +341,13 @@ def _reinhard_transfer(img: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np
         return _to_uint8(lab2rgb((src - ms) / np.maximum(ss, 1e-6) * std + mean))
 
 
+def shipped_drit_checkpoint() -> Path:
+    """Where the ``drit`` model shipped with the package lives, ``data/models/drit_monuseg.pt`` (absent until one is
+    trained and shipped): :func:`napari_nucsynth.models.drit.default_checkpoint` without importing torch, for the
+    widgets that list ``drit`` only when a model exists."""
+    return Path(__file__).resolve().parent / "data" / "models" / "drit_monuseg.pt"
+
+
 def _drit_checkpoint(checkpoint) -> Path:
     from .models.drit import TRAIN_HINT, default_checkpoint  # a layer above this module: imported only when asked for
 
@@ -407,20 +415,25 @@ def transfer(image, reference, method: str = "drit", seed: SeedLike = None, chec
         mean, std = (ref.lab_mean, ref.lab_std) if ref is not None else _lab_stats(as_rgb(reference, "reference"))
         out = _reinhard_transfer(img, mean, std)
     else:
-        if ref is not None:
-            if ref.stains is None:
-                raise ValueError("reference has too few stained pixels for Macenko's stain estimate; choose a "
-                                 "reference with tissue, or method='reinhard'")
-            tgt = ref.stains
-        else:
-            try:
-                tgt = macenko_stains(as_rgb(reference, "reference"))
-            except ValueError as exc:
-                raise ValueError(f"reference: {exc}") from None
+        tgt = _macenko_target(reference)
         out = _macenko_transfer(img, macenko_stains(img), tgt)
     if progress is not None:
         progress(1, 1, f"{method} stain transfer")
     return out
+
+
+def _macenko_target(reference) -> MacenkoStains:
+    """The stains of a reference (an image or a :class:`StainReference`) for Macenko transfer, or a ``ValueError``
+    that says the reference has no tissue."""
+    if isinstance(reference, StainReference):
+        if reference.stains is None:
+            raise ValueError("reference has too few stained pixels for Macenko's stain estimate; choose a "
+                             "reference with tissue, or method='reinhard'")
+        return reference.stains
+    try:
+        return macenko_stains(as_rgb(reference, "reference"))
+    except ValueError as exc:
+        raise ValueError(f"reference: {exc}") from None
 
 
 def _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop) -> np.ndarray:
@@ -525,16 +538,33 @@ def modality_tta(image, references: Sequence, predict: Callable[[np.ndarray], np
 
     Returns
     -------
-    The mean maps (float32, ``predict``'s shape), or ``postprocess`` of them.
+    The mean maps (float32, ``predict``'s shape), or ``postprocess`` of them. With ``"macenko"`` the image's own
+    stains are estimated once for all copies; an image without tissue (fewer than 100 stained pixels) has no stains
+    to change, so its maps are those of the image alone (one prediction).
     """
     img = as_rgb(image, "image")
     refs = _references(references)
-    total = len(refs) + int(include_original)
+    if method not in TRANSFER_METHODS:
+        raise ValueError(f"method must be one of {TRANSFER_METHODS}, got {method!r}")
+    src, blank = None, False
+    if method == "macenko":
+        targets = [_macenko_target(r) for r in refs]  # a reference without tissue fails here, before any work
+        try:
+            src = macenko_stains(img)
+        except ValueError:
+            blank = True
+    items = [None] if blank else ([None] if include_original else []) + refs
+    total = len(items)
     acc, done = None, 0
-    for ref in ([None] if include_original else []) + refs:
+    for k, ref in enumerate(items):
         if should_stop is not None and should_stop():
             raise InterruptedError("modality test-time augmentation stopped")
-        copy = img if ref is None else transfer(img, ref, method=method, checkpoint=checkpoint, device=device)
+        if ref is None:
+            copy = img
+        elif method == "macenko":
+            copy = _macenko_transfer(img, src, targets[k - int(include_original)])
+        else:
+            copy = transfer(img, ref, method=method, checkpoint=checkpoint, device=device)
         maps = np.asarray(predict(copy), dtype=np.float32)
         if maps.shape[:2] != img.shape[:2]:
             raise ValueError(f"predict must return maps of the image's height and width {img.shape[:2]}, got "

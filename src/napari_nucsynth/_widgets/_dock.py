@@ -33,6 +33,7 @@ DOCKS = {
     "SegmentDock": ("segment", "SegmentWidget"),
     "TrainDock": ("train", "TrainWidget"),
     "ReviewDock": ("review", "ReviewWidget"),
+    "RestainDock": ("restain", "RestainWidget"),
 }
 
 

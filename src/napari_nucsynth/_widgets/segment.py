@@ -19,17 +19,17 @@ from pathlib import Path
 import napari
 import numpy as np
 from magicgui.widgets import (
-    CheckBox,
     ComboBox,
     FloatSlider,
     ProgressBar,
     PushButton,
+    Select,
     Slider,
 )
 from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
-from ..segment import get_segmenter, segmenters
+from ..segment import get_segmenter, modality_tta_methods, predict_maps, segmenters
 from ._checkpoints import CheckpointPicker, MethodBox, open_train_widget
 from ._dock import wrapping_label
 from ._outputs import SEGMENTATION, output_name
@@ -41,6 +41,9 @@ _MARK = SEGMENTATION  # metadata key that marks the widget's output layers
 #: The methods from best to worst on MoNuSeg (AJI of the sample: hovernet 0.61, watershed 0.43): the widget opens
 #: on the first that is registered and can run (a model shipped, saved or picked, or none needed).
 PREFERRED = ("hovernet", "maskrcnn", "stardist", "cellpose", "watershed")
+#: The *Test-time augmentation* choices: (label, the ``tta`` of :func:`napari_nucsynth.segment.segment`).
+TTA_CHOICES = [("off", False), ("flips (8 flips/rotations)", True),
+               ("modality (restained copies; dense-map methods)", "modality")]
 
 
 class _Job(Job):
@@ -73,12 +76,16 @@ class SegmentWidget(MethodBox, WorkerWidget):
     methods that run no model. A slider is shown for each of the method's post-processing parameters.
 
     For segmenters with ``predict_maps``/``postprocess`` the network outputs of the last run are kept, keyed by the
-    image (layer and data), method, checkpoint (path and modification time), device and TTA: pressing Segment
-    again, or moving a parameter, runs only ``postprocess``. A parameter change re-runs post-processing after
-    :data:`PARAM_DEBOUNCE_MS` of quiet; one arriving while a job runs is applied when it ends, so at most one
-    worker runs and the latest parameters win. Segmenters without the split re-run in full on a parameter change
-    when they need no model (classical ones are fast) and the shown result came from the current settings;
-    otherwise the new parameters apply at the next Segment.
+    image (layer and data), method, checkpoint (path and modification time), device and TTA (mode and references):
+    pressing Segment again, or moving a parameter, runs only ``postprocess``. A parameter change re-runs
+    post-processing after :data:`PARAM_DEBOUNCE_MS` of quiet; one arriving while a job runs is applied when it ends,
+    so at most one worker runs and the latest parameters win. Segmenters without the split re-run in full on a
+    parameter change when they need no model (classical ones are fast) and the shown result came from the current
+    settings; otherwise the new parameters apply at the next Segment.
+
+    *Test-time aug.*: off, flips (the 8 flips/rotations) or modality (the maps averaged over the image and its
+    copies restained to each of *TTA references*: :func:`napari_nucsynth.segment.predict_maps`); modality needs
+    at least one reference and a segmenter with dense maps (hovernet): otherwise a status line says so.
 
     The Segment button turns into Cancel while a job runs; cancelling makes ``should_stop`` return True
     (segmenters then raise ``InterruptedError``; one that never checks is stopped at its next progress report) and
@@ -110,12 +117,18 @@ class SegmentWidget(MethodBox, WorkerWidget):
             self.method.value = best
         self.checkpoint, self.browse, self.train_model_btn = self._ckpt.combo, self._ckpt.browse, self._ckpt.train_btn
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
-        self.tta = CheckBox(text="test-time augmentation (8 flips/rotations)", value=False)
+        self.tta = ComboBox(label="Test-time aug.", choices=TTA_CHOICES, value=False)
+        self.tta.tooltip = ("flips: the outputs on the 8 flips/rotations merged; modality: the network's maps "
+                            "averaged over the image and its copies restained (Macenko) to each TTA reference "
+                            "(methods with dense maps only, e.g. hovernet)")
+        self.tta_refs = Select(label="TTA references", choices=self._ref_choices, allow_multiple=True)
+        self.tta_refs.tooltip = "tiles whose stain modalities the modality TTA restains to (at least one)"
+        self.tta_refs.visible = False
         self.segment_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = wrapping_label()
         self.extend([self.image_combo, self.method, self.checkpoint, self.browse, self.train_model_btn, self.device,
-                     self.tta, self.segment_btn, self.progress, self.status])
+                     self.tta, self.tta_refs, self.segment_btn, self.progress, self.status])
 
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -124,6 +137,7 @@ class SegmentWidget(MethodBox, WorkerWidget):
 
         self.segment_btn.changed.connect(self._on_button)
         self.method.changed.connect(self._on_method)
+        self.tta.changed.connect(self._on_tta)
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
         self.native.destroyed.connect(self._on_closed)
@@ -138,6 +152,13 @@ class SegmentWidget(MethodBox, WorkerWidget):
 
         imgs = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
         return [(lyr.name, lyr) for lyr in sorted(imgs, key=lambda lyr: not lyr.rgb)]
+
+    def _ref_choices(self, _=None):
+        """The RGB Image layers (reference tiles of the modality TTA)."""
+        return [(name, lyr) for name, lyr in self._image_choices() if getattr(lyr, "rgb", False)]
+
+    def _on_tta(self, _=None):
+        self.tta_refs.visible = self.tta.value == "modality"
 
     def _method_choices(self, _=None):
         names = segmenters()
@@ -241,7 +262,8 @@ class SegmentWidget(MethodBox, WorkerWidget):
 
     # ---- running -----------------------------------------------------------------------------------------------
     def _key(self, layer) -> tuple:
-        """What the network outputs depend on: the image (layer and data), method, checkpoint, device and TTA."""
+        """What the network outputs depend on: the image (layer and data), method, checkpoint, device and TTA (its
+        mode, and for modality TTA the reference layers and their data)."""
         ckpt = self.checkpoint.value
         mtime = None
         if ckpt is not None:
@@ -250,8 +272,10 @@ class SegmentWidget(MethodBox, WorkerWidget):
             except OSError:
                 pass
         data = layer.data
+        tta = self.tta.value
+        refs = tuple((lyr, id(lyr.data)) for lyr in self.tta_refs.value) if tta == "modality" else ()
         return (layer, id(data), tuple(np.shape(data)), str(getattr(data, "dtype", "")), self.method.value,
-                None if ckpt is None else str(ckpt), mtime, self.device.value, bool(self.tta.value))
+                None if ckpt is None else str(ckpt), mtime, self.device.value, tta, refs)
 
     def run(self, auto: bool = False) -> None:
         """Segment the chosen image in a worker; the labels arrive in a layer when it is done.
@@ -284,7 +308,19 @@ class SegmentWidget(MethodBox, WorkerWidget):
                 why = "no cached network outputs for these settings" if split else f"{method} runs a model"
                 self.status.value = f"Press Segment to apply the parameters ({why})."
                 return
-        checkpoint, device, tta = self.checkpoint.value, self.device.value, bool(self.tta.value)
+        checkpoint, device, tta = self.checkpoint.value, self.device.value, self.tta.value
+        if tta == "modality" and maps is None and method not in modality_tta_methods():
+            dense = " or ".join(modality_tta_methods()) or "a method with dense maps"
+            self.status.value = (f"Cannot segment: modality test-time augmentation averages dense network maps and "
+                                 f"{method} has none; choose {dense}, or flips or off.")
+            return
+        refs = None  # the modality TTA's reference tiles
+        if tta == "modality" and maps is None:
+            refs = [np.array(lyr.data, copy=True) for lyr in self.tta_refs.value]
+            if not refs:
+                self.status.value = ("Cannot segment: modality test-time augmentation restains the image to the "
+                                     "stain modalities of reference tiles: choose at least one in TTA references.")
+                return
         image = None if maps is not None else np.array(layer.data, copy=True)
 
         job = _Job(layer, method, key, post_only=maps is not None)
@@ -298,8 +334,13 @@ class SegmentWidget(MethodBox, WorkerWidget):
                 if maps is not None:
                     return seg.postprocess(maps, **params), None
                 if split:
-                    m = np.asarray(seg.predict_maps(image, checkpoint=checkpoint, device=device, tta=tta,
-                                                    progress=progress, should_stop=should_stop))
+                    if tta == "modality":  # the mean maps over restained copies (napari_nucsynth.segment)
+                        m = predict_maps(image, method=method, checkpoint=checkpoint, device=device, tta=tta,
+                                         tta_references=refs, progress=progress, should_stop=should_stop)
+                    else:
+                        m = seg.predict_maps(image, checkpoint=checkpoint, device=device, tta=tta,
+                                             progress=progress, should_stop=should_stop)
+                    m = np.asarray(m)
                     m.flags.writeable = False  # shared by later post-processing runs: nothing may edit it
                     if job.cancelled:
                         raise Cancelled

@@ -12,7 +12,11 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Segmenter", "get_segmenter", "register", "segment", "segmenters"]
+__all__ = ["TTA_MODES", "Segmenter", "get_segmenter", "modality_tta_methods", "predict_maps", "register", "segment",
+           "segmenters", "tta_mode"]
+
+#: The test-time augmentations of :func:`segment` (``tta=True`` is ``"flips"``, ``tta=False`` none).
+TTA_MODES = ("flips", "modality")
 
 
 class Segmenter(Protocol):
@@ -59,8 +63,8 @@ def get_segmenter(name: str) -> Segmenter:
     return _REGISTRY[name]()
 
 
-def segment(image, *, method: str = "watershed", checkpoint=None, device: str = "auto", tta: bool = False,
-            progress=None, should_stop=None, **params) -> np.ndarray:
+def segment(image, *, method: str = "watershed", checkpoint=None, device: str = "auto", tta: bool | str = False,
+            tta_references=None, progress=None, should_stop=None, **params) -> np.ndarray:
     """Segment the nuclei of an H&E image.
 
     Parameters
@@ -74,8 +78,17 @@ def segment(image, *, method: str = "watershed", checkpoint=None, device: str = 
         A model checkpoint for the methods that run one (the method's shipped default when None).
     device : str
         "auto", "cpu", "cuda", "mps".
-    tta : bool
-        Test-time augmentation (flips and 90-degree rotations, outputs merged).
+    tta : False, True, "flips" or "modality"
+        Test-time augmentation. ``True`` or ``"flips"``: the 8 flips and 90-degree rotations, outputs merged.
+        ``"modality"`` (Liu, Wagner & Peng): the mean of the network's dense maps over the image and its copies
+        restained (Macenko, :func:`napari_nucsynth.stain.modality_tta`) to each of ``tta_references``, then
+        post-processed once; restaining moves no pixel, so the maps align. Only for segmenters with dense maps
+        (:func:`modality_tta_methods`: ``hovernet``); the others raise a ``ValueError``.
+    tta_references : RGB image, StainReference, or a list of them
+        The stain modalities of ``tta="modality"``, required with it (e.g. one tile per
+        :func:`napari_nucsynth.stain.stain_domains` domain of the data the model was trained on). There is no
+        built-in default: restaining to the bundled sample crop lowered the shipped model's AJI and PQ in a check
+        (docs/stain_transfer.md). A ``ValueError`` with any other ``tta``.
     progress, should_stop : callables, optional
         ``progress(done, total, what)``; when ``should_stop()`` turns True the work stops with
         ``InterruptedError``.
@@ -86,8 +99,92 @@ def segment(image, *, method: str = "watershed", checkpoint=None, device: str = 
     -------
     (H, W) uint32 instance labels, 0 = background, ids 1..N.
     """
-    return get_segmenter(method)(image, checkpoint=checkpoint, device=device, tta=tta, progress=progress,
-                                 should_stop=should_stop, **params)
+    mode = tta_mode(tta)
+    seg = get_segmenter(method)
+    if mode != "modality":
+        _no_references(tta_references)
+        return seg(image, checkpoint=checkpoint, device=device, tta=mode == "flips", progress=progress,
+                   should_stop=should_stop, **params)
+    _check_modality(method, seg)
+    from ..stain import modality_tta
+
+    return modality_tta(image, _tta_references(tta_references),
+                        lambda im: seg.predict_maps(im, checkpoint=checkpoint, device=device, tta=False,
+                                                    should_stop=should_stop),
+                        postprocess=lambda maps: seg.postprocess(maps, **params), method="macenko",
+                        progress=progress, should_stop=should_stop)
+
+
+def predict_maps(image, *, method: str, checkpoint=None, device: str = "auto", tta: bool | str = False,
+                 tta_references=None, progress=None, should_stop=None) -> np.ndarray:
+    """The dense maps (``H x W x C`` float32) of a segmenter that has them (``predict_maps``/``postprocess``), with
+    any test-time augmentation of :func:`segment`; ``get_segmenter(method).postprocess(maps, **params)`` makes the
+    labels. What the Segment widget caches, so that a threshold change re-runs only the post-processing."""
+    mode = tta_mode(tta)
+    seg = get_segmenter(method)
+    if not (callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))):
+        raise ValueError(f"the {method} method has no dense maps; methods that do: "
+                         f"{', '.join(modality_tta_methods()) or 'none registered'}")
+    if mode != "modality":
+        _no_references(tta_references)
+        return seg.predict_maps(image, checkpoint=checkpoint, device=device, tta=mode == "flips", progress=progress,
+                                should_stop=should_stop)
+    from ..stain import modality_tta
+
+    return modality_tta(image, _tta_references(tta_references),
+                        lambda im: seg.predict_maps(im, checkpoint=checkpoint, device=device, tta=False,
+                                                    should_stop=should_stop),
+                        method="macenko", progress=progress, should_stop=should_stop)
+
+
+def tta_mode(tta) -> str | None:
+    """``tta`` of :func:`segment` as None (no test-time augmentation), ``"flips"`` or ``"modality"``; a
+    ``ValueError`` for anything else. False, None and "none" mean none; True means "flips"."""
+    if tta is None or tta is False or (isinstance(tta, str) and tta == "none"):
+        return None
+    if tta is True:
+        return "flips"
+    if isinstance(tta, str) and tta in TTA_MODES:
+        return tta
+    raise ValueError(f"tta must be False, True, 'flips' or 'modality', got {tta!r}")
+
+
+def modality_tta_methods() -> list[str]:
+    """The registered segmenters that ``tta="modality"`` works with: those with dense maps (``predict_maps`` and
+    ``postprocess``), whose maps over restained copies can be averaged pixel by pixel."""
+    _load_builtin()
+    return sorted(n for n, f in _REGISTRY.items()
+                  if callable(getattr(f, "predict_maps", None)) and callable(getattr(f, "postprocess", None)))
+
+
+def _check_modality(method: str, seg) -> None:
+    if not (callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))):
+        raise ValueError(f"tta='modality' averages dense network maps over restained copies and the {method} "
+                         f"method has none; methods that support it: "
+                         f"{', '.join(modality_tta_methods()) or 'none registered'} (or use tta='flips')")
+
+
+def _no_references(refs) -> None:
+    if refs is not None:
+        raise ValueError("tta_references are the stain modalities of tta='modality'; give tta='modality' or no "
+                         "references")
+
+
+def _tta_references(refs) -> list:
+    """``tta_references`` as a non-empty list of StainReferences."""
+    from ..stain import StainReference, stain_reference
+
+    if refs is None:
+        raise ValueError("tta='modality' needs tta_references: reference tiles of the stain modalities to restain "
+                         "to (one per stain domain of the data the model was trained on, e.g. a few of its "
+                         "training tiles)")
+    if isinstance(refs, StainReference) or (isinstance(refs, np.ndarray) and refs.ndim in (2, 3)
+                                            and refs.dtype != object):
+        refs = [refs]
+    refs = list(refs)
+    if not refs:
+        raise ValueError("tta_references is empty: give at least one reference image")
+    return [r if isinstance(r, StainReference) else stain_reference(r) for r in refs]
 
 
 def _load_builtin() -> None:

@@ -117,20 +117,31 @@ def load_pairs(images, labels) -> tuple[list[np.ndarray], list[np.ndarray], list
     return imgs, labs, [f"pair{i}" for i in range(len(imgs))]
 
 
-AUGMENTATIONS = ("basic", "strong")
+AUGMENTATIONS = ("basic", "strong", "modality")
+#: The share of the crops of ``augment="modality"`` that are restained to another training image's modality.
+MODALITY_P = 0.5
 
 
 def _augment(img: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generator,
-             mode: str = "basic") -> tuple[np.ndarray, np.ndarray]:
+             mode: str = "basic", references: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One training sample from a pair.
 
     ``"basic"``: a random crop (reflect-padded if the image is smaller), a random dihedral transform, stain jitter
     in HED. ``"strong"`` adds what HoVer-Net's training adds (Graham et al. 2019, its ``dataset.py``): a random
     scale of 0.8-1.25 (the crop is cut at ``crop / scale`` and resized; labels by nearest neighbour), and in half
     the samples a Gaussian or median blur, then brightness, contrast, saturation and hue jitter in random order.
+    ``"modality"`` (Liu, Wagner & Peng's multi-modality augmentation) is ``"basic"`` in which, with probability
+    :data:`MODALITY_P`, the crop is restained (:func:`napari_nucsynth.stain.modality_augment`, Macenko) to the
+    modality of one of ``references`` drawn at random, before the stain jitter; only colours change, so the
+    labels stay as they are. ``references`` (images or :class:`~napari_nucsynth.stain.StainReference`) is needed
+    for ``"modality"`` only and ignored otherwise; "basic" and "strong" draw exactly the random numbers they drew
+    before "modality" existed.
     """
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    if mode == "modality" and not references:
+        raise ValueError("augment='modality' needs references: the stain references of the training images "
+                         "(napari_nucsynth.stain.stain_reference of each)")
     src = crop
     if mode == "strong":
         scale = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
@@ -152,10 +163,28 @@ def _augment(img: np.ndarray, lab: np.ndarray, crop: int, rng: np.random.Generat
 
         img = (resize(img, (crop, crop), order=1, preserve_range=True, anti_aliasing=src > crop) + 0.5).astype(np.uint8)
         lab = resize(lab, (crop, crop), order=0, preserve_range=True, anti_aliasing=False).astype(lab.dtype)
-    img = _stain_jitter(np.ascontiguousarray(img), rng)
+    img = np.ascontiguousarray(img)
+    if mode == "modality" and rng.random() < MODALITY_P:
+        from ..stain import modality_augment
+
+        img = modality_augment(img, rng, list(references), method="macenko")
+    img = _stain_jitter(img, rng)
     if mode == "strong":
         img = _photometric_jitter(img, rng)
     return img, np.ascontiguousarray(lab)
+
+
+def _modality_references(imgs, idx, progress=None) -> dict:
+    """``{i: StainReference of imgs[i]}`` for the training images ``idx`` (computed once per run, for
+    ``augment="modality"``)."""
+    from ..stain import stain_reference
+
+    refs = {}
+    for n, i in enumerate(idx):
+        if progress:
+            progress(0, 0, f"stain references of the training images: {n + 1}/{len(idx)}")
+        refs[i] = stain_reference(imgs[i])
+    return refs
 
 
 def _photometric_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -242,10 +271,15 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         Peak learning rate (the kind's ``default_lr`` when None) of a warm-up and cosine schedule.
     config : dict, optional
         Model configuration (the kind's defaults otherwise); ignored when resuming (the checkpoint's is used).
-    augment : {"basic", "strong"}, optional
+    augment : {"basic", "strong", "modality"}, optional
         The training augmentation (:func:`_augment`): crops, dihedral transforms and stain jitter; "strong" adds
-        HoVer-Net's scale, blur and colour jitter. Recorded in the checkpoint's ``train_data``; None means the
-        resumed checkpoint's, else "basic".
+        HoVer-Net's scale, blur and colour jitter; "modality" (Liu et al.'s multi-modality augmentation) restains
+        half the crops, before the stain jitter, to the stain modality of another training image drawn at random
+        (Macenko's stain vectors and concentration range, :func:`napari_nucsynth.stain.modality_augment`; the
+        references are computed once per run from the training images, synthetic pairs excluded; labels are
+        unchanged; seeded by ``seed`` like the rest, so a run is reproducible and a resumed one continues
+        exactly). Not for ``drit``, whose crops carry their stain domain. Recorded in the checkpoint's
+        ``train_data``; None means the resumed checkpoint's, else "basic".
     val_fraction : float
         Share of the images held out for validation (by image, seeded) unless ``val_images``/``val_labels`` are
         given; 0 for none. Validation runs the full inference (:attr:`ModelSpec.predict`) and reports AJI, PQ and
@@ -284,6 +318,9 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if augment is not None and augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment == "modality" and kind == "drit":
+        raise ValueError("augment='modality' restains crops to other training images' stain modalities, which would "
+                         "mix drit's stain domains: train drit with augment='basic'")
     spec = get_model(kind)
     if isinstance(synthetic, bool) or not isinstance(synthetic, (int, np.integer)) or synthetic < 0:
         raise ValueError(f"synthetic must be a non-negative number of pairs, got {synthetic!r}")
@@ -378,6 +415,7 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
                           "crop": crop, "batch_size": batch_size}
     if getattr(spec, "unpaired", False):
         data = {**data, "unpaired": True}
+    real_t_idx = list(t_idx)  # the real training images (the references of augment="modality")
     if synthetic:
         imgs, labs, t_idx, data = _add_synthetic(imgs, labs, t_idx, data, int(synthetic), int(synthetic_size),
                                                  synthetic_renderer, dev, split_seed, progress, should_stop)
@@ -403,6 +441,11 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         model = spec.build(cfg)
     augment = augment or "basic"
     data = {**data, "augment": augment}
+    mod_refs = None
+    if augment == "modality":  # each training image's stain statistics, once per run
+        mod_refs = _modality_references(imgs, real_t_idx, progress)
+        data = {**data, "modality": {"method": "macenko", "p": MODALITY_P,
+                                     "references": "the other real training images"}}
     if rank > 0 and resume is None:  # same initial weights, but this rank's own samples and torch random stream
         rng = np.random.default_rng([int(rng.integers(2**62)), rank])
         torch.manual_seed(int(rng.integers(2**31)))
@@ -498,7 +541,8 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         samples = []
         for _ in range(batch_size):
             i = t_idx[int(rng.integers(0, len(t_idx)))]
-            im, lb = _augment(imgs[i], labs[i], crop, rng, augment)
+            extra = {} if mod_refs is None else {"references": _other_references(mod_refs, i)}
+            im, lb = _augment(imgs[i], labs[i], crop, rng, augment, **extra)
             samples.append((im, lb, spec.targets(im, lb)))
         batch = collate(samples, dev)
         factor = lr_at(step)
@@ -529,6 +573,12 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
     if dctx is not None:
         dctx.barrier()  # no rank returns before the checkpoint is written
     return TrainResult(path=path, step=step, stopped=stopped, metrics=dict(metrics), seconds=time.perf_counter() - t0)
+
+
+def _other_references(refs: dict, i: int) -> list:
+    """The references of every training image but ``i`` (all of them when ``i`` is the only one, or not among
+    them: a synthetic pair)."""
+    return [r for j, r in refs.items() if j != i] or list(refs.values())
 
 
 def _default_collate(samples, device) -> dict:

@@ -51,7 +51,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
 
     from ..devices import resolve_device
     from ..models import get_model, load_checkpoint, save_checkpoint
-    from . import _augment, _default_collate, load_pairs
+    from . import _augment, _default_collate, _modality_references, _other_references, load_pairs
 
     paths = [Path(p) for p in paths]
     if int(bn_batches) < 1:
@@ -93,6 +93,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
         collate = spec.collate or _default_collate
         total = int(bn_batches)
         augment = cks[0].get("train_data", {}).get("augment", "basic")  # the crops the first run trained on
+        refs = _modality_references(imgs, range(len(imgs))) if augment == "modality" else None
 
         def batches():
             for b in range(total):
@@ -102,7 +103,8 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
                 samples = []
                 for _ in range(batch_size):
                     i = int(rng.integers(0, len(imgs)))
-                    im, lb = _augment(imgs[i], labs[i], crop, rng, augment)
+                    extra = {} if refs is None else {"references": _other_references(refs, i)}
+                    im, lb = _augment(imgs[i], labs[i], crop, rng, augment, **extra)
                     samples.append((im, lb, spec.targets(im, lb)))
                 yield collate(samples, dev)["image"]
                 if progress:
