@@ -10,14 +10,16 @@
 4. Styles (issue 20, item 9): ``nucsynth generate --n STYLES_N --size 256 256 --random-points --workers W`` as a
    command over ``--style-tiles`` whole 1000 x 1000 tiles with their labels: first with an empty cache folder
    (``NUCSYNTH_CACHE``: every style is new, as on a first run), then again with that cache (every style analysed).
-   With ``--baseline-src DIR`` the same command also runs from another source tree (``DIR/src``, e.g. a checkout of
-   the commit before the cache) before and after them, in the same session, so the figures share the machine's
-   load; the datasets are compared pair by pair. Pairs per second are of the whole command (start-up included) and
-   as the command reports them (from its first pair on).
+   With ``--baseline-src DIR`` the same two runs are made from another source tree (``DIR/src``, e.g. a ``git
+   archive`` of the commit before a change), back to back with this tree's (baseline fresh, fresh, analysed,
+   baseline analysed; ``--repeats`` times, medians reported), so before and after share the machine's load; the
+   datasets are compared pair by pair. Pairs per second are of the whole command (start-up included) and as the
+   command reports them (from its first pair on); ``cpu_seconds`` is the CPU time of the command and its workers
+   (user + system), a figure the machine's load changes much less than the wall time.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generate.py [--n 40] [--workers 2] [--export-count 100]
         [--crash-n 24] [--kill-after 8] [--sections throughput,export,crash,styles] [--styles-n 60]
-        [--style-tiles 14] [--baseline-src DIR]
+        [--style-tiles 14] [--baseline-src DIR] [--repeats 1]
 
 Style tiles: 256 x 256 crops of MoNuSeg training tiles (``NUCSYNTH_DATA`` or ``../shared/data/monuseg/train``),
 with their labels, written to a temporary folder (whole tiles for the styles section).
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -75,8 +78,12 @@ def _whole_tiles(root: Path, n_tiles: int) -> Path:
     return out
 
 
-def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | None) -> dict:
-    """``nucsynth generate`` over whole style tiles: fresh styles, the same styles again, and a baseline tree."""
+def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | None, repeats: int = 1) -> dict:
+    """``nucsynth generate`` over whole style tiles: fresh styles, the same styles again, and a baseline tree.
+
+    Each repeat runs, back to back: the baseline fresh (an empty cache folder), this tree fresh, this tree with the
+    styles analysed (its cache again), the baseline with its styles analysed (if the baseline caches at all), so
+    before and after share the machine's load; the medians over the repeats are reported beside every run."""
     from napari_nucsynth.generate import read_pair
 
     bank = _whole_tiles(root, n_tiles)
@@ -87,29 +94,46 @@ def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | N
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NUCSYNTH_CACHE": str(cache)}
         if src:
             env["PYTHONPATH"] = str(Path(src).resolve() / "src")
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()[0]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        r = subprocess.run([*cmd, "--out", str(root / name)], capture_output=True, text=True, env=env, check=False)
+        r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
         dt = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its worker processes
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         said = re.findall(r"(\d+)/(\d+) pairs, ([\d.]+) pairs/s", r.stdout)
         return {"exit": r.returncode, "seconds": round(dt, 2), "pairs_per_s": round(n / dt, 2),
-                "pairs_per_s_reported": float(said[-1][2]) if said else None,
+                "pairs_per_s_reported": float(said[-1][2]) if said else None, "cpu_seconds": round(cpu, 2),
+                "load_before": round(load, 2),
                 "cache_files": len(list((cache / "styles").glob("*.npz"))) if (cache / "styles").is_dir() else 0,
                 **({"stderr": r.stderr[-1500:]} if r.returncode else {})}
 
     res = {"command": " ".join([*cmd[2:], "--out", "DIR"]), "style_tiles": n_tiles, "tile_size": [1000, 1000],
-           "workers": workers}
+           "workers": workers, "repeats": repeats, "runs": []}
     if baseline_src:
         res["baseline_src"] = str(Path(baseline_src).resolve())
-        res["baseline_1"] = run("base1", root / "cache-base", baseline_src)
-    res["fresh_styles"] = run("fresh", root / "cache")
-    res["analysed_styles"] = run("again", root / "cache")
-    if baseline_src:
-        res["baseline_2"] = run("base2", root / "cache-base", baseline_src)
-    names = ["fresh", "again"] + (["base1"] if baseline_src else [])
-    ids = [f"syn_{i:06d}" for i in range(n)]
-    res["pairs_identical"] = all(
-        all(np.array_equal(x, y) for x, y in zip(read_pair(root / names[0], i), read_pair(root / other, i)))
-        for other in names[1:] for i in ids)
+    for k in range(repeats):
+        rep = {}
+        for c in ("cache-base", "cache"):
+            shutil.rmtree(root / c, ignore_errors=True)
+        if baseline_src:
+            rep["baseline_fresh"] = run("base_fresh", root / "cache-base", baseline_src)
+        rep["fresh_styles"] = run("fresh", root / "cache")
+        rep["analysed_styles"] = run("again", root / "cache")
+        if baseline_src:
+            rep["baseline_analysed"] = run("base_again", root / "cache-base", baseline_src)
+        names = ["fresh", "again"] + (["base_fresh", "base_again"] if baseline_src else [])
+        ids = [f"syn_{i:06d}" for i in range(n)]
+        rep["pairs_identical"] = all(
+            all(np.array_equal(x, y) for x, y in zip(read_pair(root / names[0], i), read_pair(root / other, i)))
+            for other in names[1:] for i in ids)
+        res["runs"].append(rep)
+    kinds = [key for key in res["runs"][0] if isinstance(res["runs"][0][key], dict)]
+    res["median_pairs_per_s"] = {key: float(np.median([r[key]["pairs_per_s"] for r in res["runs"]])) for key in kinds}
+    res["median_cpu_seconds"] = {key: float(np.median([r[key]["cpu_seconds"] for r in res["runs"]])) for key in kinds}
+    res["pairs_identical"] = all(r["pairs_identical"] for r in res["runs"])
     return res
 
 
@@ -206,6 +230,7 @@ def main() -> None:
     ap.add_argument("--styles-n", type=int, default=60, help="pairs of each styles run")
     ap.add_argument("--style-tiles", type=int, default=14, help="whole tiles in the styles runs' bank")
     ap.add_argument("--baseline-src", help="a source tree (DIR/src) to run the styles command from as the baseline")
+    ap.add_argument("--repeats", type=int, default=1, help="repeats of the styles runs (medians reported)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     load0 = os.getloadavg()
@@ -223,7 +248,8 @@ def main() -> None:
         if "crash" in sections:
             out["crash_resume"] = crash(bank, root, args.crash_n, args.kill_after, args.workers)
         if "styles" in sections:
-            out["styles"] = styles(root, args.styles_n, args.workers, args.style_tiles, args.baseline_src)
+            out["styles"] = styles(root, args.styles_n, args.workers, args.style_tiles, args.baseline_src,
+                                   args.repeats)
         out["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(out, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
 

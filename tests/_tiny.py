@@ -1,4 +1,5 @@
-"""Tiny model configurations and a synthetic H&E-like pair, shared by the tests (train in seconds on a CPU).
+"""Tiny model configurations, a synthetic H&E-like pair and small helpers, shared by the tests (train in seconds on a
+CPU).
 
 Imported as ``from _tiny import ...``: pytest puts ``tests/`` on ``sys.path`` (it has no ``__init__.py``).
 """
@@ -76,3 +77,25 @@ def lively(model, seed: int = 0, *, sync_ema: bool = False):
         if sync_ema:
             model.ema["generator"].load_state_dict(model.generator.state_dict())
     return model.eval()
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (for the test's duration) so that each call appends to the returned list."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def same_analysis(a, b) -> bool:
+    """Two classic-renderer reference analyses (:class:`napari_nucsynth.presynthesis.ReferenceStyle`) hold the
+    same arrays, dtypes included."""
+    from napari_nucsynth.presynthesis import _LAYOUT
+
+    return a.n_detected == b.n_detected and all(
+        getattr(a, f).dtype == getattr(b, f).dtype and np.array_equal(getattr(a, f), getattr(b, f)) for f in _LAYOUT)

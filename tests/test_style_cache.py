@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny import count_calls, same_analysis
 
 from napari_nucsynth import generate as G
 from napari_nucsynth import presynthesis as P
@@ -34,34 +35,19 @@ def style(load_tile):
     return img[:160, :160].copy(), lab[:160, :160].copy()
 
 
-def _counting(monkeypatch, module, name) -> list:
-    calls = []
-    real = getattr(module, name)
-
-    def wrapped(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
-
-
-def _same_analysis(a: P.ReferenceStyle, b: P.ReferenceStyle) -> bool:
-    return a.n_detected == b.n_detected and all(
-        getattr(a, f).dtype == getattr(b, f).dtype and np.array_equal(getattr(a, f), getattr(b, f)) for f in P._LAYOUT)
 
 
 def test_a_cached_analysis_renders_bit_for_bit_as_a_fresh_one(cache, load_tile, monkeypatch):
     img, lab = load_tile("TCGA-A7-A13F-01Z-00-DX1")  # 400 x 400: on disk in any process
     target = load_tile("TCGA-38-6178-01Z-00-DX1")[1][:96, :128]
     fresh = P.analyse_reference(img, lab)
-    calls = _counting(monkeypatch, P, "analyse_reference")
+    calls = count_calls(monkeypatch, P, "analyse_reference")
     first = render(target, img, style_labels=lab, seed=4)  # analysed and stored
     (stored,) = (cache / "styles").glob("*.npz")
     P._CACHE.clear()
     again = render(target, img, style_labels=lab, seed=4)  # read back from disk
     assert len(calls) == 1
-    assert _same_analysis(P._cached_reference(img, lab), fresh)
+    assert same_analysis(P._cached_reference(img, lab), fresh)
     monkeypatch.setenv("NUCSYNTH_CACHE", "off")
     P._CACHE.clear()
     without = render(target, img, style_labels=lab, seed=4)
@@ -95,7 +81,7 @@ def test_the_key_is_the_content_the_labels_and_the_code(cache, style, monkeypatc
     # other analysis code: other files, never the old ones
     P._CACHE.clear()
     monkeypatch.setattr(P, "_analysis_version", lambda: "another version")
-    calls = _counting(monkeypatch, P, "analyse_reference")
+    calls = count_calls(monkeypatch, P, "analyse_reference")
     P._cached_reference(img, lab)
     assert len(calls) == 1 and len(list((cache / "styles").glob("*.npz"))) == 5
     assert P.code_version(P.analyse_reference) != P.code_version(P.reference_background)
@@ -122,11 +108,11 @@ def test_a_damaged_cache_file_is_ignored_and_rewritten(cache, style, monkeypatch
         data = other.read_bytes()
     path.write_bytes(data)
     P._CACHE.clear()
-    calls = _counting(monkeypatch, P, "analyse_reference")
-    assert _same_analysis(P._cached_reference(img, lab), fresh)
+    calls = count_calls(monkeypatch, P, "analyse_reference")
+    assert same_analysis(P._cached_reference(img, lab), fresh)
     assert len(calls) == 1  # analysed again ...
     P._CACHE.clear()
-    assert _same_analysis(P._cached_reference(img, lab), fresh) and len(calls) == 1  # ... and the file rewritten
+    assert same_analysis(P._cached_reference(img, lab), fresh) and len(calls) == 1  # ... and the file rewritten
 
 
 def test_unwritable_or_off_cache_still_renders(tmp_path, style, monkeypatch):
@@ -140,7 +126,7 @@ def test_unwritable_or_off_cache_still_renders(tmp_path, style, monkeypatch):
         assert P.cache_dir() is None and P.style_cache_dir() is None
     monkeypatch.delenv("NUCSYNTH_CACHE")
     assert P.style_cache_dir() == Path.home() / ".cache" / "napari-nucsynth" / "styles"
-    assert _same_analysis(a, P.analyse_reference(img, lab))
+    assert same_analysis(a, P.analyse_reference(img, lab))
 
 
 def test_least_recently_used_files_are_evicted(cache, style, monkeypatch):
@@ -205,8 +191,8 @@ def bank(tmp_path, load_tile) -> Path:
 def test_generate_twice_analyses_and_fits_once(cache, bank, tmp_path, monkeypatch):
     from napari_nucsynth import points
 
-    analyses = _counting(monkeypatch, P, "analyse_reference")
-    fits = _counting(monkeypatch, points, "fit_point_process")
+    analyses = count_calls(monkeypatch, P, "analyse_reference")
+    fits = count_calls(monkeypatch, points, "fit_point_process")
     kw = {"random_points": True, "size": (96, 96), "seed": 3}
     a = G.generate(8, bank, tmp_path / "a", **kw)
     used = len({p["meta"]["style"]["index"] for p in a["pairs"]})
@@ -272,7 +258,7 @@ def test_a_damaged_fit_file_is_refitted(cache, bank, tmp_path, monkeypatch):
         elif i == 1:
             doc["params"]["intensity"] *= 2  # no longer matches its check
             f.write_text(json.dumps(doc))
-    fits = _counting(monkeypatch, points, "fit_point_process")
+    fits = count_calls(monkeypatch, points, "fit_point_process")
     b = G.generate(2, bank, tmp_path / "b", **kw)
     assert len(fits) == 2 and a["generate"]["fits"] == b["generate"]["fits"]
 
@@ -304,7 +290,7 @@ def test_pinned_references_are_hashed_once(cache, style, load_tile, monkeypatch)
     ref, ref_lab = P.pin_reference(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), lab)  # RGBA: to RGB
     assert ref.shape == img.shape and not ref.flags.writeable and not ref_lab.flags.writeable
     assert lab.flags.writeable  # the caller's own arrays are left as they were
-    keys = _counting(monkeypatch, P, "_content_key")
+    keys = count_calls(monkeypatch, P, "_content_key")
     a = [render(target, ref, style_labels=ref_lab, seed=s) for s in range(3)]
     assert keys == []  # never hashed again
     assert np.array_equal(a[1], render(target, img, style_labels=lab, seed=1)) and len(keys) == 1

@@ -52,11 +52,9 @@ def pair_id(index: int) -> str:
 
 
 def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .presynthesis import file_sha256  # the one file hash (the style cache keys by it too)
+
+    return file_sha256(path)
 
 
 def _files(folder: Path, exts) -> list[Path]:
@@ -270,10 +268,8 @@ def _pair_seed(run_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(run_seed), int(index)]).generate_state(1)[0])
 
 
-def _plan(cfg: dict, index: int) -> dict:
-    """Everything random about pair ``index`` that the manifest records; a pure function of (cfg, index)."""
-    seed = _pair_seed(cfg["seed"], index)
-    rng = np.random.default_rng([seed, 1])
+def _draw_style(cfg: dict, index: int, rng: np.random.Generator) -> tuple[int, int | None]:
+    """(style index, domain) of pair ``index``: the first draws of its plan's ``rng``."""
     styles = cfg["styles"]
     if cfg["domains"]:
         domain = index % int(cfg["domains"])
@@ -282,6 +278,27 @@ def _plan(cfg: dict, index: int) -> dict:
     else:
         style = int(rng.integers(len(styles)))
         domain = styles[style]["domain"]
+    return style, domain
+
+
+def _plan_rng(cfg: dict, index: int) -> tuple[int, np.random.Generator]:
+    seed = _pair_seed(cfg["seed"], index)
+    return seed, np.random.default_rng([seed, 1])
+
+
+def _styles_needed(cfg: dict, indices) -> list[int]:
+    """The style tiles pairs ``indices`` are rendered in, each once, in the order the pairs first draw them
+    (what :func:`_plan` draws; needs no point-process fit)."""
+    seen: dict[int, None] = {}
+    for i in indices:
+        seen.setdefault(_draw_style(cfg, i, _plan_rng(cfg, i)[1])[0], None)
+    return list(seen)
+
+
+def _plan(cfg: dict, index: int) -> dict:
+    """Everything random about pair ``index`` that the manifest records; a pure function of (cfg, index)."""
+    seed, rng = _plan_rng(cfg, index)
+    style, domain = _draw_style(cfg, index, rng)
     h, w = cfg["size"]
     mode = cfg["mode"]
     if mode == "real":
@@ -299,7 +316,7 @@ def _plan(cfg: dict, index: int) -> dict:
     else:
         points = {"source": "library", "n_sources": len(cfg["sources"]), "n_transforms": cfg["n_transforms"],
                   "crops": "one random crop of each source, then PointLibrary.augment (pair seed)"}
-    t = styles[style]
+    t = cfg["styles"][style]
     return {
         "index": int(index),
         "seed": seed,
@@ -356,20 +373,34 @@ def _init_worker(cfg: dict, points_data) -> None:
 
 
 def _init_pool_worker(cfg: dict, points_data) -> None:
-    """A pool worker ignores Ctrl-C (the parent stops cleanly after the current pair and shuts the pool down)."""
+    """A pool worker ignores Ctrl-C (the parent stops cleanly after the current pair and shuts the pool down) and
+    imports what a pair needs at once (while the parent is still preparing the run)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(cfg, points_data)
+    import skimage.segmentation  # noqa: F401
+
+    from . import masks, points, presynthesis, render  # noqa: F401
+
+
+def _started() -> None:
+    """Worker entry point that does nothing: submitted once per worker, it starts every process at once."""
 
 
 def _style(cfg: dict, i: int):
+    """(style, style_labels) of style tile ``i`` for the renderer. The classic renderer takes the tile's analysis,
+    looked up by the files' sha256 (:func:`~napari_nucsynth.presynthesis.reference_from_files`: kept in memory
+    and on disk, so a tile analysed before is not even decoded); the others take the tile and its labels."""
     from .io import read_image, read_labels
-    from .presynthesis import pin_reference
+    from .presynthesis import pin_reference, reference_from_files
 
+    t = cfg["styles"][i]
+    if cfg["method"] == "classic":
+        return reference_from_files(t["file"], t["labels"], image_sha256=t["sha256"],
+                                    labels_sha256=t["labels_sha256"]), None
     cache = _STATE.setdefault("styles", OrderedDict())
     if i not in cache:
-        t = cfg["styles"][i]
         # read-only, their content key computed once (not at every render): presynthesis.pin_reference
         cache[i] = pin_reference(read_image(t["file"]), read_labels(t["labels"]) if t["labels"] else None)
         while len(cache) > _STYLE_CACHE_SIZE:
@@ -399,6 +430,17 @@ def _work(plan: dict):
     """Worker entry point (spawn-safe: a module-level function over the state set by :func:`_init_worker`)."""
     image, labels, n_points = _make(_STATE["cfg"], _STATE["points"], plan)
     return plan["index"], image, labels, n_points
+
+
+def _prefetch(style: int) -> str | None:
+    """Worker entry point: analyse style tile ``style`` into the disk cache before the pairs that draw it arrive
+    (a process that needs it meanwhile waits for this analysis rather than repeating it: the cache's file lock).
+    An error is returned, not raised: the pair that draws the tile reports it."""
+    try:
+        _style(_STATE["cfg"], style)
+    except Exception as exc:  # noqa: BLE001 - reported by the pair that needs the style
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,13 +506,14 @@ def _config(n, styles, *, points_from, random_points, library_transforms, method
         for t in bank:
             t["domain"] = None
     sources, points = load_point_sources(points_from, size) if points_from is not None else ([], [])
-    fits = _fits(sources, points, bank) if mode == "process" else []
+    if mode == "process" and sources and not any(len(pts) >= 2 for pts, _ in points):
+        raise ValueError("no point source holds 2 or more points: a point process cannot be fitted to them")
     cfg = {
         "seed": int(seed), "size": size, "method": method, "checkpoint": ck, "checkpoint_sha256": ck_sha,
         "device": device, "mode": mode, "process": process, "n_transforms": _check_int("n_transforms", n_transforms, 0),
-        "domains": domains, "styles": bank, "sources": sources, "fits": fits, "version": __version__,
+        "domains": domains, "styles": bank, "sources": sources, "fits": [], "version": __version__,
     }
-    return cfg, points
+    return cfg, points  # the fits (mode "process") are made by generate (meanwhile its workers start)
 
 
 #: Settings a resumed run must share with the run it continues (n may grow).
@@ -544,7 +587,9 @@ def generate(
     seed : int
         The run seed; pair ``i`` uses ``SeedSequence([seed, i])``, whatever the worker count.
     workers : int
-        Processes that render pairs (spawned; the calling process writes the files and the manifest).
+        Processes that render pairs (spawned; the calling process writes the files and the manifest). With more
+        than one, the workers also analyse the style tiles the disk cache does not hold yet, each tile once and
+        before the pairs drawn in it, while the calling process fits the point processes.
     domains : int, optional
         Cluster the style bank into this many stain/modality domains (:func:`~napari_nucsynth.stain.
         stain_domains`) and use them evenly: pair ``i`` takes a tile of domain ``i % domains``.
@@ -573,7 +618,7 @@ def generate(
     FileExistsError
         ``out`` holds a dataset (or other files) and ``resume`` is False.
     """
-    from .io.export import MANIFEST, PairAppender
+    from .io.export import MANIFEST
 
     workers = _check_int("workers", workers, 1)
     out = Path(out)
@@ -587,17 +632,46 @@ def generate(
                                library_transforms=library_transforms, method=method, checkpoint=checkpoint, size=size,
                                fmt=fmt, seed=seed, domains=domains, device=device, process=process,
                                n_transforms=n_transforms)
-    section = {**cfg, "n": int(n), "styles_dir": str(Path(styles).resolve()),
-               "points_from": str(Path(points_from).resolve()) if points_from is not None else None, "format": fmt}
+    listed: set[str] = set()
     if has_manifest and resume:
         from .io.export import read_manifest
 
-        _check_resume(read_manifest(out).get("generate"), cfg, out)
+        old = read_manifest(out)
+        _check_resume(old.get("generate"), cfg, out)
+        listed = {p["id"] for p in old.get("pairs", [])}
+    pool = None
+    try:
+        if workers > 1:
+            # the workers start, and analyse the new style tiles the pairs will draw, while this process fits the
+            # point processes (in a thread; they need no fit: a pair's plan carries its process's parameters)
+            pool = _Pool(cfg, points_data, workers)
+            pool.prefetch(cfg, [i for i in range(int(n)) if pair_id(i) not in listed])
+            if cfg["mode"] == "process":
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(1) as tx:
+                    cfg["fits"] = pool.analyse_until(tx.submit(_fits, cfg["sources"], points_data, cfg["styles"]))
+        elif cfg["mode"] == "process":
+            cfg["fits"] = _fits(cfg["sources"], points_data, cfg["styles"])
+        return _make_dataset(cfg, points_data, int(n), out, styles, points_from, fmt, resume, workers, pool,
+                             progress, should_stop, flush_every)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _make_dataset(cfg, points_data, n, out, styles, points_from, fmt, resume, workers, pool, progress, should_stop,
+                  flush_every) -> dict:
+    """:func:`generate` once its settings (and fits) are made: the dataset's files and manifest."""
+    from .io.export import PairAppender
+
+    section = {**cfg, "n": n, "styles_dir": str(Path(styles).resolve()),
+               "points_from": str(Path(points_from).resolve()) if points_from is not None else None, "format": fmt}
     app = PairAppender(out, fmt, resume=resume, extra={"generate": section})
-    app.manifest["generate"] = {**app.manifest.get("generate", section), "n": int(n)}
+    app.manifest["generate"] = {**app.manifest.get("generate", section), "n": n}
     app.remove_strays()
-    todo = [i for i in range(int(n)) if pair_id(i) not in app]
-    done = int(n) - len(todo)
+    todo = [i for i in range(n) if pair_id(i) not in app]
+    done = n - len(todo)
     app.flush(complete=not todo)
     if not todo:
         return app.manifest
@@ -612,7 +686,7 @@ def generate(
             app.flush()
             last = time.monotonic()
         if progress is not None:
-            progress(done, int(n), f"wrote {pair_id(index)}")
+            progress(done, n, f"wrote {pair_id(index)}")
 
     try:
         if workers == 1:
@@ -625,50 +699,147 @@ def generate(
                 _, image, labels, n_points = _work(plan)
                 _write(i, image, labels, n_points, plan)
         else:
-            stopped = _run_pool(cfg, points_data, todo, workers, _write, should_stop)
+            stopped = pool.run(cfg, todo, _write, should_stop)
     finally:
-        app.flush(complete=(not stopped) and all(pair_id(i) in app for i in range(int(n))))
+        app.flush(complete=(not stopped) and all(pair_id(i) in app for i in range(n)))
     return app.manifest
 
 
-def _run_pool(cfg, points_data, todo, workers, write, should_stop) -> bool:
-    """Render ``todo`` in ``workers`` spawned processes, writing results in index order; True when stopped."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+class _Pool:
+    """``workers`` spawned processes that render pairs (one thread each), started before the run's point-process
+    fits are made (their state is the run's settings without the fits, which no worker needs).
 
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    for k, v in env.items():  # one thread per worker process (inherited at spawn)
-        if v is None:
-            os.environ[k] = "1"
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
-                             initargs=(cfg, points_data))
-    stopped = False
-    try:
-        window = 4 * workers
+    The tasks are dealt by this process, a few at a time (``cap``), so that the workers are never idle and each
+    style tile is analysed once, by one worker, before the pairs that draw it: a pair whose tile is analysed is
+    sent at once (pairs in index order, at most ``window`` ahead of the last one written); else its tile's
+    analysis; while that runs, the next tile not yet analysed; and only when none is left the pair itself (its
+    worker then waits for the analysis: the disk cache's file lock). Results are written in index order."""
+
+    _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+    def __init__(self, cfg: dict, points_data, workers: int, executor: Any = None) -> None:
+        """``executor``: tests pass one that runs the tasks in this process (its state set by
+        :func:`_init_worker`); by default ``workers`` spawned processes."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self.cap = 2 * workers + 2
+        self.window = 4 * workers
+        self.inflight: dict[Any, tuple[str, int]] = {}
+        self.state: dict[int, str] = {}  # style tile -> "new" | "running" | "done" (absent: nothing to analyse)
+        self.order: list[int] = []  # the tiles to analyse, in the order the pairs first draw them
+        self._env = {k: os.environ.get(k) for k in self._THREAD_VARS}
+        for k, v in self._env.items():  # one thread per worker process (inherited at spawn)
+            if v is None:
+                os.environ[k] = "1"
+        if executor is not None:
+            self.ex = executor
+            return
+        self.ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                      initializer=_init_pool_worker, initargs=(cfg, points_data))
+        for _ in range(workers):  # the pool starts a process per task submitted while none is idle
+            self.ex.submit(_started)
+
+    def prefetch(self, cfg: dict, indices) -> int:
+        """Plan the analysis, in the workers, of the style tiles that pairs ``indices`` draw and that the disk
+        cache does not hold yet (classic renderer; none without a disk cache, where the workers could not share
+        an analysis); the first ones are sent at once. Returns the number of tiles to analyse."""
+        from .presynthesis import is_analysed, style_cache_dir
+
+        if cfg["method"] != "classic" or style_cache_dir() is None:
+            return 0
+        self.order = [j for j in _styles_needed(cfg, indices)
+                      if not is_analysed(cfg["styles"][j]["sha256"], cfg["styles"][j]["labels_sha256"])]
+        self.state = dict.fromkeys(self.order, "new")
+        self._fill()
+        return len(self.state)
+
+    def _next_new(self) -> int | None:
+        while self.order and self.state[self.order[0]] != "new":
+            self.order.pop(0)
+        return self.order[0] if self.order else None
+
+    def _submit(self, kind: str, k: int, arg) -> None:
+        fut = self.ex.submit(_work if kind == "pair" else _prefetch, arg)
+        self.inflight[fut] = (kind, k)
+        if kind == "style":
+            self.state[k] = "running"
+
+    def _fill(self, choose=None) -> None:
+        while len(self.inflight) < self.cap:
+            task = choose() if choose is not None else None
+            if task is None:
+                j = self._next_new()
+                if j is None:
+                    return
+                task = ("style", j, j)
+            self._submit(*task)
+
+    def _collect(self, results: dict) -> None:
+        """Wait for a task to finish (at least one must be running) and take in what finished."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+        for fut in done:
+            kind, k = self.inflight.pop(fut)
+            if kind == "style":
+                self.state[k] = "done"  # an error is the pair's to report
+            else:
+                results[k] = fut.result()
+
+    def analyse_until(self, fut):
+        """Keep the workers analysing style tiles until ``fut`` (work of this process, in a thread) is done, and
+        return its result."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while not fut.done():
+            self._fill()
+            wait([fut, *self.inflight], return_when=FIRST_COMPLETED)
+            for f in [f for f in self.inflight if f.done()]:
+                self.state[self.inflight.pop(f)[1]] = "done"
+        return fut.result()
+
+    def run(self, cfg, todo, write, should_stop) -> bool:
+        """Render ``todo``, writing results in index order; True when stopped."""
         plans = {i: _plan(cfg, i) for i in todo}
-        futures: dict[int, Any] = {}
-        queue = list(todo)
-        pos = 0
-        for i in queue[:window]:
-            futures[i] = ex.submit(_work, plans[i])
-        nxt = window
-        while pos < len(queue):
+        results: dict[int, tuple] = {}
+        pos = nxt = 0
+
+        def choose():
+            nonlocal nxt
+            if nxt >= len(todo) or nxt - pos >= self.window:
+                return None  # (then a tile not yet analysed, if any)
+            i = todo[nxt]
+            style = plans[i]["style"]["index"]
+            st = self.state.get(style, "done")
+            if st == "new":
+                return ("style", style, style)
+            if st == "running" and self._next_new() is not None:
+                return None
+            nxt += 1
+            return ("pair", i, plans[i])
+
+        while pos < len(todo):
             if should_stop is not None and should_stop():
-                stopped = True
-                break
-            i = queue[pos]
-            index, image, labels, n_points = futures.pop(i).result()
-            if nxt < len(queue):
-                futures[queue[nxt]] = ex.submit(_work, plans[queue[nxt]])
-                nxt += 1
+                return True
+            self._fill(choose)
+            i = todo[pos]
+            if i not in results:
+                self._collect(results)
+                continue
+            index, image, labels, n_points = results.pop(i)
             write(index, image, labels, n_points, plans[i])
             pos += 1
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-    return stopped
+        return False
+
+    def close(self) -> None:
+        try:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for k, v in self._env.items():
+                if v is None:
+                    os.environ.pop(k, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
