@@ -51,9 +51,12 @@ def _anchor_ids(labels, pts):
 
 # ---- methods ----------------------------------------------------------------------------------------------------
 def test_registry_lists_the_methods_and_auto_resolves():
-    assert {"hovernet", "watershed"} <= set(fit_methods())
+    assert {"nuclick", "hovernet", "watershed"} <= set(fit_methods())
     auto = get_fit_method("auto")
-    assert auto.name == ("hovernet" if get_fit_method("hovernet").available() else "watershed")
+    # the first available of nuclick (shipped), hovernet (shipped), watershed (no model)
+    expected = next(m for m in ("nuclick", "hovernet", "watershed") if get_fit_method(m).available())
+    assert auto.name == expected
+    assert get_fit_method("nuclick").available() and auto.name == "nuclick"  # the shipped model is in the package
     assert get_fit_method("watershed").available()
     with pytest.raises(ValueError, match="unknown fitting method 'nope'.*watershed"):
         get_fit_method("nope")

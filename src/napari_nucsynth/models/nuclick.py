@@ -432,7 +432,7 @@ def loss(model: NuClickNet, batch: dict) -> tuple[torch.Tensor, dict[str, float]
 
 
 def default_checkpoint() -> Path:
-    """The shipped checkpoint's path (absent until a model is trained and shipped: see benchmarks/train_nuclick.py)."""
+    """The shipped checkpoint's path (``benchmarks/train_nuclick.py --split bench``, 20000 steps; docs/masks.md)."""
     return Path(__file__).resolve().parents[1] / "data" / "models" / "nuclick_monuseg.pt"
 
 
@@ -447,7 +447,7 @@ def load_model(checkpoint, device) -> NuClickNet:
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     if not path.is_file():
         if checkpoint is None:
-            raise ValueError(f"no nuclick model is shipped yet ({path} is absent): train one with "
+            raise ValueError(f"the shipped nuclick model {path} is missing (a damaged install?): train one with "
                              "`nucsynth train --model nuclick --images DIR --labels DIR --steps N --out nuclick.pt` "
                              "(or benchmarks/train_nuclick.py) and pass checkpoint=")
         raise ValueError(f"nuclick checkpoint {path} does not exist")
