@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--pix2pixhd", help="pix2pixhd checkpoint (default: the shipped one, if any)")
     ap.add_argument("--points2image", help="points2image checkpoint (default: the shipped one, if any)")
     ap.add_argument("--segmenter", help="hovernet checkpoint for mask fidelity (default: the shipped model)")
+    ap.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                    help="the renderers to run (default: all of them that have a model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--c2st-seeds", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="device of the learned renderers for quality (speed: CPU)")
@@ -83,15 +85,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from napari_nucsynth.metrics import c2st, instance_metrics
+    from napari_nucsynth.metrics import instance_metrics
     from napari_nucsynth.render import render
     from napari_nucsynth.segment import segment
 
     t_start = time.perf_counter()
     ckpts = {"classic": None, "adain": args.adain, "sian": args.sian, "pix2pixhd": args.pix2pixhd,
              "points2image": args.points2image}
-    skipped = {m: why for m in METHODS if (why := _available(m, ckpts[m])) is not None}
-    methods = [m for m in METHODS if m not in skipped]
+    skipped = {m: why for m in args.methods if (why := _available(m, ckpts[m])) is not None}
+    methods = [m for m in args.methods if m not in skipped]
 
     tiles = list(SEGMENT_HELDOUT)
     reals = {t: load_image(t) for t in tiles}
@@ -107,23 +109,11 @@ def main() -> None:
                  "segmenter_pq_on_real_tiles": float(np.mean(real_pq)), "not_run": skipped, "methods": {}}
     renders: dict[str, list] = {}
     for m in methods:
-        fakes, pqs, info, od_style, od_masks, detail = [], [], {}, [], [], []
-        for j, (t, s) in enumerate(jobs):
-            img = render(labs[t], reals[s], method=m, style_labels=labs[s], seed=args.seed + j, device=args.device,
-                         checkpoint=ckpts[m])
-            fakes.append(img)
-            od_style.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[s]))))
-            od_masks.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[t]))))
-            pred = segment(img, **seg_kw)
-            mets = instance_metrics(labs[t], pred)
-            pqs.append(mets["pq"])
-            detail.append({"dq": round(float(mets["dq"]), 4), "sq": round(float(mets["sq"]), 4),
-                           "n_pred": int(len(np.unique(pred)) - 1), "n_true": int(len(np.unique(labs[t])) - 1)})
+        q = quality(m, ckpts[m], tiles, reals, labs, jobs, seg_kw, seed=args.seed, c2st_seeds=args.c2st_seeds,
+                    device=args.device)
+        fakes, accs, pqs = q["renders"], q["c2st_accuracies"], q["pq"]
+        od_style, od_masks, detail, info = q["od_style"], q["od_masks"], q["detail"], {}
         renders[m] = fakes
-        groups_f = [tiles.index(t) for t, _ in jobs]
-        runs = [c2st([reals[t] for t in tiles], fakes, seed=args.seed + k, real_groups=list(range(len(tiles))),
-                     fake_groups=groups_f) for k in range(args.c2st_seeds)]
-        accs = [r.accuracy for r in runs]
         # speed: 256 x 256, one thread, reference analysed and model loaded by a warm-up render
         lab256, style = labs[tiles[0]][:256, :256], reals[tiles[1]]
         render(lab256, style, method=m, style_labels=labs[tiles[1]], seed=0, device="cpu", checkpoint=ckpts[m])
@@ -163,6 +153,36 @@ def main() -> None:
     out["figure_columns"] = "style | real tile | " + " | ".join(renders) + " (renders of the real tile's masks)"
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(out, indent=1))
+
+
+def quality(method, ckpt, tiles, reals, labs, jobs, seg_kw, *, seed: int, c2st_seeds: int, device: str,
+            render_kw: dict | None = None) -> dict:
+    """Render each job's masks (``(masks tile, style tile)`` pairs) by ``method``, and measure what the benchmark
+    reports on them: C2ST accuracies against the real ``tiles`` (grouped by masks tile; one per seed), the
+    segmenter's PQ against the rendered masks with DQ, SQ and counts, and the optical-density distances to the
+    style and to the masks tile. ``render_kw`` goes to the renderer itself (e.g. adain's ``strength``)."""
+    from napari_nucsynth.metrics import c2st, instance_metrics
+    from napari_nucsynth.render import get_renderer
+    from napari_nucsynth.segment import segment
+
+    renderer = get_renderer(method)
+    fakes, pqs, od_style, od_masks, detail = [], [], [], [], []
+    for j, (t, s) in enumerate(jobs):
+        img = renderer(labs[t], reals[s], style_labels=labs[s], seed=seed + j, device=device, checkpoint=ckpt,
+                       **(render_kw or {}))
+        fakes.append(img)
+        od_style.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[s]))))
+        od_masks.append(float(np.linalg.norm(_mean_od(img) - _mean_od(reals[t]))))
+        pred = segment(img, **seg_kw)
+        mets = instance_metrics(labs[t], pred)
+        pqs.append(mets["pq"])
+        detail.append({"dq": round(float(mets["dq"]), 4), "sq": round(float(mets["sq"]), 4),
+                       "n_pred": int(len(np.unique(pred)) - 1), "n_true": int(len(np.unique(labs[t])) - 1)})
+    groups_f = [tiles.index(t) for t, _ in jobs]
+    runs = [c2st([reals[t] for t in tiles], fakes, seed=seed + k, real_groups=list(range(len(tiles))),
+                 fake_groups=groups_f) for k in range(c2st_seeds)]
+    return {"renders": fakes, "c2st_accuracies": [r.accuracy for r in runs], "pq": pqs, "detail": detail,
+            "od_style": od_style, "od_masks": od_masks}
 
 
 def _gpu_throughput(method, ckpt, lab, style, style_lab, device) -> float:

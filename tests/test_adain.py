@@ -189,6 +189,26 @@ def test_tiled_equals_one_piece():
         stylize(model, content, style, tile=400, should_stop=lambda: True)
 
 
+def test_strength_scales_the_residual_and_defaults_to_the_checkpoint():
+    """strength 0 is the content itself, 1 the full refinement, and between them the residual scales linearly; the
+    model's config sets the default."""
+    model = _lively(_tiny_model(), scale=0.05)
+    content = (np.random.default_rng(2).random((96, 96, 3)) * 255).astype(np.uint8)
+    style, _ = _pair(1)
+    full, half, none = (stylize(model, content, style, strength=s) for s in (1.0, 0.5, 0.0))
+    assert np.array_equal(none, content)
+    assert np.array_equal(stylize(model, content, style), full)  # no config key: 1
+    r_full, r_half = full.astype(float) - content, half.astype(float) - content
+    moved = (np.abs(r_full) > 8) & (full > 0) & (full < 255)  # away from the clamp and rounding
+    assert moved.sum() > 100
+    assert np.abs(r_half[moved] - r_full[moved] / 2).max() <= 1.0
+    model.config["strength"] = 0.5
+    assert np.array_equal(stylize(model, content, style), half)
+    for bad in (-0.1, 1.5, "strong"):
+        with pytest.raises(ValueError, match="strength"):
+            stylize(model, content, style, strength=bad)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
@@ -261,6 +281,11 @@ def test_render_through_the_registry(trained, pairs, tmp_path):
     assert steps[-1] == (3, 3)
     with pytest.raises(ValueError, match="alpha"):
         r(lab, style, checkpoint=ckpt, alpha=-0.1)
+    assert info["strength"] == 1.0  # the checkpoint's default (none recorded: 1)
+    none = r(lab, style, style_labels=style_labels, seed=3, checkpoint=ckpt, device="cpu", strength=0.0)
+    assert np.array_equal(none, ClassicRenderer()(lab, style, style_labels=style_labels, seed=3))
+    with pytest.raises(ValueError, match="strength"):
+        r(lab, style, checkpoint=ckpt, strength=2)
     with pytest.raises(InterruptedError):
         r(lab, style, style_labels=style_labels, checkpoint=ckpt, device="cpu", should_stop=lambda: True)
     # a shipped checkpoint keeps the encoder and the EMA decoder only, and renders the same

@@ -38,6 +38,12 @@ Inference (:func:`stylize`) on images of any size
     :attr:`AdaINModel.halo`) of context on inner sides, so every kept pixel sees what it would in a one-piece run.
     AdaIN normalises by the whole image's statistics, accumulated over the tiles' cores first, so a tiled output
     equals the one-piece output up to rounding (tested). Deterministic: no random draw at inference.
+
+Refinement strength
+    ``stylize(..., strength=s)`` returns ``content + s * residual``: 0 is the classic render itself, 1 the network's
+    full refinement. The default is the model's ``config["strength"]`` (1 when absent), which
+    ``benchmarks/choose_adain_strength.py`` sets by a rule measured on training tiles only (realism against mask
+    fidelity; see docs/generators.md). It is a render-time knob: training always uses the full residual.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 
 __all__ = [
     "DEFAULT_LR", "SPEC", "TILE", "AdaINModel", "ResidualDecoder", "adain", "adain_losses", "build",
-    "classic_content", "default_config", "feature_stats", "mean_std", "preview", "stylize", "targets", "validate",
+    "check_strength", "classic_content", "default_config", "feature_stats", "mean_std", "model_strength", "preview",
+    "stylize", "targets", "validate",
 ]
 
 #: the variance floor of the feature statistics
@@ -276,9 +283,10 @@ def default_config() -> dict:
     the encoder from the weights of the core's ``features`` network, which is adain's encoder and the network of
     its perceptual loss: ``"hovernet"``, ``"vgg19"`` where ImageNet weights are local, ``"vgg19-random"``; None: the
     weights come from a state dict loaded next) and the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
-    ``features_source`` is filled in by :func:`build`."""
+    ``features_source`` is filled in by :func:`build`; ``strength`` is the render-time share of the residual
+    (:func:`stylize`; training ignores it)."""
     return {**GAN_DEFAULTS, "width": 0.25, "style_weight": 1.0, "content_weight": 0.0, "lambda_perc": 1.0,
-            "pretrained": "auto", "features_source": None}
+            "pretrained": "auto", "features_source": None, "strength": 1.0}
 
 
 def _skeleton(name: str) -> FeatureNet:
@@ -492,8 +500,8 @@ def feature_stats(model: AdaINModel, image, *, device=None, tile: int = TILE, ha
         return _accumulate_stats(model, _pad(img, model.multiple), img.shape[:2], dev, tile, halo, tick)
 
 
-def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=None, tile: int = TILE,
-            halo: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, strength: float | None = None, device=None,
+            tile: int = TILE, halo: int | None = None, progress: Callable[[int, int, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Refine ``content`` (an RGB image of any size, e.g. a classic render) in the style of ``style`` (an RGB image,
     or its :func:`feature_stats`), by the model's EMA decoder.
@@ -508,6 +516,9 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
     alpha : float
         In [0, 1]: how far the encoder features are moved to the reference's statistics (1, default) before the
         decoder reads them; 0 keeps the content's own.
+    strength : float, optional
+        In [0, 1]: the share of the network's residual added to the content (0: the content itself, 1: the full
+        refinement); default the model's ``config["strength"]`` (1 when the checkpoint has none).
     device : torch device, optional
         Where to run (the model's device when None).
     tile, halo : int
@@ -526,6 +537,7 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1: the reference's statistics, 0: the content's), got {alpha!r}")
+    strength = model_strength(model) if strength is None else check_strength(strength)
     img = as_rgb(content, "content")
     dev = _model_device(model) if device is None else torch.device(device)
     model.eval()
@@ -560,7 +572,7 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
             acc.add(feats, 0, 0, Hp, 0, 0, Wp)
             c_stats = acc.stats(dev)
             t = model.stylised_features(feats, s_stats, alpha=alpha, content_stats=c_stats)
-            y = x + model.ema["decoder"](t, x)
+            y = x + strength * model.ema["decoder"](t, x)
             out[:] = _to_uint8(y[0, :, :H, :W])
         else:
             c_stats = _accumulate_stats(model, padded, (H, W), dev, tile, halo, tick)
@@ -569,13 +581,29 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, device=Non
                     tick()
                     x = _to_tensor(padded[r0 : r0 + tile, c0 : c0 + tile], dev)
                     t = model.stylised_features(net(x), s_stats, alpha=alpha, content_stats=c_stats)
-                    y = x + model.ema["decoder"](t, x)
+                    y = x + strength * model.ema["decoder"](t, x)
                     rb_, cb_ = min(rb, H), min(cb, W)
                     if rb_ > ra and cb_ > ca:
                         out[ra:rb_, ca:cb_] = _to_uint8(y[0, :, ra - r0 : rb_ - r0, ca - c0 : cb_ - c0])
     if progress is not None:
         progress(total, total, "AdaIN refinement")
     return out
+
+
+def check_strength(strength) -> float:
+    """``strength`` as a float in [0, 1], else a ValueError that says what it means."""
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}") from None
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0: the classic render, 1: the full refinement), got {s!r}")
+    return s
+
+
+def model_strength(model: AdaINModel) -> float:
+    """The model's default refinement strength (``config["strength"]``; 1 for checkpoints saved without one)."""
+    return check_strength(model.config.get("strength", 1.0))
 
 
 def _to_uint8(y: torch.Tensor) -> np.ndarray:

@@ -137,14 +137,16 @@ class AdaINRenderer:
 
     def __call__(self, labels, style, *, style_labels=None, seed: SeedLike = None, device: str = "auto",
                  checkpoint=None, progress=None, should_stop=None, alpha: float = 1.0,
-                 tile: int | None = None) -> np.ndarray:
+                 strength: float | None = None, tile: int | None = None) -> np.ndarray:
         """Render ``labels`` in the style of ``style`` (see :func:`napari_nucsynth.render.render`).
 
         ``alpha`` in [0, 1]: how far the network's features are moved to the reference's statistics (1, default;
-        0 keeps the classic render's own); ``tile`` (px, a multiple of the encoder's largest stride; default :data:`napari_nucsynth.models.adain.TILE`)
-        bounds the network's memory on large outputs, with the same result. ``seed`` fixes the classic render (the
-        network is deterministic). Afterwards :data:`last_info` (and ``self.last_info``) say what was used, the
-        feature network included.
+        0 keeps the classic render's own); ``strength`` in [0, 1]: the share of the network's residual added to the
+        classic render (0: the classic render itself; default the checkpoint's ``config["strength"]``, chosen on
+        training tiles, 1 for checkpoints without one); ``tile`` (px, a multiple of the encoder's largest stride;
+        default :data:`napari_nucsynth.models.adain.TILE`) bounds the network's memory on large outputs, with the
+        same result. ``seed`` fixes the classic render (the network is deterministic). Afterwards :data:`last_info`
+        (and ``self.last_info``) say what was used, the feature network included.
         """
         from ..presynthesis import ClassicRenderer
 
@@ -154,14 +156,19 @@ class AdaINRenderer:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (1: the reference's statistics, 0: the classic render's), "
                              f"got {alpha!r}")
+        from ..models.adain import TILE, check_strength, model_strength, stylize
+
+        if strength is not None:
+            strength = check_strength(strength)
         path = _resolve_checkpoint(checkpoint)
 
         from ..devices import resolve_device
-        from ..models.adain import TILE, stylize
 
         dev = resolve_device(device)
         model, meta = load_model(path, dev)
         model_key = (str(path.resolve()), path.stat().st_mtime, str(dev))
+        if strength is None:
+            strength = model_strength(model)
 
         def stage(done: int, what: str) -> None:
             if should_stop and should_stop():
@@ -174,10 +181,11 @@ class AdaINRenderer:
         stage(1, "reference statistics")
         stats = _style_stats(model, model_key, ref, dev, should_stop)
         stage(2, "AdaIN refinement")
-        out = stylize(model, content, stats, alpha=alpha, device=dev, tile=TILE if tile is None else tile,
-                      should_stop=should_stop)
-        info = {"method": "adain", "checkpoint": str(path), "features": model.features_source, "config": dict(meta["config"]),
-                "step": int(meta["step"]), "alpha": alpha, "device": str(dev)}
+        out = stylize(model, content, stats, alpha=alpha, strength=strength, device=dev,
+                      tile=TILE if tile is None else tile, should_stop=should_stop)
+        info = {"method": "adain", "checkpoint": str(path), "features": model.features_source,
+                "config": dict(meta["config"]),
+                "step": int(meta["step"]), "alpha": alpha, "strength": strength, "device": str(dev)}
         self.last_info = info
         last_info.clear()
         last_info.update(info)
