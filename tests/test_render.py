@@ -193,3 +193,23 @@ def test_classic_render_does_not_depend_on_the_thread_count(tmp_path):
         subprocess.run([sys.executable, "-c", _RENDER_SCRIPT, str(out)], env=env, check=True, timeout=300)
         outs.append(np.load(out))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_render_options_reach_the_method_and_unknown_ones_are_refused():
+    from _tiny import synthetic_pair
+
+    from napari_nucsynth.render import gallery
+
+    img, lab = synthetic_pair(0)
+    with pytest.raises(ValueError, match=r"'classic' takes no option 'strength'; its options: none"):
+        render(lab, img, options={"strength": 0.5})
+    with pytest.raises(ValueError, match=r"'adain' takes no option 'bogus'; its options: alpha, strength, tile"):
+        render(lab, img, method="adain", options={"bogus": 1})
+    with pytest.raises(ValueError, match="takes no option 'seed'"):  # common arguments are not options
+        render(lab, img, method="adain", options={"seed": 1})
+    # adain's strength 0 is the classic render; the gallery passes options on, and checks them before any work
+    assert np.array_equal(render(lab, img, method="adain", seed=1, options={"strength": 0.0}), render(lab, img, seed=1))
+    g = gallery(lab, [img], method="adain", seed=1, options={"strength": 0.0})
+    assert np.array_equal(g.renders[0], render(lab, img, seed=1))
+    with pytest.raises(ValueError, match="takes no option"):
+        gallery(lab, [img], options={"strength": 0.5})

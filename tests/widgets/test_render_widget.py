@@ -532,3 +532,29 @@ def test_gallery_cancel_and_bad_folder(setup, qtbot, tmp_path, monkeypatch):
     widget.make_gallery(empty)
     _wait_all_idle(widget, qtbot)
     assert widget.status.value.startswith("Cannot render:") and "is empty" in widget.status.value
+
+
+def test_refinement_slider_shows_for_adain_and_sets_its_strength(setup, qtbot):
+    """adain's Refinement slider: hidden for other methods, set to the model's own default when adain is chosen, and
+    what it says is what the render uses (0 = the classic render exactly)."""
+    from napari_nucsynth.render.adain import model_info
+
+    viewer, image, labels, widget = setup
+    assert widget.method.value == "classic" and widget.strength.native.isHidden()
+    widget.method.value = "adain"  # the shipped model
+    assert not widget.strength.native.isHidden()
+    assert widget.strength.value == pytest.approx(model_info()["config"].get("strength", 1.0))
+    widget.seed.value = 2
+    widget.strength.value = 0.0
+    widget.run()
+    _wait_idle(widget, qtbot)
+    out = viewer.layers["render: nuclei"]
+    assert np.array_equal(out.data, render(labels.data, image.data, seed=2))  # the classic render itself
+    widget.strength.value = 0.5
+    widget.run()
+    _wait_idle(widget, qtbot)
+    expected = render(labels.data, image.data, method="adain", seed=2, device=widget.device.value,
+                      options={"strength": 0.5})
+    assert np.array_equal(out.data, expected) and not np.array_equal(out.data, render(labels.data, image.data, seed=2))
+    widget.method.value = "classic"
+    assert widget.strength.native.isHidden() and widget._options() == {}

@@ -44,6 +44,9 @@ GALLERY_THUMB = 512
 GALLERY_FONT = 10  # points, the tile names over the gallery's cells
 
 
+#: methods with a refinement strength (the *Refinement* slider): adain's ``classic + strength x residual``
+STRENGTH_METHODS = ("adain",)
+
 class _GalleryJob(Job):
     """A gallery in flight: a moved style slider waits for it instead of cancelling it."""
 
@@ -106,6 +109,10 @@ class RenderWidget(MethodBox, WorkerWidget):
         self.style_b.tooltip = "The second style reference: the Style position slider moves between Style and it"
         self.position = FloatSlider(label="Style position", value=0.0, min=0.0, max=1.0, step=0.05)
         self.position.tooltip = "0 = Style, 1 = Style B; in between, a blend of the two styles (re-renders live)"
+        self.strength = FloatSlider(label="Refinement", value=1.0, min=0.0, max=1.0, step=0.05)
+        self.strength.tooltip = ("adain: the share of the learned refinement added to the classic render (0 = the "
+                                 "classic render, 1 = the full refinement: more realistic, nuclei a little harder to "
+                                 "segment; docs/generators.md); set to the model's own default when it is chosen")
         self.live = CheckBox(text="live (re-render when the labels change)", value=False)
         self.render_btn = self.run_button = PushButton(text=self.run_text)
         self.gallery_btn = PushButton(text="Gallery...")
@@ -115,8 +122,8 @@ class RenderWidget(MethodBox, WorkerWidget):
         self.status = Label(value="")
         self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
         self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.checkpoint,
-                     self.browse, self.train_model_btn, self.style_b, self.position, self.device, self.seed,
-                     self.live, self.render_btn, self.gallery_btn, self.progress, self.status])
+                     self.browse, self.train_model_btn, self.style_b, self.position, self.strength, self.device,
+                     self.seed, self.live, self.render_btn, self.gallery_btn, self.progress, self.status])
 
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -134,7 +141,9 @@ class RenderWidget(MethodBox, WorkerWidget):
         self.position.changed.connect(self._on_position)
         self.style_b.changed.connect(self._on_style_b)
         self.gallery_btn.changed.connect(self._on_gallery_button)
-        for w in (self.style_combo, self.style_labels_combo, self.method, self.checkpoint, self.device, self.seed):
+        self.checkpoint.changed.connect(self._sync_strength)
+        for w in (self.style_combo, self.style_labels_combo, self.method, self.checkpoint, self.device, self.seed,
+                  self.strength):
             w.changed.connect(self._on_setting)
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
@@ -164,6 +173,8 @@ class RenderWidget(MethodBox, WorkerWidget):
         self._ckpt.relabel(self.method)
         can = self._can_interpolate()
         self.style_b.visible = self.position.visible = can
+        self.strength.visible = self.method.value in STRENGTH_METHODS
+        self._sync_strength()
         if can and self.style_b.value is self.style_combo.value:  # a second style is what the slider is for
             other = next((lyr for lyr in self.style_b.choices if lyr is not self.style_combo.value), None)
             if other is not None:
@@ -176,6 +187,22 @@ class RenderWidget(MethodBox, WorkerWidget):
                                  f"Train one here (Train a model...) or with nucsynth train --model {method} "
                                  f"--images DIR --labels DIR --steps N --out {checkpoint_dir() / (method + '.pt')}, "
                                  "or pick a checkpoint file.")
+
+    def _sync_strength(self, _=None) -> None:
+        """Set the Refinement slider to the chosen adain model's own default strength (1 for models without one)."""
+        if self.method.value not in STRENGTH_METHODS:
+            return
+        try:
+            from ..render.adain import model_info
+
+            value = float(model_info(self.checkpoint.value)["config"].get("strength", 1.0))
+        except (ValueError, OSError):  # no model yet: the status line says so
+            return
+        self.strength.value = value
+
+    def _options(self) -> dict:
+        """The chosen method's own render options (adain's refinement strength)."""
+        return {"strength": float(self.strength.value)} if self.method.value in STRENGTH_METHODS else {}
 
     def _open_train(self, method: str) -> None:
         self.status.value = open_train_widget(self.viewer, method)
@@ -296,7 +323,8 @@ class RenderWidget(MethodBox, WorkerWidget):
     def _settings(self):
         t = self._style_position()
         return (self.style_combo.value, self.style_labels_combo.value, self.method.value, self.device.value,
-                int(self.seed.value), self.checkpoint.value, None if t is None else (self.style_b.value, t))
+                int(self.seed.value), self.checkpoint.value, None if t is None else (self.style_b.value, t),
+                tuple(self._options().items()))
 
     def run(self, live: bool = False) -> None:
         """Start rendering the chosen labels layer in a worker; the image arrives in a layer when it is done."""
@@ -310,7 +338,7 @@ class RenderWidget(MethodBox, WorkerWidget):
         if getattr(style_layer, "multiscale", False) or getattr(labels_layer, "multiscale", False):
             self.status.value = "Multiscale layers are not supported: give a single-resolution tile."
             return
-        style_labels_layer, method, device, seed, checkpoint, blend = self._settings()[1:]
+        style_labels_layer, method, device, seed, checkpoint, blend = self._settings()[1:7]
         if blend is not None and getattr(blend[0], "multiscale", False):
             self.status.value = "Multiscale layers are not supported: give a single-resolution tile as Style B."
             return
@@ -327,6 +355,7 @@ class RenderWidget(MethodBox, WorkerWidget):
         styled = f"the style of {style_layer.name}" if blend is None else \
             f"a style {blend[1]:.2f} of the way from {style_layer.name} to {blend[0].name}"
 
+        options = self._options()
         job = Job(labels_layer)
         progress = self._progress(job, lambda msg: f"Rendering {labels_layer.name}: {msg}")
         kw = dict(method=method, seed=seed, device=device, checkpoint=checkpoint, progress=progress,
@@ -336,7 +365,7 @@ class RenderWidget(MethodBox, WorkerWidget):
             try:
                 if style_b is not None:
                     return interpolate(labels, style, style_b, blend[1], **kw)
-                return render(labels, style, style_labels=style_labels, **kw)
+                return render(labels, style, style_labels=style_labels, options=options, **kw)
             finally:
                 release_gpu_memory()
 
@@ -422,7 +451,8 @@ class RenderWidget(MethodBox, WorkerWidget):
         folder = Path(folder)
         self._gallery_dir = folder
         labels = np.array(labels_layer.data, copy=True)
-        _, _, method, device, seed, checkpoint, _ = self._settings()
+        _, _, method, device, seed, checkpoint, _, _ = self._settings()
+        options = self._options()
 
         job = _GalleryJob(labels_layer)
         progress = self._progress(job, lambda msg: f"Gallery of {labels_layer.name}: {msg}")
@@ -430,7 +460,8 @@ class RenderWidget(MethodBox, WorkerWidget):
         def work():
             try:
                 return gallery(labels, folder, method=method, checkpoint=checkpoint, seed=seed, device=device,
-                               thumb=GALLERY_THUMB, progress=progress, should_stop=lambda: job.cancelled)
+                               thumb=GALLERY_THUMB, progress=progress, should_stop=lambda: job.cancelled,
+                               options=options)
             finally:
                 release_gpu_memory()
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from .._checks import SeedLike
 
-__all__ = ["GalleryResult", "Renderer", "gallery", "get_renderer", "interpolatable_methods", "interpolate", "register",
-           "render", "renderers"]
+__all__ = ["GalleryResult", "Renderer", "check_options", "gallery", "get_renderer", "interpolatable_methods",
+           "interpolate", "register", "render", "renderers"]
 
 
 class Renderer(Protocol):
@@ -58,7 +58,8 @@ def get_renderer(name: str) -> Renderer:
 
 
 def render(labels, style, *, method: str = "classic", style_labels=None, seed: SeedLike = None,
-           device: str = "auto", checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
+           device: str = "auto", checkpoint=None, progress=None, should_stop=None,
+           options: dict | None = None) -> np.ndarray:
     """Render a synthetic H&E image of instance masks in the style of a reference tile.
 
     Parameters
@@ -81,6 +82,9 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
     progress, should_stop : callables, optional
         ``progress(done, total, what)``; when ``should_stop()`` returns True the render stops and raises
         ``InterruptedError``.
+    options : dict, optional
+        The method's own keywords, e.g. ``{"strength": 0.5}`` for ``adain`` (the share of its refinement added to
+        the classic render) or ``{"alpha": 0.8}``; a keyword the method does not take is a ``ValueError``.
 
     Returns
     -------
@@ -92,8 +96,27 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
         Bad input: a style that is not an image, labels that are not a 2-D integer map, style labels of another
         shape, a reference with no detectable nuclei, an unknown method.
     """
-    return get_renderer(method)(labels, style, style_labels=style_labels, seed=seed, device=device,
-                                checkpoint=checkpoint, progress=progress, should_stop=should_stop)
+    renderer = get_renderer(method)
+    options = check_options(method, options)
+    return renderer(labels, style, style_labels=style_labels, seed=seed, device=device, checkpoint=checkpoint,
+                    progress=progress, should_stop=should_stop, **options)
+
+
+def check_options(method: str, options: dict | None) -> dict:
+    """``options`` (a render method's own keywords, see :func:`render`) as a dict, or a ``ValueError`` naming those
+    the method does not take and listing those it does."""
+    import inspect
+
+    options = dict(options or {})
+    if options:
+        params = inspect.signature(get_renderer(method).__call__).parameters
+        common = {"labels", "style", "style_labels", "seed", "device", "checkpoint", "progress", "should_stop"}
+        bad = sorted(k for k in options if k in common or k not in params)
+        if bad:
+            own = sorted(k for k, p in params.items() if k not in common and p.kind is p.KEYWORD_ONLY)
+            raise ValueError(f"render method {method!r} takes no option {', '.join(map(repr, bad))}; its options: "
+                             f"{', '.join(own) or 'none'}")
+    return options
 
 
 def check_render_inputs(labels, style, style_labels=None):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb, as_rng
-from . import get_renderer, render, renderers
+from . import check_options, get_renderer, render, renderers
 
 __all__ = ["GalleryResult", "gallery", "interpolatable_methods", "interpolate"]
 
@@ -141,7 +141,7 @@ class GalleryResult:
 def gallery(labels, styles, *, method: str = "classic", checkpoint=None, seed: SeedLike = 0, device: str = "auto",
             names: Sequence[str] | None = None, columns: int | None = None, thumb: int | None = None,
             progress: Callable[[int, int, str], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> GalleryResult:
+            should_stop: Callable[[], bool] | None = None, options: dict | None = None) -> GalleryResult:
     """Render the same masks, with the same seed, in the style of every reference, and lay them out in a mosaic.
 
     Parameters
@@ -151,7 +151,7 @@ def gallery(labels, styles, *, method: str = "classic", checkpoint=None, seed: S
     styles : str, Path or sequence of images
         A folder (every image file in it, sorted by name, read with :func:`napari_nucsynth.io.read_image`; files
         that cannot be read as an image are skipped and listed) or the reference images themselves.
-    method, checkpoint, device
+    method, checkpoint, device, options
         As for :func:`napari_nucsynth.render.render`.
     seed : int, numpy Generator or None
         Every style is rendered with the same seed (a Generator or None draws one integer first), so the renders
@@ -186,7 +186,7 @@ def gallery(labels, styles, *, method: str = "classic", checkpoint=None, seed: S
         raise ValueError(f"columns must be a positive integer, got {columns!r}")
     if thumb is not None and int(thumb) < 1:
         raise ValueError(f"thumb must be a positive number of pixels, got {thumb!r}")
-    get_renderer(method)  # an unknown method fails before any work
+    options = check_options(method, options)  # an unknown method or option fails before any work
     n = len(refs)
     renders, done_names, refused = [], [], []
     for i, (name, img) in enumerate(refs):
@@ -196,7 +196,7 @@ def gallery(labels, styles, *, method: str = "classic", checkpoint=None, seed: S
             progress(i, n, f"style {i + 1}/{n}: {name}")
         try:
             out = render(lab, img, method=method, seed=seed, device=device, checkpoint=checkpoint,
-                         should_stop=should_stop)
+                         should_stop=should_stop, options=options)
         except ValueError as exc:  # this reference (e.g. no detectable nuclei): skip it, say why
             skipped.append((name, str(exc)))
             refused.append(str(exc))
