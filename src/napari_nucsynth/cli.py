@@ -4,7 +4,7 @@
     nucsynth sample-masks --points P.csv --image I.png --out L.tif [--method auto|hovernet|watershed] [--seed N]
     nucsynth random-points --like LABELS.png --out P.csv [--process poisson|hardcore|cluster] [--seed N]
     nucsynth render --labels L --style S [--style-labels SL] [--method classic|adain|sian] [--checkpoint C]
-                    [--seed N] --out OUT.png
+                    [--seed N] [--options JSON] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
     nucsynth segment --image I [--method M] [--checkpoint C] [--tta [flips|modality]] [--tta-reference IMG ...]
                      [--device D] --out L.tif
@@ -161,7 +161,7 @@ def _render(args) -> int:
     style = read_image(args.style)
     style_labels = read_labels(args.style_labels) if args.style_labels else None
     out = render(labels, style, method=args.method, style_labels=style_labels, seed=args.seed, device=args.device,
-                 checkpoint=args.checkpoint)
+                 checkpoint=args.checkpoint, options=_json_config(args.options, "--options"))
     write_image(path, out)
     print(f"wrote {path} ({out.shape[0]} x {out.shape[1]}, method {args.method})")
     return 0
@@ -224,8 +224,8 @@ def _average(args) -> int:
     return 0
 
 
-def _json_config(text: str | None) -> dict | None:
-    """``--config``: a JSON object, or the path of a file that holds one."""
+def _json_config(text: str | None, flag: str = "--config") -> dict | None:
+    """``--config`` (or ``flag``): a JSON object, or the path of a file that holds one."""
     import json
 
     if text is None:
@@ -234,15 +234,15 @@ def _json_config(text: str | None) -> dict | None:
     if not text.lstrip().startswith("{"):
         path = Path(text)
         if not path.is_file():
-            raise ValueError(f"--config must be a JSON object or a JSON file; {text!r} is neither")
+            raise ValueError(f"{flag} must be a JSON object or a JSON file; {text!r} is neither")
         src = path.read_text()
     try:
         cfg = json.loads(src)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--config is not valid JSON ({e})") from None
+        raise ValueError(f"{flag} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(  # noqa: TRY004 - the command reports ValueErrors as messages
-            f"--config must be a JSON object ({{\"key\": value, ...}}), got {type(cfg).__name__}")
+            f"{flag} must be a JSON object ({{\"key\": value, ...}}), got {type(cfg).__name__}")
     return cfg
 
 
@@ -699,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", help="trained model of a learned renderer (default: the shipped one, if any)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (learned renderers)")
+    p.add_argument("--options", help='the method\'s own keywords as JSON, e.g. \'{"strength": 0.5}\' for adain')
     p.add_argument("--out", required=True, help="output image: .png, .tif, .tiff, .jpg, .jpeg or .bmp")
     p.set_defaults(func=_render)
 
