@@ -253,3 +253,31 @@ def clock(fn: Callable[[], Any], n: int, *, warmup: int = 2) -> Timing:
         ts.append(time.perf_counter() - t0)
         cs.append(time.process_time() - c0)
     return Timing(float(np.median(ts)), float(np.min(ts)), float(np.median(cs)))
+
+
+def time_learned_render(module, model, repeats: int, *, style_code: Callable[[Any, Any], Any], style_part: str,
+                        cond_part: str, params: Callable[[str], bool]) -> dict:
+    """Seconds of one 256 x 256 render on one thread by a learned renderer's model module (``module.render``,
+    ``module.conditioning``, ``module._render_float``; ``style_code(model, style)`` the style input of the
+    generator), its parts, and the classic renderer on the same input as a baseline measured in the same run; a
+    held-out tile's masks in another's style. ``params`` picks the parameters counted (by name)."""
+    import torch
+
+    from napari_nucsynth.render import render as render_method
+
+    torch.set_num_threads(1)
+    lab = load_labels(SEGMENT_HELDOUT[0])[:256, :256]
+    style = load_image(SEGMENT_HELDOUT[1])[:256, :256]
+    model = model.cpu().eval()
+    t = clock(lambda: module.render(model, lab, style, seed=0), repeats)
+    z = style_code(model, style)
+    parts = {cond_part: clock(lambda: module.conditioning(lab), repeats).median,
+             style_part: clock(lambda: style_code(model, style), repeats).median,
+             "generator_s": clock(lambda: module._render_float(model, lab, z, 0), repeats).median}
+    classic = clock(lambda: render_method(lab, style, method="classic", seed=0), max(3, repeats // 2)).median
+    return {"render_256_median_s": round(t.median, 4), "render_256_min_s": round(t.min, 4),
+            "render_256_cpu_median_s": round(t.cpu_median, 4), "repeats": repeats,
+            **{k: round(v, 4) for k, v in parts.items()}, "classic_256_median_s": round(classic, 4),
+            "ratio_to_classic": round(t.median / classic, 3), "target_s": 0.3, "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "params_counted": sum(p.numel() for n, p in model.named_parameters() if params(n))}

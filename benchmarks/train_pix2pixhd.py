@@ -28,44 +28,23 @@ same run (these machines are noisy). Target: <= 0.3 s.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _data import SEGMENT_HELDOUT, load_image, load_labels
-from _gan_train import add_common_args, clock, load_split, parser, pick, run, trained_or_default
+from _gan_train import add_common_args, load_split, parser, pick, run, time_learned_render, trained_or_default
 
 KIND = "pix2pixhd"
 
 
 def time_render(model, repeats: int) -> dict:
     """Seconds of one 256 x 256 render on one thread (see the module docstring)."""
-    import torch
-
     from napari_nucsynth.models import pix2pixhd as P
-    from napari_nucsynth.render import render as render_method
 
-    torch.set_num_threads(1)
-    lab = load_labels(SEGMENT_HELDOUT[0])[:256, :256]
-    style = load_image(SEGMENT_HELDOUT[1])[:256, :256]
-    model = model.cpu().eval()
-
-    med, mn, med_cpu = clock(lambda: P.render(model, lab, style, seed=0), repeats)
-    z = P.style_vector(model, style)
-    parts = {"conditioning_s": clock(lambda: P.conditioning(lab), repeats).median,
-             "style_encoding_s": clock(lambda: P.style_vector(model, style), repeats).median,
-             "generator_s": clock(lambda: P._render_float(model, lab, z, 0), repeats).median}
-    classic = clock(lambda: render_method(lab, style, method="classic", seed=0), max(3, repeats // 2)).median
-    return {"render_256_median_s": round(med, 4), "render_256_min_s": round(mn, 4),
-            "render_256_cpu_median_s": round(med_cpu, 4), "repeats": repeats,
-            **{k: round(v, 4) for k, v in parts.items()}, "classic_256_median_s": round(classic, 4),
-            "ratio_to_classic": round(med / classic, 3), "target_s": 0.3, "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "params_generator_encoder": sum(p.numel() for n, p in model.named_parameters()
-                                            if n.startswith(("generator.", "encoder.")))}
+    return time_learned_render(P, model, repeats, style_code=P.style_vector, style_part="style_encoding_s",
+                  cond_part="conditioning_s", params=lambda n: n.startswith(("generator.", "encoder.")))
 
 
 def main() -> None:

@@ -34,45 +34,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _data import SEGMENT_HELDOUT, load_image, load_labels, tile_ids
+from _data import SEGMENT_HELDOUT, load_image, tile_ids
+from _gan_train import time_learned_render
 
 KIND = "points2image"
 
 
 def time_render(model, repeats: int) -> dict:
     """Seconds of one 256 x 256 render on one thread (see the module docstring)."""
-    import numpy as np
-    import torch
-
     from napari_nucsynth.models import points2image as p2i
-    from napari_nucsynth.render import render as render_method
 
-    torch.set_num_threads(1)
-    lab = load_labels(SEGMENT_HELDOUT[0])[:256, :256]
-    style = load_image(SEGMENT_HELDOUT[1])[:256, :256]
-    model = model.cpu().eval()
-
-    def clock(fn, n):
-        fn()
-        fn()  # warm-up: oneDNN picks its kernels on the first calls
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts)), float(np.min(ts))
-
-    med, mn = clock(lambda: p2i.render(model, lab, style, seed=0), repeats)
-    code = p2i.style_code(style)
-    parts = {"style_code_s": clock(lambda: p2i.style_code(style), repeats)[0],
-             "label_map_s": clock(lambda: p2i.conditioning(lab), repeats)[0],
-             "generator_s": clock(lambda: p2i._render_float(model, lab, code, 0), repeats)[0]}
-    classic = clock(lambda: render_method(lab, style, method="classic", seed=0), max(3, repeats // 2))[0]
-    return {"render_256_median_s": round(med, 4), "render_256_min_s": round(mn, 4), "repeats": repeats,
-            **{k: round(v, 4) for k, v in parts.items()}, "classic_256_median_s": round(classic, 4),
-            "ratio_to_classic": round(med / classic, 3), "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "params_generator": sum(p.numel() for n, p in model.named_parameters() if n.startswith("ema."))}
+    return time_learned_render(p2i, model, repeats, style_code=lambda _m, s: p2i.style_code(s), style_part="style_code_s",
+                  cond_part="label_map_s", params=lambda n: n.startswith("ema."))
 
 
 def main() -> None:
