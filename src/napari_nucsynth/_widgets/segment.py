@@ -124,6 +124,7 @@ class SegmentWidget(MethodBox, WorkerWidget):
         self.tta_refs = Select(label="TTA references", choices=self._ref_choices, allow_multiple=True)
         self.tta_refs.tooltip = "tiles whose stain modalities the modality TTA restains to (at least one)"
         self.tta_refs.visible = False
+        self.tta_refs.native.setMaximumHeight(110)  # about five layers; it scrolls beyond (not the dock's height)
         self.segment_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = wrapping_label()
