@@ -1,4 +1,4 @@
-"""What every learned renderer promises alike (sian, pix2pixhd, points2image): without a trained model the error says
+"""What every learned renderer promises alike (adain, sian, pix2pixhd, points2image): without a trained model the error says
 how to train one, a named checkpoint that is missing is said to be missing, and importing the renderer module (as the
 widgets do to list methods) does not import torch."""
 
@@ -13,6 +13,7 @@ from _tiny import discs, flat_style
 
 #: method -> what its "no model" error must contain
 TRAIN_HINT = {
+    "adain": "nucsynth train --model adain",
     "sian": "nucsynth train --model sian",
     "pix2pixhd": "nucsynth train --model pix2pixhd",
     "points2image": "nucsynth train --model points2image --images DIR",

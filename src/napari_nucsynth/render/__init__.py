@@ -14,7 +14,7 @@ import numpy as np
 from .._checks import SeedLike
 
 __all__ = ["GalleryResult", "Renderer", "check_options", "gallery", "get_renderer", "interpolatable_methods",
-           "interpolate", "register", "render", "renderers"]
+           "interpolate", "register", "render", "renderers", "resolve_checkpoint", "shipped_checkpoint"]
 
 
 class Renderer(Protocol):
@@ -100,6 +100,34 @@ def render(labels, style, *, method: str = "classic", style_labels=None, seed: S
     options = check_options(method, options)
     return renderer(labels, style, style_labels=style_labels, seed=seed, device=device, checkpoint=checkpoint,
                     progress=progress, should_stop=should_stop, **options)
+
+
+def shipped_checkpoint(method: str):
+    """Where the package ships ``method``'s trained model (``data/models/<method>_monuseg.pt``; it may be absent)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "data" / "models" / f"{method}_monuseg.pt"
+
+
+def resolve_checkpoint(method: str, checkpoint, train_hint: str, shipped):
+    """``checkpoint`` as a Path (a ``ValueError`` when that file does not exist), else ``shipped`` (the path of
+    ``method``'s shipped model), else a ``ValueError`` that names ``train_hint``, the command that trains one."""
+    from pathlib import Path
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ValueError(f"{method} checkpoint {path} does not exist; give a file written by "
+                             f"`nucsynth train --model {method} ...`")
+        return path
+    path = Path(shipped)
+    if not path.is_file():
+        raise ValueError(f"the {method!r} renderer needs a trained model, and none is shipped with this installation "
+                         f"({path} is absent). Train one with\n    {train_hint}\n(benchmarks/train_{method}.py says "
+                         "how a shipped model is made), then pass checkpoint=CKPT (`nucsynth render --method "
+                         f"{method} --checkpoint CKPT`, the checkpoint box in the widget), or use method='classic', "
+                         "which needs no training.")
+    return path
 
 
 def check_options(method: str, options: dict | None) -> dict:

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb
-from . import register
+from . import register, resolve_checkpoint, shipped_checkpoint
 
 __all__ = ["AdaINRenderer", "default_checkpoint", "last_info", "load_model", "model_info"]
+
+TRAIN_HINT = "nucsynth train --model adain --images DIR --labels DIR --steps N --out CKPT"
 
 #: what the last ``adain`` render used: checkpoint, features (the encoder), config, step, alpha, device
 last_info: dict = {}
@@ -40,26 +42,12 @@ _STYLE_CACHE = 3
 
 
 def default_checkpoint() -> Path:
-    """The shipped checkpoint's path (absent until a trained model is shipped with the package)."""
-    return Path(__file__).resolve().parents[1] / "data" / "models" / "adain_monuseg.pt"
+    """The shipped checkpoint's path."""
+    return shipped_checkpoint("adain")
 
 
 def _resolve_checkpoint(checkpoint) -> Path:
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ValueError(f"adain checkpoint {path} does not exist; give a file written by "
-                             "`nucsynth train --model adain ...`")
-        return path
-    path = default_checkpoint()
-    if not path.is_file():
-        raise ValueError(
-            "the 'adain' renderer needs a trained model, and none is shipped with this installation "
-            f"({path} is absent). Train one on H&E tiles and their instance labels with\n"
-            "    nucsynth train --model adain --images DIR --labels DIR --steps N --out CKPT\n"
-            "(benchmarks/train_adain.py says how the shipped model was made), then pass checkpoint=CKPT (`nucsynth render --method adain "
-            "--checkpoint CKPT`), or use method='classic', which needs no training.")
-    return path
+    return resolve_checkpoint("adain", checkpoint, TRAIN_HINT, default_checkpoint())
 
 
 def load_model(checkpoint, device):

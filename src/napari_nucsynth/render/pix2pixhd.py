@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb
-from . import check_render_inputs, register
+from . import check_render_inputs, register, resolve_checkpoint, shipped_checkpoint
 
 __all__ = ["Pix2PixHDRenderer", "TRAIN_HINT", "default_checkpoint", "load_model"]
 
@@ -26,19 +26,11 @@ TRAIN_HINT = "nucsynth train --model pix2pixhd --images DIR --labels DIR --steps
 
 def default_checkpoint() -> Path:
     """The shipped checkpoint's path (absent until a trained model is shipped)."""
-    return Path(__file__).resolve().parents[1] / "data" / "models" / "pix2pixhd_monuseg.pt"
+    return shipped_checkpoint("pix2pixhd")
 
 
 def _resolve(checkpoint) -> Path:
-    if checkpoint is not None:
-        return Path(checkpoint)
-    ckpt = default_checkpoint()
-    if not ckpt.exists():
-        raise ValueError("the pix2pixhd renderer needs a trained model, and none is shipped with this version "
-                         f"({ckpt} is missing). Train one with `{TRAIN_HINT}` (or benchmarks/train_pix2pixhd.py) "
-                         "and pass its file as checkpoint= (--checkpoint in `nucsynth render`, the checkpoint box in "
-                         "the widget), or use method='classic', which needs no training")
-    return ckpt
+    return resolve_checkpoint("pix2pixhd", checkpoint, TRAIN_HINT, default_checkpoint())
 
 
 def load_model(checkpoint, device):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike, as_labels, as_rgb
-from . import check_render_inputs, register
+from . import check_render_inputs, register, resolve_checkpoint, shipped_checkpoint
 
 __all__ = ["Points2ImageRenderer", "default_checkpoint", "load_model"]
 
@@ -28,7 +28,7 @@ TRAIN_HINT = "nucsynth train --model points2image --images DIR --steps N --out C
 
 def default_checkpoint() -> Path:
     """The shipped checkpoint's path (absent until a trained model is shipped)."""
-    return Path(__file__).resolve().parents[1] / "data" / "models" / "points2image_monuseg.pt"
+    return shipped_checkpoint("points2image")
 
 
 def load_model(checkpoint, device):
@@ -83,13 +83,5 @@ class Points2ImageRenderer:
 
 def _checkpoint(checkpoint) -> Path:
     """``checkpoint``, or the shipped model when None (a ``ValueError`` that says how to train one when none
-    ships)."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    ckpt = default_checkpoint()
-    if not ckpt.exists():
-        raise ValueError("the points2image renderer needs a trained model, and none is shipped with this version "
-                         f"({ckpt} is missing). Train one on a folder of H&E images (no labels needed) with "
-                         f"`{TRAIN_HINT}` and pass its file as checkpoint= (--checkpoint in `nucsynth render`, the "
-                         "checkpoint box in the widget)")
-    return ckpt
+    ships: on a folder of H&E images, no labels needed)."""
+    return resolve_checkpoint("points2image", checkpoint, TRAIN_HINT, default_checkpoint())

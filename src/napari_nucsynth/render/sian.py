@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import SeedLike
-from . import check_render_inputs, register
+from . import check_render_inputs, register, resolve_checkpoint, shipped_checkpoint
 
 __all__ = ["SIANRenderer", "default_checkpoint", "load_model"]
 
@@ -25,7 +25,7 @@ TRAIN_HINT = "nucsynth train --model sian --images DIR --labels DIR --steps N --
 
 def default_checkpoint() -> Path:
     """The shipped checkpoint's path (absent until a trained model is shipped)."""
-    return Path(__file__).resolve().parents[1] / "data" / "models" / "sian_monuseg.pt"
+    return shipped_checkpoint("sian")
 
 
 def load_model(checkpoint, device):
@@ -57,14 +57,7 @@ class SIANRenderer:
         trains one.
         """
         lab, sty, _ = check_render_inputs(labels, style, style_labels)
-        if checkpoint is None:
-            ckpt = default_checkpoint()
-            if not ckpt.exists():
-                raise ValueError("the sian renderer needs a trained model, and none is shipped with this version "
-                                 f"({ckpt} is missing). Train one with `{TRAIN_HINT}` and pass its file as "
-                                 "checkpoint= (--checkpoint in `nucsynth render`, the checkpoint box in the widget)")
-        else:
-            ckpt = Path(checkpoint)
+        ckpt = resolve_checkpoint("sian", checkpoint, TRAIN_HINT, default_checkpoint())
         from ..devices import resolve_device
         from ..models.sian import render
 
