@@ -106,13 +106,9 @@ def segment(image, *, method: str = "watershed", checkpoint=None, device: str = 
         return seg(image, checkpoint=checkpoint, device=device, tta=mode == "flips", progress=progress,
                    should_stop=should_stop, **params)
     _check_modality(method, seg)
-    from ..stain import modality_tta
-
-    return modality_tta(image, _tta_references(tta_references),
-                        lambda im: seg.predict_maps(im, checkpoint=checkpoint, device=device, tta=False,
-                                                    should_stop=should_stop),
-                        postprocess=lambda maps: seg.postprocess(maps, **params), method="macenko",
-                        progress=progress, should_stop=should_stop)
+    maps = predict_maps(image, method=method, checkpoint=checkpoint, device=device, tta=mode,
+                        tta_references=tta_references, progress=progress, should_stop=should_stop)
+    return seg.postprocess(maps, **params)
 
 
 def predict_maps(image, *, method: str, checkpoint=None, device: str = "auto", tta: bool | str = False,
@@ -122,7 +118,7 @@ def predict_maps(image, *, method: str, checkpoint=None, device: str = "auto", t
     labels. What the Segment widget caches, so that a threshold change re-runs only the post-processing."""
     mode = tta_mode(tta)
     seg = get_segmenter(method)
-    if not (callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))):
+    if not _has_maps(seg):
         raise ValueError(f"the {method} method has no dense maps; methods that do: "
                          f"{', '.join(modality_tta_methods()) or 'none registered'}")
     if mode != "modality":
@@ -153,12 +149,16 @@ def modality_tta_methods() -> list[str]:
     """The registered segmenters that ``tta="modality"`` works with: those with dense maps (``predict_maps`` and
     ``postprocess``), whose maps over restained copies can be averaged pixel by pixel."""
     _load_builtin()
-    return sorted(n for n, f in _REGISTRY.items()
-                  if callable(getattr(f, "predict_maps", None)) and callable(getattr(f, "postprocess", None)))
+    return sorted(n for n, f in _REGISTRY.items() if _has_maps(f))
+
+
+def _has_maps(seg) -> bool:
+    """Whether a segmenter (class or instance) has dense maps: ``predict_maps`` and ``postprocess``."""
+    return callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))
 
 
 def _check_modality(method: str, seg) -> None:
-    if not (callable(getattr(seg, "predict_maps", None)) and callable(getattr(seg, "postprocess", None))):
+    if not _has_maps(seg):
         raise ValueError(f"tta='modality' averages dense network maps over restained copies and the {method} "
                          f"method has none; methods that support it: "
                          f"{', '.join(modality_tta_methods()) or 'none registered'} (or use tta='flips')")
