@@ -287,7 +287,7 @@ def test_clear_errors(crop, tiny_checkpoint, tmp_path, monkeypatch):
     img, lab, pts = crop
     monkeypatch.setattr(N, "default_checkpoint", lambda: tmp_path / "absent.pt")
     annotate.clear_cache()
-    with pytest.raises(ValueError, match="no nuclick model is shipped.*nucsynth train --model nuclick"):
+    with pytest.raises(ValueError, match="the shipped nuclick model .* is missing.*nucsynth train --model nuclick"):
         fit_masks(img, pts, method="nuclick", device="cpu")
     with pytest.raises(ValueError, match="does not exist"):
         fit_masks(img, pts, method="nuclick", checkpoint=tmp_path / "nope.pt", device="cpu")
