@@ -281,3 +281,42 @@ def time_learned_render(module, model, repeats: int, *, style_code: Callable[[An
             "ratio_to_classic": round(t.median / classic, 3), "target_s": 0.3, "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "params_counted": sum(p.numel() for n, p in model.named_parameters() if params(n))}
+
+
+def renderer_script(kind: str, doc: str | None, *, steps: int, crop: int, lr_help: str, config_help: str,
+                    config_keys: Sequence[str], time_render: Callable[[Any, int], dict]) -> None:
+    """The whole ``main`` of a paired masks -> H&E renderer's training script (``train_sian.py``,
+    ``train_pix2pixhd.py``): train on ``--split`` (with the common options) and/or ``--time-render`` the trained
+    model (or the default config, untrained) by ``time_render(model, repeats)``; prints one JSON object with the
+    run's fields, the timed model's ``config_keys`` and its timing."""
+    import importlib
+
+    ap = parser(doc)
+    add_common_args(ap, steps=steps, crop=crop, preview_dir=f"bench-out/{kind}_previews",
+                    steps_help="0: no training (with --time-render: the default config, untrained)",
+                    lr_help=lr_help, config_help=config_help,
+                    out_help="the checkpoint to write (required unless --steps 0)",
+                    strip_help="at the end, keep only what rendering needs (no optimiser, random state, "
+                               "discriminator)")
+    ap.add_argument("--time-render", action="store_true", help="time the 256 x 256 render on one thread")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+
+    result: dict = {"kind": kind}
+    t0 = time.perf_counter()
+    if args.steps > 0:
+        if not args.out:
+            ap.error("--out is required when training")
+        train_tiles, val, imgs, labs, v_imgs, v_labs = load_split(args.split)
+        out = run(kind, args, imgs, labs, v_imgs, v_labs, config=json.loads(args.config), tiles=train_tiles,
+                  val_tiles=val)
+        result.update(pick(out, "checkpoint step stopped metrics features_source train_seconds steps_per_s "
+                                "checkpoint_mb"))
+    if args.time_render:
+        load_model = importlib.import_module(f"napari_nucsynth.render.{kind}").load_model
+        model, path = trained_or_default(kind, args, load_model)
+        result["timed"] = "checkpoint" if path else "default config, untrained"
+        result["config"] = {k: v for k, v in model.config.items() if k in config_keys}
+        result.update(time_render(model, args.repeats))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result))

@@ -27,16 +27,12 @@ same run (these machines are noisy). Target: <= 0.3 s.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _gan_train import add_common_args, load_split, parser, pick, run, time_learned_render, trained_or_default
-
-KIND = "pix2pixhd"
+from _gan_train import renderer_script, time_learned_render
 
 
 def time_render(model, repeats: int) -> dict:
@@ -44,43 +40,16 @@ def time_render(model, repeats: int) -> dict:
     from napari_nucsynth.models import pix2pixhd as P
 
     return time_learned_render(P, model, repeats, style_code=P.style_vector, style_part="style_encoding_s",
-                  cond_part="conditioning_s", params=lambda n: n.startswith(("generator.", "encoder.")))
+                               cond_part="conditioning_s", params=lambda n: n.startswith(("generator.", "encoder.")))
 
 
 def main() -> None:
-    ap = parser(__doc__)
-    add_common_args(ap, steps=20000, crop=128, preview_dir="bench-out/pix2pixhd_previews",
-                    steps_help="0: no training (with --time-render: the default config, untrained)",
+    renderer_script("pix2pixhd", __doc__, steps=20000, crop=128,
                     lr_help="the core's --lr (default 2e-4): G at lr/2, D at 2 lr",
                     config_help="JSON overrides of the pix2pixhd config, e.g. '{\"ngf\": 12}'",
-                    out_help="the checkpoint to write (required unless --steps 0)",
-                    strip_help="at the end, keep only what rendering needs (no optimiser, random state, "
-                               "discriminator)")
-    ap.add_argument("--time-render", action="store_true", help="time the 256 x 256 render on one thread")
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
-
-    result: dict = {"kind": KIND}
-    t0 = time.perf_counter()
-    if args.steps > 0:
-        if not args.out:
-            ap.error("--out is required when training")
-        train_tiles, val, imgs, labs, v_imgs, v_labs = load_split(args.split)
-        out = run(KIND, args, imgs, labs, v_imgs, v_labs, config=json.loads(args.config), tiles=train_tiles,
-                  val_tiles=val)
-        result.update(pick(out, "checkpoint step stopped metrics features_source train_seconds steps_per_s "
-                                "checkpoint_mb"))
-    if args.time_render:
-        from napari_nucsynth.render.pix2pixhd import load_model
-
-        model, path = trained_or_default(KIND, args, load_model)
-        result["timed"] = "checkpoint" if path else "default config, untrained"
-        result["config"] = {k: v for k, v in model.config.items() if k in (
-            "ngf", "ngf_max", "n_down", "n_blocks", "n_local_blocks", "cca_recurrence", "noise_nc", "style_dim",
-            "tile")}
-        result.update(time_render(model, args.repeats))
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result))
+                    config_keys=("ngf", "ngf_max", "n_down", "n_blocks", "n_local_blocks", "cca_recurrence", "noise_nc",
+                                 "style_dim", "tile"),
+                    time_render=time_render)
 
 
 if __name__ == "__main__":
