@@ -193,6 +193,11 @@ def test_train_bad_input(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         train("hovernet", [np.zeros((64, 64, 3), np.uint8)], [np.zeros((64, 64), np.uint32)], steps=0,
               out=tmp_path / "x.pt")
+    for bad in ({"eval_every": -1}, {"save_every": 2.5}, {"preview_every": None}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number of steps"):
+            train("hovernet", [np.zeros((64, 64, 3), np.uint8)], [np.zeros((64, 64), np.uint32)], steps=1,
+                  out=tmp_path / "x.pt", **bad)
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_cli_train_then_segment(load_tile, tmp_path, capsys):

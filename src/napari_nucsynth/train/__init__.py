@@ -261,7 +261,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     steps : int
         Total optimisation steps (a resumed run continues up to this number).
     out : path
-        The checkpoint written every ``save_every`` steps, on stop and at the end (atomically).
+        The checkpoint written every ``save_every`` steps (0: only on stop and at the end), on stop and at the end
+        (atomically).
     resume : path, optional
         A checkpoint of the same kind to continue from (model, optimiser, step and random state).
     init : path, optional
@@ -283,8 +284,8 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     val_fraction : float
         Share of the images held out for validation (by image, seeded) unless ``val_images``/``val_labels`` are
         given; 0 for none. Validation runs the full inference (:attr:`ModelSpec.predict`) and reports AJI, PQ and
-        Dice (mean over images) every ``eval_every`` steps and at the end (models with a ``validate`` hook
-        report their own metrics).
+        Dice (mean over images) every ``eval_every`` steps (0: only at the end) and at the end (models with a
+        ``validate`` hook report their own metrics).
     preview_every : int
         For models with a ``preview`` hook (generators): every this many steps, a "preview" update carries what
         the model makes of the first held-out pair (of the first training pair when none is held out). 0: never.
@@ -318,6 +319,9 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if augment is not None and augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    for name, every in (("eval_every", eval_every), ("save_every", save_every), ("preview_every", preview_every)):
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+            raise ValueError(f"{name} must be a whole number of steps (0: only at the end), got {every!r}")
     if augment == "modality" and kind == "drit":
         raise ValueError("augment='modality' restains crops to other training images' stain modalities, which would "
                          "mix drit's stain domains: train drit with augment='basic'")
@@ -563,11 +567,11 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
             on_update(TrainUpdate("step", step, steps, losses=logs, seconds=time.perf_counter() - t0))
         if progress:
             progress(step, steps, f"step {step}/{steps}, loss {logs.get('loss', float('nan')):.3f}")
-        if step % eval_every == 0 or step == steps:
+        if (eval_every and step % eval_every == 0) or step == steps:
             validate(step)
         if preview_every and (step % preview_every == 0 or step == steps):
             preview(step)
-        if step % save_every == 0 and step < steps:
+        if save_every and step % save_every == 0 and step < steps:
             save(step)
     path = save(step)
     if dctx is not None:
