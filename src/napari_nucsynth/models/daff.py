@@ -56,7 +56,7 @@ from .._checks import SeedLike, as_classes, as_labels, as_points, as_shape
 from . import gan, register_model
 from ._rendering import seed_int
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
-from .pix2pixhd import Pix2PixHDGenerator, check_config, generator_kwargs, run_windows, seeded_noise
+from .pix2pixhd import Pix2PixHDGenerator, generator_kwargs, run_windows, seeded_noise
 
 __all__ = [
     "DAFF", "SPEC", "TRAIN_HINT", "build", "default_checkpoint", "default_config", "load_model", "point_maps",
@@ -492,11 +492,7 @@ _NON_NEGATIVE = ("n_local_blocks", "cca_recurrence", "n_classes", "z_nc", "noise
 
 def build(config: dict | None = None) -> DAFF:
     """A DAFF model of ``config`` (missing keys take :func:`default_config`'s values)."""
-    unknown = set(config or {}) - set(default_config())
-    if unknown:
-        raise ValueError(f"unknown daff config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
-    cfg = {**default_config(), **(config or {})}
-    check_config(cfg, "daff", _POSITIVE, _NON_NEGATIVE)
+    cfg = gan.merged_config(config, default_config(), "daff", positive=_POSITIVE, non_negative=_NON_NEGATIVE)
     if float(cfg["lambda_perc"]):
         raise ValueError("daff config 'lambda_perc' must be 0: the outputs are probability and distance maps, not "
                          "images, and have no perceptual loss")

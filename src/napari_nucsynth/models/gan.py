@@ -45,7 +45,7 @@ from . import ModelSpec, register_model
 __all__ = [
     "GAN_DEFAULTS", "SHIPPED_PREFIX", "GANModel", "MultiscaleDiscriminator", "PatchDiscriminator", "d_hinge",
     "discriminator_loss", "feature_matching", "features_for", "amp_dtype", "g_hinge", "gan_spec", "generator_loss",
-    "optimizers", "perceptual", "frozen", "load_generator", "shipped_state_dict", "train_step"
+    "optimizers", "perceptual", "frozen", "load_generator", "merged_config", "shipped_state_dict", "train_step"
 ]
 
 #: the core's configuration keys and defaults (a model's own config adds its keys to these)
@@ -351,6 +351,33 @@ def _not_a_segmenter(kind: str):
                          f"napari_nucsynth.render.render(labels, style, method={kind!r}, checkpoint=...) or "
                          f"`nucsynth render --method {kind}`")
     return predict
+
+
+def merged_config(config: dict | None, defaults: dict, name: str, *, positive: Sequence[str] = (),
+                  non_negative: Sequence[str] = (), record_features: bool = False) -> dict:
+    """A model's full config: ``config`` over ``defaults`` (a key ``defaults`` lacks is a ``ValueError`` listing the
+    known ones), the ``positive`` keys checked to be integers >= 1 and the ``non_negative`` ones >= 0. With
+    ``record_features``, the perceptual loss's feature network is recorded as ``"features_source"`` when absent,
+    in the result and in ``config`` itself (the training loop saves that dict in the checkpoint), without building
+    the network."""
+    extra = {"features_source"} if record_features else set()
+    unknown = set(config or {}) - set(defaults) - extra
+    if unknown:
+        raise ValueError(f"unknown {name} config key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    cfg = {**defaults, **(config or {})}
+    for key in positive:
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{name} config {key!r} must be a positive integer, got {cfg[key]!r}")
+    for key in non_negative:
+        if int(cfg[key]) < 0:
+            raise ValueError(f"{name} config {key!r} must be 0 or more, got {cfg[key]!r}")
+    if record_features and "features_source" not in cfg:
+        from .features import feature_source
+
+        cfg["features_source"] = feature_source(cfg["features"])
+        if config is not None:
+            config.setdefault("features_source", cfg["features_source"])
+    return cfg
 
 
 def gan_spec(kind: str, *, build: Callable[[dict], GANModel], default_config: Callable[[], dict],

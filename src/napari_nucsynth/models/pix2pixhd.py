@@ -385,30 +385,11 @@ _POSITIVE = ("ngf", "ngf_max", "n_down", "n_blocks", "cca_reduction", "style_dim
 _NON_NEGATIVE = ("n_local_blocks", "cca_recurrence", "noise_nc", "halo", "blend")
 
 
-def check_config(cfg: dict, name: str, positive: Sequence[str], non_negative: Sequence[str]) -> None:
-    """``ValueError`` for a config value that is not a (positive / non-negative) integer."""
-    for key in positive:
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{name} config {key!r} must be a positive integer, got {cfg[key]!r}")
-    for key in non_negative:
-        if int(cfg[key]) < 0:
-            raise ValueError(f"{name} config {key!r} must be 0 or more, got {cfg[key]!r}")
-
-
 def build(config: dict) -> Pix2PixHD:
     """A pix2pixHD model of ``config`` (missing keys take :func:`default_config`'s values). Records the perceptual
     loss's feature network in ``config["features_source"]`` when absent, without building the network."""
-    from .features import feature_source
-
-    unknown = set(config or {}) - set(default_config()) - {"features_source"}
-    if unknown:
-        raise ValueError(f"unknown pix2pixhd config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
-    cfg = {**default_config(), **(config or {})}
-    check_config(cfg, "pix2pixhd", _POSITIVE, _NON_NEGATIVE)
-    if "features_source" not in cfg:
-        cfg["features_source"] = feature_source(cfg["features"])
-        if config is not None:
-            config.setdefault("features_source", cfg["features_source"])
+    cfg = gan.merged_config(config, default_config(), "pix2pixhd", positive=_POSITIVE, non_negative=_NON_NEGATIVE,
+                            record_features=True)
     return Pix2PixHD(cfg)
 
 

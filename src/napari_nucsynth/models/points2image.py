@@ -805,15 +805,7 @@ _INT_KEYS = ("ngf", "ngf_max", "n_up", "style_dim", "ndf", "d_levels")
 
 def build(config: dict) -> Points2Image:
     """A Points2Image model of ``config`` (missing keys take :func:`default_config`'s values)."""
-    unknown = set(config or {}) - set(default_config())
-    if unknown:
-        raise ValueError(f"unknown points2image config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
-    cfg = {**default_config(), **(config or {})}
-    for key in _INT_KEYS:
-        if int(cfg[key]) < 1:
-            raise ValueError(f"points2image config {key!r} must be a positive integer, got {cfg[key]!r}")
-    if int(cfg["z_dim"]) < 0:
-        raise ValueError(f"points2image config 'z_dim' must be 0 or more, got {cfg['z_dim']!r}")
+    cfg = gan.merged_config(config, default_config(), "points2image", positive=_INT_KEYS, non_negative=("z_dim",))
     if not 0 <= int(cfg["noise_down"]) <= int(cfg["n_up"]):
         raise ValueError(f"points2image config 'noise_down' must be in [0, n_up] = [0, {cfg['n_up']}], got "
                          f"{cfg['noise_down']!r}")

@@ -557,21 +557,9 @@ def build(config: dict) -> SIAN:
     """A SIAN model of ``config`` (missing keys take :func:`default_config`'s values). Records the perceptual loss's
     feature network in ``config["features_source"]`` when absent (the training loop saves that dict in the
     checkpoint), without building the network."""
-    from .features import feature_source
-
-    unknown = set(config or {}) - set(default_config()) - {"features_source"}
-    if unknown:
-        raise ValueError(f"unknown SIAN config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
-    cfg = {**default_config(), **(config or {})}
-    for key in ("ngf", "ngf_max", "n_up", "style_dim", "nef", "enc_layers", "ndf", "d_layers", "num_d"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"SIAN config {key!r} must be a positive integer, got {cfg[key]!r}")
-    if int(cfg["noise_nc"]) < 0:
-        raise ValueError(f"SIAN config 'noise_nc' must be 0 or more, got {cfg['noise_nc']!r}")
-    if "features_source" not in cfg:
-        cfg["features_source"] = feature_source(cfg["features"])
-        if config is not None:
-            config.setdefault("features_source", cfg["features_source"])
+    cfg = gan.merged_config(config, default_config(), "SIAN", record_features=True,
+                            positive=("ngf", "ngf_max", "n_up", "style_dim", "nef", "enc_layers", "ndf", "d_layers",
+                                      "num_d"), non_negative=("noise_nc",))
     return SIAN(cfg)
 
 
