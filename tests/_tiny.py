@@ -99,3 +99,22 @@ def same_analysis(a, b) -> bool:
 
     return a.n_detected == b.n_detected and all(
         getattr(a, f).dtype == getattr(b, f).dtype and np.array_equal(getattr(a, f), getattr(b, f)) for f in _LAYOUT)
+
+
+def stopped_then_resumed_equals_straight(kind: str, imgs, labs, tmp_path, config: dict, **kw):
+    """Train ``kind`` 3 steps stopped after step 2, resume it to 3, and train 3 steps straight: assert the resumed
+    and the straight weights agree (same data, same random state) and return the stopped run's result."""
+    import torch
+
+    from napari_nucsynth.models import load_checkpoint
+    from napari_nucsynth.train import train
+
+    events: list = []
+    res = train(kind, imgs, labs, steps=3, out=tmp_path / "a.pt", config=dict(config), seed=1,
+                on_update=events.append, should_stop=lambda: sum(e.kind == "step" for e in events) >= 2, **kw)
+    assert res.step == 2 and res.stopped
+    res2 = train(kind, imgs, labs, steps=3, out=tmp_path / "b.pt", resume=res.path, **kw)
+    full = train(kind, imgs, labs, steps=3, out=tmp_path / "c.pt", config=dict(config), seed=1, **kw)
+    a, b = load_checkpoint(full.path)["state_dict"], load_checkpoint(res2.path)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    return res

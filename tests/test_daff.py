@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _tiny import lively
+from _tiny import lively, stopped_then_resumed_equals_straight
 from scipy import ndimage as ndi
 
 from napari_nucsynth.masks import distance_map, sample_masks
@@ -208,16 +208,9 @@ def test_train_checkpoint_resume_validation_and_preview(load_tile, tmp_path):
 
     img, lab = load_tile(TILE)
     imgs, labs = [img[:128, :128], img[128:256, :128]], [lab[:128, :128], lab[128:256, :128]]
-    kw = {"batch_size": 2, "crop": 64, "val_fraction": 0, "lr": 2e-4}
+    stopped_then_resumed_equals_straight("daff", imgs, labs, tmp_path, TINY, batch_size=2, crop=64, val_fraction=0,
+                                         lr=2e-4)
     events = []
-    res = train("daff", imgs, labs, steps=3, out=tmp_path / "a.pt", config=dict(TINY), seed=1,
-                on_update=events.append, should_stop=lambda: sum(e.kind == "step" for e in events) >= 2, **kw)
-    assert res.step == 2 and res.stopped
-    res2 = train("daff", imgs, labs, steps=3, out=tmp_path / "b.pt", resume=res.path, **kw)
-    full = train("daff", imgs, labs, steps=3, out=tmp_path / "c.pt", config=dict(TINY), seed=1, **kw)
-    a, b = load_checkpoint(full.path)["state_dict"], load_checkpoint(res2.path)["state_dict"]
-    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
-    events.clear()
     res3 = train("daff", imgs, labs, steps=1, out=tmp_path / "d.pt", config=dict(TINY), batch_size=1, crop=64,
                  val_fraction=0.5, eval_every=1, preview_every=1, on_update=events.append)
     m = res3.metrics
