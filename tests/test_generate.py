@@ -257,3 +257,32 @@ def test_synthetic_pairs_from_clicks_in_their_own_style(bank):
     assert np.array_equal(mixed[0], lib[0]) and np.array_equal(mixed[1], proc[1])
     with pytest.raises(ValueError, match="'mixed'"):
         synthetic_pairs(1, 64, imgs, layouts="grid")
+
+
+def test_a_failed_write_stops_the_run_and_keeps_the_pairs_before_it(bank, tmp_path, monkeypatch):
+    """The one-process run writes each pair in a writer thread while the next renders: a write that fails (a full
+    disk) is raised by generate, the pairs before it stay listed and readable, none after it is written, and a
+    resumed run completes the dataset as a straight one."""
+    from napari_nucsynth.io import export
+
+    kw = {"random_points": True, "size": SIZE, "seed": 3}
+    ref = tmp_path / "ref"
+    generate(5, bank, ref, **kw)
+    real_add, calls = export.PairAppender.add, []
+
+    def add(self, pid, *args, **kwargs):
+        calls.append(pid)
+        if pid == pair_id(2):
+            raise OSError(28, "No space left on device")
+        return real_add(self, pid, *args, **kwargs)
+
+    monkeypatch.setattr(export.PairAppender, "add", add)
+    ds = tmp_path / "ds"
+    with pytest.raises(OSError, match="No space"):
+        generate(5, bank, ds, **kw)
+    assert calls == [pair_id(i) for i in range(3)]  # nothing submitted after the failed write
+    m = read_manifest(ds)
+    assert not m["complete"] and [p["id"] for p in m["pairs"]] == [pair_id(0), pair_id(1)]
+    monkeypatch.setattr(export.PairAppender, "add", real_add)
+    m = generate(5, bank, ds, resume=True, **kw)
+    assert m["complete"] and _same(_pairs(ds), _pairs(ref))

@@ -678,9 +678,11 @@ def _make_dataset(cfg, points_data, n, out, styles, points_from, fmt, resume, wo
     stopped = False
     last = time.monotonic()
 
-    def _write(index, image, labels, n_points, plan):
-        nonlocal done, last
+    def _add(index, image, labels, n_points, plan):
         app.add(pair_id(index), image, labels, None, {**plan, "n_points": n_points})
+
+    def _written(index):
+        nonlocal done, last
         done += 1
         if time.monotonic() - last >= flush_every:
             app.flush()
@@ -688,21 +690,54 @@ def _make_dataset(cfg, points_data, n, out, styles, points_from, fmt, resume, wo
         if progress is not None:
             progress(done, n, f"wrote {pair_id(index)}")
 
+    def _write(index, image, labels, n_points, plan):
+        _add(index, image, labels, n_points, plan)
+        _written(index)
+
     try:
         if workers == 1:
-            _init_worker(cfg, points_data)
-            for i in todo:
-                if should_stop is not None and should_stop():
-                    stopped = True
-                    break
-                plan = _plan(cfg, i)
-                _, image, labels, n_points = _work(plan)
-                _write(i, image, labels, n_points, plan)
+            stopped = _run_in_process(cfg, points_data, todo, _add, _written, should_stop)
         else:
             stopped = pool.run(cfg, todo, _write, should_stop)
     finally:
         app.flush(complete=(not stopped) and all(pair_id(i) in app for i in range(n)))
     return app.manifest
+
+
+def _run_in_process(cfg, points_data, todo, add, written, should_stop) -> bool:
+    """Render ``todo`` in this process, each pair's files written by one writer thread while the next pair renders
+    (image encoders release the GIL: on two cores the writes cost the run almost no time). ``add`` (the files and
+    the manifest entry) runs in the thread, one pair at a time and in index order; ``written`` (manifest flushes,
+    progress) runs here once the pair's files are complete, so the manifest is never written while a pair is being
+    added. True when stopped (a stop asked for while a pair renders leaves that pair unwritten, as before the writer
+    thread); a write's error is raised here, after which no later pair is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _init_worker(cfg, points_data)
+    pending = None  # (index, future) of the pair being written
+
+    def finish():
+        nonlocal pending
+        if pending is not None:
+            index, fut = pending
+            pending = None
+            fut.result()
+            written(index)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nucsynth-writer") as writer:
+        try:
+            for i in todo:
+                if should_stop is not None and should_stop():
+                    return True
+                plan = _plan(cfg, i)
+                _, image, labels, n_points = _work(plan)
+                finish()
+                if should_stop is not None and should_stop():  # asked while this pair rendered: not written
+                    return True
+                pending = (i, writer.submit(add, i, image, labels, n_points, plan))
+            return False
+        finally:
+            finish()
 
 
 class _Pool:

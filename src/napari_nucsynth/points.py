@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import least_squares
 from scipy.special import pdtr
 from scipy.spatial import cKDTree
 
@@ -568,6 +567,8 @@ def _contrast_fit(r: np.ndarray, k: np.ndarray, lower: np.ndarray, upper: np.nda
     best = None
     for s0 in np.linspace(lower[1], upper[1], 5)[1:-1]:
         x0 = np.clip([start0, s0], lower + 1e-6, upper - 1e-6)
+        from scipy.optimize import least_squares  # only fits need it (and it is 50 ms of every start-up)
+
         sol = least_squares(resid, x0, bounds=(lower, upper))
         if best is None or sol.cost < best.cost:
             best = sol
