@@ -48,7 +48,7 @@ def main() -> None:
                     lr_help="the core's --lr (default 2e-4): G at lr/2, D at 2 lr",
                     config_help="JSON overrides of the pix2pixhd config, e.g. '{\"ngf\": 12}'",
                     config_keys=("ngf", "ngf_max", "n_down", "n_blocks", "n_local_blocks", "cca_recurrence", "noise_nc",
-                                 "style_dim", "tile"),
+                                 "style_dim", "style_source", "tile"),
                     time_render=time_render)
 
 

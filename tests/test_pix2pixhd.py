@@ -121,11 +121,44 @@ def test_registered_modules_and_conditioning():
 def test_build_records_features_and_rejects_bad_config():
     cfg = dict(TINY)
     P.build(cfg)
-    assert cfg["features_source"].startswith("hovernet:")
+    assert cfg["features_source"].startswith("hovernet:") and cfg["style_source"] == "code"
     with pytest.raises(ValueError, match="unknown pix2pixhd config"):
         P.build({**TINY, "width": 3})
     with pytest.raises(ValueError, match="'ngf' must be a positive"):
         P.build({**TINY, "ngf": 0})
+    with pytest.raises(ValueError, match="'style_source' must be one of"):
+        P.build({**TINY, "style_source": "vgg"})
+    with pytest.raises(ValueError, match="'lambda_style' must be a number >= 0"):
+        P.build({**TINY, "lambda_style": -1})
+
+
+def test_stain_code_style_is_the_reference_statistics(tiny, load_tile):
+    """The default style path: the style vector is a function of the reference's 12-number stain code (nuclei
+    from its labels when given, else detected), so a reference with the same statistics gives the same style and
+    another stain another one; the style labels reach it through the renderer."""
+    from napari_nucsynth.models.points2image import style_code
+
+    assert tiny.config["style_source"] == "code" and isinstance(tiny.encoder, P.StyleCodeMLP)
+    img, lab = load_tile(TILE)
+    img, lab = img[:96, :96], lab[:96, :96]
+    z = P.style_vector(tiny, img, nuclei=lab)
+    # the same pixels in another order (nuclei moved with them): the same statistics, the same style
+    perm = np.random.default_rng(0).permutation(96 * 96)
+    z_perm = P.style_vector(tiny, img.reshape(-1, 3)[perm].reshape(96, 96, 3),
+                            nuclei=lab.reshape(-1)[perm].reshape(96, 96))
+    assert np.allclose(z, z_perm, atol=1e-5)
+    paler = (255 - (255 - img.astype(np.int16)) // 2).astype(np.uint8)  # half the optical density
+    assert not np.allclose(style_code(paler, lab), style_code(img, lab))
+    assert np.abs(P.style_vector(tiny, paler, nuclei=lab) - z).max() > 1e-3
+    # deterministic: the seed and sampling do not move it; nuclei=None detects them
+    assert np.array_equal(P.style_vector(tiny, img, 5, sample=True, nuclei=lab), z)
+    z_det = P.style_vector(tiny, img)
+    mu, logvar = P.encode_style(tiny, img)
+    assert np.array_equal(z_det, mu) and not logvar.any()
+    with_labels = P.render(tiny, lab[:48, :48], img, seed=3, style_labels=lab)
+    detected = P.render(tiny, lab[:48, :48], img, seed=3)
+    assert np.array_equal(with_labels, P.render(tiny, lab[:48, :48], img, seed=3, style_labels=lab))
+    assert not np.array_equal(with_labels, detected) or np.allclose(z, z_det)
 
 
 def test_style_and_attention_change_the_image(tiny):
@@ -204,13 +237,14 @@ def _batch(lab, img, n=2):
     return batch
 
 
-def test_losses_move_in_the_right_direction(load_tile):
+@pytest.mark.parametrize("source", P.STYLE_SOURCES)
+def test_losses_move_in_the_right_direction(load_tile, source):
     from napari_nucsynth.models import gan
 
     img, lab = load_tile(TILE)
     batch = _batch(lab[:64, :64], img[:64, :64])
     torch.manual_seed(0)
-    model = P.build(dict(TINY)).train()
+    model = P.build({**TINY, "style_source": source}).train()
     opts = get_model("pix2pixhd").optimizers(model, 1e-3)
     assert opts["g"].param_groups[0]["lr"] == 5e-4 and opts["d"].param_groups[0]["lr"] == 2e-3
 
@@ -241,7 +275,10 @@ def test_losses_move_in_the_right_direction(load_tile):
         opts["g"].step()
     g1 = g_loss()
     assert g1["loss"] < g0["loss"] and g1["g_perc"] < g0["g_perc"]
-    assert set(logs) == {"loss", "g_gan", "g_fm", "g_perc", "g_kld"}
+    # the stain-code model is taught the colours it is told; the encoder model has its KL term
+    assert set(logs) == {"loss", "g_gan", "g_fm", "g_perc", "g_style" if source == "code" else "g_kld"}
+    if source == "code":
+        assert g1["g_style"] < g0["g_style"]
     # every trained part gets gradients: the attention's gamma too
     assert model.generator.global_net.cca.cca.gamma.grad is not None
     logs = get_model("pix2pixhd").train_step(model, batch, opts, 0)

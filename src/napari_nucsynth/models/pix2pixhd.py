@@ -30,11 +30,24 @@ module holds the generator, used twice: here to render instance masks as H&E, an
   included: the edges of touching nuclei and of each nucleus against the background,
   ``skimage.segmentation.find_boundaries(mode="thick")``), plus ``noise_nc`` channels of seeded noise (a hash of
   the seed and the global pixel position, :func:`napari_nucsynth.models.sian.hash_normal`, so windows agree).
-- **Style**: as SIAN (:mod:`napari_nucsynth.models.sian`, whose :class:`~napari_nucsynth.models.sian.StyleEncoder`
-  this reuses): a VAE-style encoder of the reference tile (stride-2 convolutions, the spatial mean and standard
-  deviation of the last features, ``mu`` and ``logvar`` of a ``style_dim`` vector, KL x ``lambda_kld``). At
-  inference the style is the reference's mean ``mu`` (or a sample from the seed); two styles can be blended
-  (:func:`interpolate_styles`, the Render widget's style slider).
+- **Style** (``style_source``), two designs:
+
+  - ``"code"`` (the default): the reference's stain statistics themselves,
+    :func:`napari_nucsynth.models.points2image.style_code`'s 12 numbers (mean and standard deviation of the H, E
+    and D optical densities inside the nuclei and in the background; the nuclei are the reference's labels when
+    given, else detected), mapped by a small MLP (:class:`StyleCodeMLP`) to the ``style_dim`` vector; in training
+    the code of the real crop with its true nuclei, and a *style loss* (``lambda_style``: the L1 distance between
+    the code of the fake, measured on the same nuclei, and the code it was given) makes the generator render the
+    colours it is told. Deterministic (``sample_style`` changes nothing). The first full run with the encoder
+    below rendered every reference in the same pink (docs/daff.md): a stain code the generator must reproduce
+    cannot be ignored as a learned encoding can;
+  - ``"encoder"``: as SIAN (:mod:`napari_nucsynth.models.sian`, whose
+    :class:`~napari_nucsynth.models.sian.StyleEncoder` this reuses): a VAE-style encoder of the reference tile
+    (stride-2 convolutions, the spatial mean and standard deviation of the last features, ``mu`` and ``logvar`` of
+    a ``style_dim`` vector, KL x ``lambda_kld``); at inference the reference's mean ``mu`` (or a sample from the
+    seed).
+
+  Either way two styles can be blended (:func:`interpolate_styles`, the Render widget's style slider).
 - **Training** on the GAN core (:mod:`napari_nucsynth.models.gan`): pix2pixHD's multi-scale PatchGAN sees the
   conditioning beside the image; hinge loss (pix2pixHD uses LSGAN), discriminator feature matching x 10,
   perceptual loss x 10 in a frozen feature network (by default the shipped segmenter's encoder; pix2pixHD's
@@ -60,7 +73,8 @@ from . import _rendering, gan
 from .blocks import RecurrentCrissCross
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
 from ._rendering import center_crop, device_of, padded_conditioning, run_windows, window_model
-from .sian import StyleEncoder, _init, encode_style, hash_normal, style_vector
+from . import sian
+from .sian import StyleEncoder, _init, hash_normal
 
 __all__ = [
     "COND_NC", "Pix2PixHD", "Pix2PixHDGenerator", "SPEC", "build", "conditioning", "default_config",
@@ -69,6 +83,8 @@ __all__ = [
 
 #: conditioning channels: semantic map, instance boundary (edge) map
 COND_NC = 2
+#: the designs of the style path (see the module docstring)
+STYLE_SOURCES = ("code", "encoder")
 #: pix2pixHD's and SPADE's --lr (the generator trains at half of it, the discriminator at twice it)
 DEFAULT_LR = 2e-4
 
@@ -84,7 +100,9 @@ def default_config() -> dict:
       residual blocks of the enhancer; ``cca_reduction``, ``cca_recurrence``: CCNet's query/key reduction and
       number of passes (0 passes: no attention);
     - ``noise_nc``: seeded noise channels at the input (0: none); ``style_dim``: length of the style vector;
-      ``nef``, ``enc_layers``: the style encoder's width and depth; ``lambda_kld``: weight of its KL term;
+      ``style_source``: ``"code"`` (the reference's 12-number stain code through an MLP, with the style loss
+      x ``lambda_style``) or ``"encoder"`` (a learned VAE encoder of the reference: ``nef``, ``enc_layers``, its
+      width and depth; ``lambda_kld``, the weight of its KL term);
     - the GAN core's keys (:data:`napari_nucsynth.models.gan.GAN_DEFAULTS`);
     - ``tile``: outputs larger than this (px) are generated in windows; ``halo``: the margin of each window not
       kept; ``blend``: width of the cross-fade between windows.
@@ -93,7 +111,8 @@ def default_config() -> dict:
         **GAN_DEFAULTS,
         "ngf": 16, "ngf_max": 128, "n_down": 3, "n_blocks": 4, "n_local_blocks": 2,
         "cca_reduction": 8, "cca_recurrence": 2,
-        "noise_nc": 2, "style_dim": 64, "nef": 16, "enc_layers": 5, "lambda_kld": 0.05,
+        "noise_nc": 2, "style_dim": 64, "style_source": "code", "lambda_style": 2.0,
+        "nef": 16, "enc_layers": 5, "lambda_kld": 0.05,
         "tile": 1024, "halo": 64, "blend": 32,
     }
 
@@ -233,6 +252,20 @@ def generator_kwargs(cfg: dict) -> dict:
 # the model
 
 
+class StyleCodeMLP(nn.Module):
+    """The ``"code"`` style path: a reference's 12-number stain code
+    (:func:`napari_nucsynth.models.points2image.style_code`) -> N x ``style_dim`` style vector (two linear layers)."""
+
+    def __init__(self, style_dim: int, hidden: int = 64):
+        super().__init__()
+        from .points2image import STYLE_NC
+
+        self.net = nn.Sequential(nn.Linear(STYLE_NC, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, style_dim))
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.net(code.float())
+
+
 class Pix2PixHD(GANModel):
     """Style encoder, generator and discriminator in one module (one state dict, one checkpoint), trained on the
     GAN core; ``ema`` holds the moving averages of the encoder and generator, which render."""
@@ -243,7 +276,10 @@ class Pix2PixHD(GANModel):
         super().__init__()
         self.config = dict(config)
         cfg = self.config
-        self.encoder = StyleEncoder(int(cfg["nef"]), int(cfg["enc_layers"]), int(cfg["style_dim"]))
+        if cfg["style_source"] == "code":
+            self.encoder = StyleCodeMLP(int(cfg["style_dim"]))
+        else:
+            self.encoder = StyleEncoder(int(cfg["nef"]), int(cfg["enc_layers"]), int(cfg["style_dim"]))
         self.generator = Pix2PixHDGenerator(COND_NC + int(cfg["noise_nc"]), 3, style_dim=int(cfg["style_dim"]),
                                             **generator_kwargs(cfg))
         self.discriminator = MultiscaleDiscriminator(COND_NC + 3, int(cfg["ndf"]), int(cfg["d_layers"]),
@@ -262,18 +298,35 @@ class Pix2PixHD(GANModel):
 
     def generate(self, batch: dict, cond: torch.Tensor, real: torch.Tensor, *,
                  ema: bool = False) -> tuple[torch.Tensor, dict]:
-        """Training forward pass: the style sampled from the encoding of ``real`` (reparameterised), fresh noise
-        channels; returns the fake in [-1, 1] and the weighted KL term."""
+        """Training forward pass with fresh noise channels; returns the fake in [-1, 1] and the weighted extra
+        generator terms. ``"code"``: the style from the stain code of ``real`` on its true nuclei, and the style
+        loss (``g_style``); ``"encoder"``: the style sampled from the encoding of ``real`` (reparameterised) and
+        the KL term (``g_kld``)."""
         enc, gen = (self.ema["encoder"], self.ema["generator"]) if ema else (self.encoder, self.generator)
-        mu, logvar = enc(real)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(self.config["lambda_kld"])
+        code = None
+        if self.config["style_source"] == "code":
+            from .points2image import style_code_torch
+
+            with torch.no_grad():
+                code = style_code_torch((real.float() + 1) / 2, batch["semantic"].float())
+            z, extra = enc(code), {}
+        else:
+            mu, logvar = enc(real)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            kld = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+            extra = {"g_kld": kld * float(self.config["lambda_kld"])}
         x = cond
         nz = int(self.config["noise_nc"])
         if nz:
             n, _, h, w = cond.shape
             x = torch.cat([cond, torch.randn(n, nz, h, w, device=cond.device, dtype=cond.dtype)], 1)
-        return gen(x, z), {"g_kld": kld}
+        fake = gen(x, z)
+        if code is not None and float(self.config["lambda_style"]) > 0:
+            from .points2image import _style_loss
+
+            extra["g_style"] = _style_loss((fake.float() + 1) / 2, batch["semantic"].float(), code) * \
+                float(self.config["lambda_style"])
+        return fake, extra
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,7 +357,7 @@ def validate(model: Pix2PixHD, images: Sequence[np.ndarray], labels: Sequence[np
     net = gan.features_for(model, device)
     for img, lab in list(zip(images, labels))[:max_pairs]:
         im, lb = center_crop(np.asarray(img), np.asarray(lab), crop)
-        out = _render_float(model, lb, style_vector(model, im), 0)
+        out = _render_float(model, lb, style_vector(model, im, nuclei=lb), 0)
         with torch.no_grad():
             fake = torch.from_numpy(out.transpose(2, 0, 1))[None].to(device)
             real = torch.from_numpy(im.transpose(2, 0, 1).astype(np.float32) / 255)[None].to(device)
@@ -316,11 +369,36 @@ def validate(model: Pix2PixHD, images: Sequence[np.ndarray], labels: Sequence[np
 def preview(model: Pix2PixHD, image: np.ndarray, labels: np.ndarray, device) -> np.ndarray:
     """What the generator makes of a held-out pair's labels in its own style (centre 512 x 512 at most, seed 0)."""
     im, lb = center_crop(np.asarray(image), np.asarray(labels), 512)
-    return render(model, lb, im, seed=0)
+    return render(model, lb, im, seed=0, style_labels=lb)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inference
+
+
+def encode_style(model: Pix2PixHD, image, nuclei=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, logvar)`` (float32 vectors of length ``style_dim``) of a style reference image (RGB uint8; grey,
+    RGBA, float in [0, 1] and uint16 are converted). ``"code"`` models: the MLP of the image's stain code, its
+    nuclei ``nuclei`` (labels or a mask of the image's shape) or, when None, detected; ``logvar`` is then zeros
+    (the style is deterministic). ``"encoder"`` models: SIAN's encoding of the image (``nuclei`` unused)."""
+    if model.config["style_source"] != "code":
+        return sian.encode_style(model, image)
+    from .points2image import style_code
+
+    code = torch.from_numpy(style_code(image, nuclei))[None].to(device_of(model))
+    with torch.no_grad():
+        mu = model.inference("encoder")(code)[0].float().cpu().numpy()
+    return mu, np.zeros_like(mu)
+
+
+def style_vector(model: Pix2PixHD, image, seed: SeedLike = None, *, sample: bool = False,
+                 nuclei=None) -> np.ndarray:
+    """The style vector of a reference (see :func:`encode_style`): ``"code"`` models, the MLP of its stain code
+    (``seed`` and ``sample`` change nothing); ``"encoder"`` models, SIAN's mean or (``sample=True``) a sample drawn
+    from ``seed``."""
+    if model.config["style_source"] != "code":
+        return sian.style_vector(model, image, seed, sample=sample)
+    return encode_style(model, image, nuclei)[0]
 
 
 def seeded_noise(seed: int, channels: int, r0: int, c0: int, h: int, w: int, *, stream0: int = 0) -> np.ndarray:
@@ -357,13 +435,19 @@ def _render_float(model: Pix2PixHD, labels, style: np.ndarray, seed: int, *, til
                         halo=int(cfg["halo"]), blend=int(cfg["blend"]), progress=progress, should_stop=should_stop)
 
 
-def render(model: Pix2PixHD, labels, style_image, seed: SeedLike = None, *, sample_style: bool = False,
-           tile: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+def render(model: Pix2PixHD, labels, style_image, seed: SeedLike = None, *, style_labels=None,
+           sample_style: bool = False, tile: int | None = None,
+           progress: Callable[[int, int, str], None] | None = None,
            should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Render instance ``labels`` (any size: windows of ``tile`` px beyond it) in the style of ``style_image``
     with a trained pix2pixHD model (on its device): the parameters and result of
-    :func:`napari_nucsynth.models.sian.render`, the seed drawing the noise channels (and the style sample)."""
-    return _rendering.render_styled(_render_float, style_vector, model, labels, style_image, seed,
+    :func:`napari_nucsynth.models.sian.render`, the seed drawing the noise channels (and the style sample of an
+    ``"encoder"`` model). ``style_labels``: the reference's nuclei, which a ``"code"`` model measures its stain
+    code on (detected when None)."""
+    def vector(m, image, s, sample=False):
+        return style_vector(m, image, s, sample=sample, nuclei=style_labels)
+
+    return _rendering.render_styled(_render_float, vector, model, labels, style_image, seed,
                                     sample_style=sample_style, tile=tile, progress=progress, should_stop=should_stop)
 
 
@@ -382,14 +466,27 @@ def interpolate_styles(model: Pix2PixHD, labels, style_a, style_b, t, seed: Seed
 
 _POSITIVE = ("ngf", "ngf_max", "n_down", "n_blocks", "cca_reduction", "style_dim", "nef", "enc_layers", "ndf",
              "d_layers", "num_d", "tile")
+_NON_NEGATIVE_FLOATS = ("lambda_style", "lambda_kld")
 _NON_NEGATIVE = ("n_local_blocks", "cca_recurrence", "noise_nc", "halo", "blend")
 
 
 def build(config: dict) -> Pix2PixHD:
     """A pix2pixHD model of ``config`` (missing keys take :func:`default_config`'s values). Records the perceptual
-    loss's feature network in ``config["features_source"]`` when absent, without building the network."""
+    loss's feature network in ``config["features_source"]`` and the style design in ``config["style_source"]``
+    when absent (what the training loop saves), without building the feature network."""
     cfg = gan.merged_config(config, default_config(), "pix2pixhd", positive=_POSITIVE, non_negative=_NON_NEGATIVE,
                             record_features=True)
+    if cfg["style_source"] not in STYLE_SOURCES:
+        raise ValueError(f"pix2pixhd config 'style_source' must be one of {STYLE_SOURCES}, got {cfg['style_source']!r}")
+    if config is not None:  # recorded, as the feature network is, so a checkpoint says which design it holds
+        config.setdefault("style_source", cfg["style_source"])
+    for key in _NON_NEGATIVE_FLOATS:
+        try:
+            ok = float(cfg[key]) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"pix2pixhd config {key!r} must be a number >= 0, got {cfg[key]!r}")
     return Pix2PixHD(cfg)
 
 

@@ -1,6 +1,6 @@
 """The ``pix2pixhd`` renderer: DAFF-GAN's masks -> H&E generator (:mod:`napari_nucsynth.models.pix2pixhd`), a
-pix2pixHD-style coarse-to-fine generator with criss-cross attention, renders instance masks in the style encoded
-from a reference tile.
+pix2pixHD-style coarse-to-fine generator with criss-cross attention, renders instance masks in the style of a
+reference tile (its stain statistics, or a learned encoding of it, per the model's ``style_source``).
 
 Without ``checkpoint`` it runs the model shipped with the package (``data/models/pix2pixhd_monuseg.pt``) when there
 is one; otherwise it says how to train one. Loaded models are cached per (path, modification time, device). The
@@ -49,7 +49,7 @@ class Pix2PixHDRenderer:
 
     name = "pix2pixhd"
     description = ("pix2pixHD generator with criss-cross attention (DAFF-GAN): needs a trained checkpoint; the "
-                   "style is encoded from the reference image")
+                   "style is the reference's stain statistics")
     needs_checkpoint = True
     default_checkpoint = default_checkpoint()
 
@@ -57,16 +57,17 @@ class Pix2PixHDRenderer:
                  checkpoint=None, progress=None, should_stop=None) -> np.ndarray:
         """Render ``labels`` in the style of ``style``; see :func:`napari_nucsynth.render.render`.
 
-        ``style_labels`` are checked (same shape as ``style``) but not used: the style is encoded from the image
-        alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
+        ``style_labels`` (same shape as ``style``): the reference's nuclei, on which a model with the stain-code
+        style (``style_source`` "code", the default) measures the code (detected when None); a model with the
+        learned encoder encodes the image alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
         trains one.
         """
-        lab, sty, _ = check_render_inputs(labels, style, style_labels)
+        lab, sty, sty_lab = check_render_inputs(labels, style, style_labels)
         from ..devices import resolve_device
         from ..models.pix2pixhd import render
 
         model = load_model(_resolve(checkpoint), resolve_device(device))
-        return render(model, lab, sty, seed=seed, progress=progress, should_stop=should_stop)
+        return render(model, lab, sty, seed=seed, style_labels=sty_lab, progress=progress, should_stop=should_stop)
 
     def interpolate(self, labels, style_a, style_b, t, *, seed: SeedLike = None, device: str = "auto",
                     checkpoint=None, progress=None, should_stop=None):
