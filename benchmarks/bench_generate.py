@@ -220,7 +220,7 @@ def crash(bank: Path, root: Path, n: int, kill_after: int, workers: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40, help="pairs of the throughput run")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default=2, help="a count or auto")
     ap.add_argument("--tiles", type=int, default=8, help="style tiles in the bank")
     ap.add_argument("--export-count", type=int, default=100, help="writes per format (extrapolated to 1,000)")
     ap.add_argument("--crash-n", type=int, default=24)

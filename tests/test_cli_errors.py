@@ -210,3 +210,15 @@ def test_io_names_the_file(files):
         read_image(files / "missing.png")
     with pytest.raises(ValueError, match=r"points: no extension; a napari points CSV file must end in \.csv"):
         check_output(files / "points", "points")
+
+
+def test_generate_workers_takes_a_count_or_auto():
+    from napari_nucsynth.cli import build_parser
+
+    p = build_parser()
+    base = ["generate", "--n", "1", "--styles", "s", "--out", "o"]
+    assert p.parse_args(base).workers == "auto"  # the default
+    assert p.parse_args([*base, "--workers", "3"]).workers == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            p.parse_args([*base, "--workers", bad])

@@ -331,3 +331,30 @@ def test_block_means_equal_numpy_mean():
             want = x.reshape(h // 4, 4, w // 4, 4, c).mean((1, 3))
             got = P._block_means(x, 4)
             assert got.dtype == want.dtype and np.array_equal(got, want), (h, w, c)
+
+
+def test_auto_workers_follow_the_work_the_run_has_left(cache, bank, monkeypatch):
+    """``workers="auto"``: one process for a short run (the styles analysed) or a learned renderer or one core;
+    one per core (at most 4) when new style tiles make the run long enough to pay for the workers' start-up."""
+    kw = dict(points_from=None, random_points=True, library_transforms=True, checkpoint=None, fmt="png", seed=2,
+              domains=None, device="cpu", process="cluster", n_transforms=3)
+    cfg, _ = G._config(120, bank, method="classic", size=[256, 256], **kw)
+    monkeypatch.setattr(G, "_cpu_count", lambda: 2)
+    assert len(G._styles_needed(cfg, range(120))) == 3  # 120 pairs (2.4 CPU s) + 3 new tiles (0.9 s) > 3 s
+    assert G.auto_workers(cfg, range(120)) == 2
+    assert G.auto_workers(cfg, range(60)) == 1  # half the pairs: 2.1 s
+    monkeypatch.setattr(P, "is_analysed", lambda *a: True)
+    assert G.auto_workers(cfg, range(120)) == 1  # the same run, every style analysed: 2.4 s
+    assert G.auto_workers(cfg, range(1000)) == 2  # a long one
+    assert G.auto_workers({**cfg, "size": [1024, 1024]}, range(10)) == 2  # 16 x the pixels a pair
+    monkeypatch.setattr(G, "_cpu_count", lambda: 16)
+    assert G.auto_workers(cfg, range(1000)) == G._AUTO_MAX_WORKERS
+    assert G.auto_workers(cfg, []) == 1
+    monkeypatch.setattr(G, "_cpu_count", lambda: 1)
+    assert G.auto_workers(cfg, range(1000)) == 1
+    monkeypatch.setattr(G, "_cpu_count", lambda: 2)
+    assert G.auto_workers({**cfg, "method": "adain"}, range(1000)) == 1  # torch's threads, one process
+    with pytest.raises(ValueError, match="workers must be an integer"):
+        G.generate(2, bank, bank.parent / "x", workers="many", random_points=True)
+    m = G.generate(2, bank, bank.parent / "auto", workers="auto", random_points=True, size=(64, 64))
+    assert m["complete"] and len(m["pairs"]) == 2

@@ -20,7 +20,7 @@
                      a "model soup": the uniform mean of runs fine-tuned from the same weights
     nucsynth generate --n N --styles DIR --out DATASET [--points-from DIR] [--random-points] [--no-transforms]
                       [--method M] [--checkpoint C] [--size H W] [--format hovernet|coco|cellpose|stardist|png]
-                      [--seed N] [--workers K] [--domains K] [--resume]
+                      [--seed N] [--workers K|auto] [--domains K] [--resume]
     nucsynth regenerate DATASET ID [--out FILE_PREFIX]   make one pair again and compare it with the stored one
     nucsynth napari            open napari with the plugin's sample data and the Points to masks widget
 
@@ -608,10 +608,24 @@ def _check_styles(styles: Path) -> None:
                          f"written (remove or replace them): {'; '.join(bad)}")
 
 
-def _generate(args) -> int:
-    from .generate import generate
+def _workers(text: str):
+    """``--workers``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}")
+    return k
 
-    _check_memory("--size", args.size, "generate", processes=max(1, args.workers))
+
+def _generate(args) -> int:
+    from .generate import _AUTO_MAX_WORKERS, _cpu_count, generate
+
+    most = min(_cpu_count(), _AUTO_MAX_WORKERS) if args.workers == "auto" else args.workers
+    _check_memory("--size", args.size, "generate", processes=max(1, most))
     _check_styles(Path(args.styles))
     if args.checkpoint is not None and Path(args.checkpoint).is_file():
         from .models import load_checkpoint
@@ -818,7 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     p.add_argument("--format", default="png", choices=FORMATS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="rendering processes, or 'auto' (the default: one for a short run or a learned renderer, "
+                        "else one per CPU core, at most 4)")
     p.add_argument("--domains", type=int, default=None,
                    help="cluster the style tiles into K stain domains and sample them evenly")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")

@@ -447,6 +447,45 @@ def _prefetch(style: int) -> str | None:
 # generate
 
 
+#: CPU seconds of one 256 x 256 classic pair (layout, masks, render, files) and of analysing a new 1000 x 1000
+#: style tile, on this project's 2-core machine (docs/benchmarks.md, "Fresh and analysed styles")
+_PAIR_CPU_S, _TILE_CPU_S = 0.02, 0.3
+#: a run shorter than this (CPU seconds in one process) is made in one: a spawned worker's start-up (about 1 s of
+#: imports) would not pay back
+_AUTO_MIN_CPU_S = 3.0
+_AUTO_MAX_WORKERS = 4
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cfg: dict, todo) -> int:
+    """The worker processes ``workers="auto"`` uses for pairs ``todo`` of a run's settings ``cfg``: 1 with one CPU
+    core, a learned renderer (torch uses the cores within one process) or a run estimated (from its pairs' size and
+    the style tiles the disk cache does not hold yet) at most :data:`_AUTO_MIN_CPU_S` CPU seconds; else one per
+    core, at most :data:`_AUTO_MAX_WORKERS`. Measured on two cores: a 60-pair run of styles already analysed is
+    faster in one process, the same run with 13 new styles with two workers."""
+    from .presynthesis import is_analysed, style_cache_dir
+
+    todo = list(todo)
+    cores = _cpu_count()
+    if cores < 2 or cfg["method"] != "classic" or not todo:
+        return 1
+    h, w = cfg["size"]
+    cpu = len(todo) * _PAIR_CPU_S * (h * w) / (256 * 256)
+    if style_cache_dir() is not None:
+        new = [j for j in _styles_needed(cfg, todo)
+               if not is_analysed(cfg["styles"][j]["sha256"], cfg["styles"][j]["labels_sha256"])]
+        cpu += len(new) * _TILE_CPU_S
+    else:  # no disk cache: each process analyses every tile it draws
+        cpu += len(_styles_needed(cfg, todo)) * _TILE_CPU_S
+    return 1 if cpu <= _AUTO_MIN_CPU_S else min(cores, _AUTO_MAX_WORKERS)
+
+
 def _check_int(name: str, v, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -547,7 +586,7 @@ def generate(
     size=(256, 256),
     fmt: str = "png",
     seed: int = 0,
-    workers: int = 1,
+    workers: int | str = 1,
     domains: int | None = None,
     resume: bool = False,
     device: str = "auto",
@@ -586,10 +625,11 @@ def generate(
         The layout (``docs/formats.md``).
     seed : int
         The run seed; pair ``i`` uses ``SeedSequence([seed, i])``, whatever the worker count.
-    workers : int
+    workers : int or "auto"
         Processes that render pairs (spawned; the calling process writes the files and the manifest). With more
         than one, the workers also analyse the style tiles the disk cache does not hold yet, each tile once and
-        before the pairs drawn in it, while the calling process fits the point processes.
+        before the pairs drawn in it, while the calling process fits the point processes. ``"auto"``
+        (:func:`auto_workers`): one for a short run or a learned renderer, else up to four, one per CPU core.
     domains : int, optional
         Cluster the style bank into this many stain/modality domains (:func:`~napari_nucsynth.stain.
         stain_domains`) and use them evenly: pair ``i`` takes a tile of domain ``i % domains``.
@@ -620,7 +660,8 @@ def generate(
     """
     from .io.export import MANIFEST
 
-    workers = _check_int("workers", workers, 1)
+    if not (isinstance(workers, str) and workers == "auto"):
+        workers = _check_int("workers", workers, 1)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
@@ -639,6 +680,8 @@ def generate(
         old = read_manifest(out)
         _check_resume(old.get("generate"), cfg, out)
         listed = {p["id"] for p in old.get("pairs", [])}
+    if workers == "auto":
+        workers = auto_workers(cfg, [i for i in range(int(n)) if pair_id(i) not in listed])
     pool = None
     try:
         if workers > 1:
