@@ -25,7 +25,16 @@ Arms (the recipe is fixed here, before any result is seen; docs/headline.md stat
   fuse come from those 3 tiles' contours, in the styles of all 24 images (the 21 without labels used as styles
   only, with the renderer's own detection).
 
-Arms A and B run with seeds ``SEEDS_AB``, C-E with the first seed. The run is resumable: each arm writes its
+Two follow-up arms (added after B seed 0 scored below A, before any of them ran; docs/headline.md), asking *which*
+part of B's synthetic data hurt or could help; each trains on the 24 real tiles listed ``REAL_REPEAT`` times
+beside 24 synthetic pairs, so one crop in four is synthetic (B: one in two):
+
+- **F ratio**: B's own synthetic pairs (seed 0's) at that ratio: does less synthetic data, and more real, help?
+- **G real shapes**: the synthetic images are the 24 tiles' *own contours* (each flipped and rotated at random),
+  rendered by ``sian`` in the style of another of the 24 (drawn at random): real touching and overlapping nuclei and
+  the annotators' contour convention, in other stains; against F it isolates the masks.
+
+Arms A and B run with seeds ``SEEDS_AB``, C-G with the first seed. The run is resumable: each arm writes its
 checkpoint every 200 steps and its result once, under ``--out``; run the same command again to continue (a
 finished arm is not evaluated again). ``--steps`` and the other training settings must match a resumed run's.
 """
@@ -48,10 +57,13 @@ SEEDS_AB = (0, 1)
 SYNTHETIC_B = 24
 SYNTHETIC_C = 72
 SYNTHETIC_E = 24
+SYNTHETIC_G = 24
 SYNTHETIC_SIZE = 1000
 FEW_TILES = ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1")
 B_RENDERER = "sian"
-ARMS = ("A", "B", "C", "D", "E")
+ARMS = ("A", "B", "C", "D", "E", "F", "G")
+#: arms F and G list each real tile this many times beside their 24 synthetic pairs: one crop in four synthetic
+REAL_REPEAT = 3
 
 
 def _runs(arms: list[str]) -> list[tuple[str, int]]:
@@ -78,6 +90,11 @@ def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[
                   layouts="library", method="classic")
         info = {"renderer": "classic", "layouts": "each tile's centroids, point-library augmented",
                 "styles": "each layout's own tile, no labels", "prior": "fitted to the 24 tiles' label statistics"}
+    elif arm == "F":
+        s_imgs, s_labs, info = _synthetic("B", SEEDS_AB[0], imgs, labs, cache, progress)
+        return s_imgs, s_labs, {**info, "from": f"arm B seed {SEEDS_AB[0]}'s pairs"}
+    elif arm == "G":
+        return _restyled_contours(seed, images, labs, cache, progress)
     elif arm == "E":
         kw = dict(n=SYNTHETIC_E, styles=images, style_labels=[labs[i] if i in few else None for i in range(len(labs))],
                   fit_labels=[labs[i] for i in few], layouts="mixed", method="classic")
@@ -101,6 +118,38 @@ def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[
     return s_imgs, s_labs, info
 
 
+def _restyled_contours(seed: int, images, labs, cache: Path, progress) -> tuple[list, list, dict]:
+    """Arm G's pairs: tile ``i``'s own contours under a random dihedral transform, rendered by ``B_RENDERER`` in
+    the style of tile ``j != i`` (random), with ``j``'s contours as the style's nuclei; seeded per pair."""
+    from napari_nucsynth.render import render
+
+    info = {"renderer": B_RENDERER, "labels": "the 24 tiles' own contours, flipped/rotated at random",
+            "styles": "another of the 24 tiles (with labels)", "n": SYNTHETIC_G,
+            "size": "the tiles' own, at most SYNTHETIC_SIZE"}
+    n, size = min(SYNTHETIC_G, len(labs)), SYNTHETIC_SIZE
+    path = cache / f"synthetic_G_seed{seed}.npz"
+    if path.exists():
+        z = np.load(path)
+        return [z[f"image{i}"] for i in range(n)], [z[f"labels{i}"] for i in range(n)], {**info, "cached": True}
+    t0 = time.perf_counter()
+    out_i, out_l = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 7])
+        lab = np.rot90(labs[i][:size, :size], int(rng.integers(4)))
+        lab = np.ascontiguousarray(lab[:, ::-1] if rng.integers(2) else lab)
+        j = int(rng.choice([k for k in range(len(labs)) if k != i]))
+        out_i.append(render(lab, images[j], method=B_RENDERER, style_labels=labs[j], seed=int(rng.integers(2**31)),
+                            device="cpu"))
+        out_l.append(lab)
+        progress(i + 1, n, f"restyled contours {i + 1}/{n}")
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **{f"image{i}": a for i, a in enumerate(out_i)},
+                        **{f"labels{i}": a for i, a in enumerate(out_l)})
+    os.replace(tmp, path)
+    return out_i, out_l, info
+
+
 def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     """(images, labels, description) of an arm's training set."""
     imgs = [(t, load_image(t)) for t in tiles]
@@ -109,6 +158,9 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     if arm in ("A", "B"):
         real = list(zip([im for _, im in imgs], labs))
         used = tiles
+    elif arm in ("F", "G"):  # the same arrays listed REAL_REPEAT times: crops drawn uniformly over the list
+        real = list(zip([im for _, im in imgs], labs)) * REAL_REPEAT
+        used = tiles
     elif arm in ("D", "E"):
         real = [(im, lb) for (t, im), lb in zip(imgs, labs) if t in FEW_TILES]
         used = list(FEW_TILES)
@@ -116,7 +168,8 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
         real, used = [], []
     images = [im for im, _ in real] + list(syn_imgs)
     labels = [lb for _, lb in real] + list(syn_labs)
-    return images, labels, {"real_tiles": used, "n_real": len(real), "synthetic": syn or None}
+    return images, labels, {"real_tiles": used, "n_real": len(real), "synthetic": syn or None,
+                            **({"real_repeat": REAL_REPEAT} if arm in ("F", "G") else {})}
 
 
 def _evaluate(ckpt: Path, threads: int) -> dict:
@@ -155,6 +208,9 @@ def _summary(results: dict) -> dict:
         targets["C>=0.95A_aji"] = table["C"]["aji"] >= 0.95 * table["A"]["aji"]
     if "D" in table and "E" in table:
         targets["E>D_aji"] = table["E"]["aji"] > table["D"]["aji"]
+    for arm in ("F", "G"):  # follow-ups: reported, they decide nothing alone (a winner gets a second seed first)
+        if "A" in table and arm in table:
+            targets[f"{arm}>=A+0.015_aji (follow-up)"] = table[arm]["aji"] >= table["A"]["aji"] + 0.015
     return {"table": table, "targets": targets}
 
 
@@ -172,8 +228,8 @@ def main() -> None:
                     "pairs of 256 px per arm (use a few --steps and another --out)")
     args = ap.parse_args()
     if args.smoke:
-        global SYNTHETIC_B, SYNTHETIC_C, SYNTHETIC_E, SYNTHETIC_SIZE
-        SYNTHETIC_B = SYNTHETIC_C = SYNTHETIC_E = 2
+        global SYNTHETIC_B, SYNTHETIC_C, SYNTHETIC_E, SYNTHETIC_G, SYNTHETIC_SIZE
+        SYNTHETIC_B = SYNTHETIC_C = SYNTHETIC_E = SYNTHETIC_G = 2
         SYNTHETIC_SIZE = 256
     arms = [a.strip().upper() for a in args.arms.split(",") if a.strip()]
     bad = sorted(set(arms) - set(ARMS))
