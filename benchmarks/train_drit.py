@@ -5,7 +5,8 @@
         --out bench-out/drit_bench.pt
     python benchmarks/train_drit.py --split all --steps 5000 --init bench-out/drit_bench.pt --strip \
         --out src/napari_nucsynth/data/models/drit_monuseg.pt
-    OMP_NUM_THREADS=1 python benchmarks/train_drit.py --steps 3 --crop 128 --out /tmp/drit_speed.pt   # step time
+    OMP_NUM_THREADS=1 python benchmarks/train_drit.py --steps 20 --crop 128 --threads 1 --eval-every 0 \
+        --out /tmp/drit_speed.pt                                                                # step time
 
 The tiles are first clustered into ``--domains`` stain/modality domains (Liu et al.: k-means on HSV statistics of
 CLAHE-equalised tiles, :func:`napari_nucsynth.stain.stain_domains`); images only, no labels are read. ``--split
@@ -18,7 +19,10 @@ density ratio (``od_ratio``, target <= 0.5) and the haematoxylin correlation of 
 starts from another checkpoint's weights (fresh optimisers). At the end the mean style code of each domain (EMA
 style encoder, centre 512 x 512 of each training tile) is written into the checkpoint's config
 (``domain_styles``), so ``stain.transfer(image, k, method="drit")`` restains to domain ``k`` without a reference
-image. ``--strip`` keeps only what transfer needs (the EMA modules). The JSON reports steps/s.
+image. ``--strip`` keeps only what transfer needs (the EMA modules). The JSON reports steps/s (wall time, which
+another job on the machine slows) and ``cpu_s_per_step_between_steps``, the process's CPU time (``time.process_time``,
+all its threads) per step from the first to the last step of the loop, without the validation at the end: the
+figure to compare across runs on a shared machine (with ``--threads 1`` it is the single thread's time).
 """
 
 from __future__ import annotations
@@ -99,12 +103,12 @@ def main() -> None:
         d_tr, d_va = cluster(imgs, v_imgs, k, args.seed)
     config = {**json.loads(args.config), "n_domains": k}
 
-    clock: list[tuple[int, float]] = []  # (step, seconds) of the step events: steps/s without validation and saves
+    clock: list[tuple[int, float, float]] = []  # (step, wall s, CPU s) of the step events: without the final validation
     log = logger(args)
 
     def on_update(u):
         if u.kind == "step":
-            clock.append((u.step, u.seconds))
+            clock.append((u.step, u.seconds, time.process_time()))
         log(u)
 
     out = run("drit", args, imgs, domain_maps(imgs, d_tr), v_imgs, domain_maps(v_imgs, d_va) if v_imgs else None,
@@ -116,11 +120,13 @@ def main() -> None:
               add_config=lambda path: {"domain_styles": domain_styles(path, imgs, d_tr, k)})
     # the loop's rate from the first to the last step event: the final validation and save are not in it
     loop = (clock[-1][0] - clock[0][0]) / max(clock[-1][1] - clock[0][1], 1e-9) if len(clock) > 1 else None
+    cpu = (clock[-1][2] - clock[0][2]) / (clock[-1][0] - clock[0][0]) if len(clock) > 1 else None
     print(json.dumps({
         **pick(out, "checkpoint step stopped metrics"),
         "domains": {str(j): [f"{t} ({organ(t)})" for t, d in zip(train_tiles, d_tr) if d == j] for j in range(k)},
         "val_domains": {t: int(d) for t, d in zip(val, d_va)}, **pick(out, "train_seconds steps_per_s"),
         "steps_per_s_between_steps": None if loop is None else round(loop, 3),
+        "cpu_s_per_step_between_steps": None if cpu is None else round(cpu, 3),
         "batch_size": args.batch_size, "crop": args.crop,
         "threads": torch.get_num_threads(), "size_mb": out["checkpoint_mb"],
         "seconds": round(time.perf_counter() - t0, 1)}))

@@ -15,8 +15,8 @@ train on a CPU:
   initialisation and a starting log-variance of ``style_logvar_init`` instead of SPADE's small weights (with
   which codes start near 0 under unit noise and the modalities are learnt much more slowly).
 - **Generator** ``G``: ``n_res`` residual blocks and ``n_down`` nearest-neighbour upsamplings, every normalisation an
-  AdaIN whose scale and shift an MLP computes from the style code (MUNIT's decoder, DRIT++'s "AdaIN" variant),
-  then a 7 x 7 convolution and tanh.
+  AdaIN whose scale and shift an MLP computes from the style code (MUNIT's decoder, DRIT++'s "AdaIN" variant; one
+  fused batch-norm call per AdaIN, as MUNIT's), then a 7 x 7 convolution and tanh.
 - **Discriminators** (in ``self.discriminator``, so the core's shipped-checkpoint rules apply to both): the GAN
   core's multi-scale spectral-norm PatchGAN (:class:`~napari_nucsynth.models.gan.MultiscaleDiscriminator`) on the
   image beside a one-hot map of its domain (a conditional, multi-domain image discriminator, hinge loss), and a
@@ -43,10 +43,12 @@ and ``z_i`` sampled from ``E_s(x_i)`` (reparameterised),
   ``u_i`` and ``x_i`` in the frozen feature network (the shipped segmenter's encoder by default) over
   ``perc_weights``, which can weigh only the deep stages, where nuclei rather than colours live.
 
-One discriminator step (image and content discriminators) and one step of the encoders and generator per batch,
-Adam (0, 0.9) with the core's two time-scale rule (generator at ``lr / 2``, discriminators at ``2 lr``), forward
-passes under the core's bfloat16 autocast where the hardware has it, then the core's EMA of the encoders and
-generator, which is what transfers and ships.
+One forward pass per batch (:func:`translate`; the cross translation and the self-reconstruction in one generator
+call) serves one discriminator step (image and content discriminators, on its detached translations and content
+maps) and then one step of the encoders and generator (against the just-updated discriminators), as in DRIT's
+reference implementation; Adam (0, 0.9) with the core's two time-scale rule (generator at ``lr / 2``,
+discriminators at ``2 lr``), forward passes under the core's bfloat16 autocast where the hardware has it, then the
+core's EMA of the encoders and generator, which is what transfers and ships.
 
 The training pairs are ``(image, domain map)``: the "labels" the training loop crops beside each image are the
 constant map ``domain + 1`` (:func:`domain_maps`), so the loop's crops, flips and checkpoints apply unchanged and
@@ -93,6 +95,7 @@ __all__ = [
     "targets",
     "train_step",
     "transfer",
+    "translate",
     "validate",
 ]
 
@@ -103,8 +106,14 @@ TRAIN_HINT = ("python benchmarks/train_drit.py --steps 20000 --out drit.pt (clus
 
 
 def default_config() -> dict:
-    """The default configuration (one training step at 128 px, batch 4, takes well under a second on one CPU
-    core; ``benchmarks/train_drit.py --steps 3 --crop 128`` measures it).
+    """The default configuration.
+
+    Speed: one training step at 128 px, batch 4 (bf16 autocast, one thread) takes 0.54-0.60 s of CPU time on this
+    project's 2-core AMD EPYC (Zen 4) machine with three other training jobs running (1.7-1.9 steps per
+    CPU-second; 20000 steps about 3.2 CPU-hours); ``OMP_NUM_THREADS=1 python benchmarks/train_drit.py --steps 20
+    --crop 128 --threads 1 --eval-every 0 --out /tmp/drit_speed.pt`` reports it as
+    ``cpu_s_per_step_between_steps`` (0.569). Wall time is that divided by the share of a core the run gets (see
+    docs/stain_transfer.md, "Speed").
 
     - ``n_domains``: number of stain domains K (the training data's; 3 for MoNuSeg by :func:`stain_domains`);
     - ``ngf``: width at full resolution (doubling per downsampling); ``n_down``: downsamplings (content at
@@ -171,16 +180,25 @@ class ContentEncoder(nn.Module):
 
 class _AdaIN(nn.Module):
     """Instance normalisation whose per-channel scale and shift are given (``params`` N x 2C: scale, shift);
-    ``x_norm * (1 + scale) + shift``, so an all-zero code is plain instance normalisation."""
+    ``x_norm * (1 + scale) + shift``, so an all-zero code is plain instance normalisation.
+
+    One fused kernel (MUNIT's ``AdaptiveInstanceNorm2d``): the N x C x H x W input is viewed as one sample of N C
+    channels and batch-normalised with the per-sample scales and shifts as the affine weights, which is instance
+    normalisation (eps 1e-5, as ``nn.InstanceNorm2d``) followed by the affine map, without the separate
+    multiply-add pass over the activations (forward and backward)."""
+
+    eps = 1e-5
 
     def __init__(self, ch: int):
         super().__init__()
         self.ch = ch
-        self.norm = nn.InstanceNorm2d(ch, affine=False)
 
     def forward(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        scale, shift = params[:, : self.ch, None, None], params[:, self.ch :, None, None]
-        return torch.addcmul(shift, self.norm(x), 1 + scale)
+        n, c, h, w = x.shape
+        scale, shift = params[:, : self.ch], params[:, self.ch :]
+        y = F.batch_norm(x.reshape(1, n * c, h, w), None, None, weight=(1 + scale).reshape(-1).to(x.dtype),
+                         bias=shift.reshape(-1).to(x.dtype), training=True, eps=self.eps)
+        return y.view(n, c, h, w)
 
 
 class _AdaResBlock(nn.Module):
@@ -381,40 +399,62 @@ def _reparam(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
 
 
-def discriminator_loss(model: DRIT, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """Hinge loss of the image discriminator (real images with their domains, cross translations with their style's
-    domain) plus the content discriminator's cross-entropy on the domains of the content maps."""
+def translate(model: DRIT, batch: dict, *, cycle: bool = True) -> dict:
+    """The forward pass of a training step, shared by the discriminators' and the generator's losses (as in DRIT's
+    reference implementation, whose discriminator and encoder-generator updates use one forward pass).
+
+    With ``x`` the batch in [-1, 1], ``p`` its pairing, ``c = E_c(x)``, ``(mu, logvar) = E_s(x)`` and ``z`` sampled
+    from them: ``u = G(c, z[p])`` (cross translation) and ``x_self = G(c, z)`` (self-reconstruction) in one
+    generator call on the doubled batch (instance normalisation is per sample, so this is the two calls' result);
+    with ``cycle``, ``mu2 = mu(E_s(u))`` and ``x_cyc = G(E_c(u), sample(E_s(u))[p])`` (the cross cycle).
+    Returns those tensors and ``x``, ``d`` (domains), ``p``, ``k`` (the number of domains, a Python int)."""
     k = _check_domains(model, batch["domain"])
     x, d, p = batch["image"].float() * 2 - 1, batch["domain"], batch["pair"]
-    with torch.no_grad():
-        c = model.content_encoder(x)
-        mu, logvar = model.style_encoder(x)
-        u = model.generator(c, _reparam(mu, logvar)[p])
+    Ec, Es, G = model.content_encoder, model.style_encoder, model.generator
+    n = x.shape[0]
+    c = Ec(x)
+    mu, logvar = Es(x)
+    z = _reparam(mu, logvar)
+    both = G(torch.cat([c, c]), torch.cat([z[p], z]))
+    out = {"k": k, "x": x, "d": d, "p": p, "c": c, "mu": mu, "logvar": logvar, "z": z, "u": both[:n],
+           "x_self": both[n:]}
+    if cycle:
+        u = out["u"]
+        mu2, logvar2 = Es(u)
+        out["mu2"] = mu2
+        out["x_cyc"] = G(Ec(u), _reparam(mu2, logvar2)[p])  # content i (from u_i), style i (from u_p(i))
+    return out
+
+
+def discriminator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hinge loss of the image discriminator (real images with their domains, cross translations with their style's
+    domain) plus the content discriminator's cross-entropy on the domains of the content maps. ``fwd``: the step's
+    :func:`translate` (its translations and content maps are detached here); without it a forward pass without
+    gradients is made."""
+    if fwd is None:
+        with torch.no_grad():
+            fwd = translate(model, batch, cycle=False)
+    k, x, d, p = fwd["k"], fwd["x"], fwd["d"], fwd["p"]
+    u, c = fwd["u"].detach(), fwd["c"].detach()
     n = x.shape[0]
     D = model.discriminator
     preds = D.image(torch.cat([torch.cat([u, _onehot_maps(d[p], k, u)], 1), torch.cat([x, _onehot_maps(d, k, x)], 1)]))
     pf = [[t[:n] for t in q] for q in preds]
     pr = [[t[n:] for t in q] for q in preds]
     d_img = gan.d_hinge(pr, pf)
-    d_con = F.cross_entropy(D.content(c.detach()).float(), d)
+    d_con = F.cross_entropy(D.content(c).float(), d)
     loss = d_img + float(model.config["lambda_content"]) * d_con
     return loss, {"d_loss": float(d_img.detach()), "d_content": float(d_con.detach())}
 
 
-def generator_loss(model: DRIT, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """The encoders' and generator's loss (see the module docstring); logs ``loss`` and every weighted term."""
+def generator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The encoders' and generator's loss (see the module docstring); logs ``loss`` and every weighted term.
+    ``fwd``: the step's :func:`translate` (made here when None)."""
     cfg = model.config
-    k = _check_domains(model, batch["domain"])
-    x, d, p = batch["image"].float() * 2 - 1, batch["domain"], batch["pair"]
-    Ec, Es, G = model.content_encoder, model.style_encoder, model.generator
-    c = Ec(x)
-    mu, logvar = Es(x)
-    z = _reparam(mu, logvar)
-    u = G(c, z[p])                     # content i, style p(i)
-    x_self = G(c, z)                   # content i, style i
-    c2 = Ec(u)
-    mu2, logvar2 = Es(u)
-    x_cyc = G(c2, _reparam(mu2, logvar2)[p])  # content i (from u_i), style i (from u_p(i))
+    if fwd is None:
+        fwd = translate(model, batch)
+    k, x, d, p, z, mu, logvar = (fwd[n] for n in ("k", "x", "d", "p", "z", "mu", "logvar"))
+    u, c = fwd["u"], fwd["c"]
     D = model.discriminator
     with gan.frozen(D):  # gradients reach the images and content through D, not D's weights
         preds = D.image(torch.cat([u, _onehot_maps(d[p], k, u)], 1))
@@ -422,10 +462,10 @@ def generator_loss(model: DRIT, batch: dict) -> tuple[torch.Tensor, dict[str, fl
     terms = {
         "g_gan": gan.g_hinge(preds) * float(cfg["lambda_gan"]),
         "g_content": -F.log_softmax(logits, 1).mean() * float(cfg["lambda_content"]),  # CE to the uniform
-        "g_rec": F.l1_loss(x_self, x) * float(cfg["lambda_rec"]),
-        "g_cyc": F.l1_loss(x_cyc, x) * float(cfg["lambda_cyc"]),
+        "g_rec": F.l1_loss(fwd["x_self"], x) * float(cfg["lambda_rec"]),
+        "g_cyc": F.l1_loss(fwd["x_cyc"], x) * float(cfg["lambda_cyc"]),
         "g_kl": (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(cfg["lambda_kl"]),
-        "g_style": F.l1_loss(mu2, z[p].detach()) * float(cfg["lambda_style"]),
+        "g_style": F.l1_loss(fwd["mu2"], z[p].detach()) * float(cfg["lambda_style"]),
     }
     if float(cfg.get("lambda_perc", 0)):
         net = gan.features_for(model, x.device)
@@ -443,10 +483,32 @@ def optimizers(model: DRIT, lr: float | None) -> dict[str, torch.optim.Optimizer
             "d": torch.optim.Adam(model.discriminator.parameters(), lr=lr * 2, betas=(0.0, 0.9))}
 
 
+def _autocast(model: DRIT, batch: dict):
+    dev = batch["image"].device
+    dtype = gan.amp_dtype(model.config, dev)
+    return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+
+
 def train_step(model: DRIT, batch: dict, optimizers: dict, step: int) -> dict[str, float]:
-    """One step of both discriminators, one step of the encoders and generator, one EMA update; forward passes
-    under the core's autocast (:func:`napari_nucsynth.models.gan.amp_dtype`)."""
-    return gan.train_step(model, batch, optimizers, step, d_loss_fn=discriminator_loss, g_loss_fn=generator_loss)
+    """One step of both discriminators, one step of the encoders and generator, one EMA update.
+
+    One forward pass (:func:`translate`) serves both updates, as in DRIT's reference implementation: the
+    discriminators step on its detached translations and content maps, then the encoders and generator step on
+    its graph, with the adversarial terms from the just-updated discriminators. Forward passes under the core's
+    autocast (:func:`napari_nucsynth.models.gan.amp_dtype`)."""
+    with _autocast(model, batch):
+        fwd = translate(model, batch)
+        d_loss, d_logs = discriminator_loss(model, batch, fwd)
+    optimizers["d"].zero_grad(set_to_none=True)
+    d_loss.backward()
+    optimizers["d"].step()
+    with _autocast(model, batch):
+        g_loss, g_logs = generator_loss(model, batch, fwd)
+    optimizers["g"].zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizers["g"].step()
+    model.update_ema(step)
+    return {**g_logs, **d_logs}
 
 
 # ----------------------------------------------------------------------------------------------------------------

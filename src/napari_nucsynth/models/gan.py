@@ -330,7 +330,7 @@ def train_step(model: GANModel, batch: dict, optimizers: dict, step: int, *,
                d_loss_fn: Callable | None = None, g_loss_fn: Callable | None = None) -> dict[str, float]:
     """One discriminator step, one generator step (``D_steps_per_G`` = 1), one EMA update; forward passes under
     :func:`amp_dtype`'s autocast. ``d_loss_fn`` / ``g_loss_fn`` (``(model, batch) -> (loss, logs)``) replace the
-    core's hinge losses for models with their own (Points2Image, DRIT)."""
+    core's hinge losses for models with their own (Points2Image; DRIT has its own step sharing one forward pass)."""
     with _autocast(model, batch):
         d_loss, d_logs = (d_loss_fn or discriminator_loss)(model, batch)
     optimizers["d"].zero_grad(set_to_none=True)
