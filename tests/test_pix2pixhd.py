@@ -335,3 +335,28 @@ def test_renderer_with_checkpoint_and_interpolation(tmp_path, tiny):
     p4 = save_checkpoint(tmp_path / "h.pt", kind="sian", config={}, state_dict={}, step=0)
     with pytest.raises(ValueError, match="not a 'pix2pixhd'"):
         render(lab, style, method="pix2pixhd", checkpoint=p4)
+
+
+def test_the_shipped_model_renders_follows_the_style_and_interpolates():
+    """The shipped pix2pixhd model (trained on the CPU, docs/daff.md) renders without a checkpoint argument, any
+    size, reproducibly; its style is the stain code, so a paler reference gives a paler render; the style slider's
+    interpolation runs on it; only what renders ships."""
+    from napari_nucsynth._sample_data import load_monuseg_crop
+    from napari_nucsynth.render import interpolate, render
+    from napari_nucsynth.render import pix2pixhd as p2p_render
+
+    if not p2p_render.default_checkpoint().is_file():
+        pytest.skip("no pix2pixhd model ships with this version")
+    img, lab = load_monuseg_crop()
+    crop = lab[:96, :120]
+    out = render(crop, img, method="pix2pixhd", style_labels=lab, seed=1, device="cpu")
+    assert out.shape == (96, 120, 3)
+    assert np.array_equal(out, render(crop, img, method="pix2pixhd", style_labels=lab, seed=1, device="cpu"))
+    pale = (255 - (255 - img.astype(np.int16)) // 3).astype(np.uint8)  # a third of the optical density
+    pale_out = render(crop, pale, method="pix2pixhd", style_labels=lab, seed=1, device="cpu")
+    assert pale_out.astype(float).mean() > out.astype(float).mean() + 20
+    mid = interpolate(crop, img, pale, 0.5, method="pix2pixhd", seed=1, device="cpu")
+    assert mid.shape == out.shape and not np.array_equal(mid, out)
+    ck = load_checkpoint(p2p_render.default_checkpoint(), kind="pix2pixhd")
+    assert ck["config"]["style_source"] == "code" and ck["step"] > 0
+    assert all(k.startswith("ema.") for k in ck["state_dict"])
