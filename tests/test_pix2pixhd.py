@@ -158,7 +158,8 @@ def test_stain_code_style_is_the_reference_statistics(tiny, load_tile):
     with_labels = P.render(tiny, lab[:48, :48], img, seed=3, style_labels=lab)
     detected = P.render(tiny, lab[:48, :48], img, seed=3)
     assert np.array_equal(with_labels, P.render(tiny, lab[:48, :48], img, seed=3, style_labels=lab))
-    assert not np.array_equal(with_labels, detected) or np.allclose(z, z_det)
+    # Otsu's nuclei are not the annotated ones, so the two codes, and the renders, differ: the labels are used
+    assert np.abs(z_det - z).max() > 1e-4 and not np.array_equal(with_labels, detected)
 
 
 def test_style_and_attention_change_the_image(tiny):

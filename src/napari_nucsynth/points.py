@@ -564,11 +564,11 @@ def _contrast_fit(r: np.ndarray, k: np.ndarray, lower: np.ndarray, upper: np.nda
 
     excess = float(k[-1] - math.pi * r[-1] ** 2)
     start0 = math.log(max(excess, math.exp(lower[0])))
+    from scipy.optimize import least_squares  # only fits need it (and it is 50 ms of every start-up)
+
     best = None
     for s0 in np.linspace(lower[1], upper[1], 5)[1:-1]:
         x0 = np.clip([start0, s0], lower + 1e-6, upper - 1e-6)
-        from scipy.optimize import least_squares  # only fits need it (and it is 50 ms of every start-up)
-
         sol = least_squares(resid, x0, bounds=(lower, upper))
         if best is None or sol.cost < best.cost:
             best = sol

@@ -322,9 +322,9 @@ class Pix2PixHD(GANModel):
             x = torch.cat([cond, torch.randn(n, nz, h, w, device=cond.device, dtype=cond.dtype)], 1)
         fake = gen(x, z)
         if code is not None and float(self.config["lambda_style"]) > 0:
-            from .points2image import _style_loss
+            from .points2image import stain_code_loss
 
-            extra["g_style"] = _style_loss((fake.float() + 1) / 2, batch["semantic"].float(), code) * \
+            extra["g_style"] = stain_code_loss((fake.float() + 1) / 2, batch["semantic"].float(), code) * \
                 float(self.config["lambda_style"])
         return fake, extra
 

@@ -99,7 +99,7 @@ __all__ = [
     "COND_NC", "DEFAULT_LR", "MIN_FG", "N_CLASSES", "SPEC", "STYLE_NC", "P2IGenerator", "Points2Image",
     "UNetDiscriminator", "build", "centroid_map", "class_balanced_ce", "conditioning", "crop_seed", "default_config",
     "discriminator_loss", "generator_loss", "halo", "heatmap", "hed_torch", "point_loss", "preview", "receptive_radius",
-    "render", "sample_layout", "style_code", "style_code_torch", "targets", "train_step", "validate",
+    "render", "sample_layout", "stain_code_loss", "style_code", "style_code_torch", "targets", "train_step", "validate",
 ]
 
 #: label-map channels: semantic, instance edges, medial-axis distance
@@ -591,7 +591,11 @@ def point_loss(fake01: torch.Tensor, heat: torch.Tensor, semantic: torch.Tensor,
     return (lp * (pos.sum() > 0) + ln * (neg.sum() > 0)) / 2
 
 
-def _style_loss(fake01: torch.Tensor, semantic: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+def stain_code_loss(fake01: torch.Tensor, semantic: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the stain code (:func:`style_code_torch`) of images N x 3 x H x W in [0, 1],
+    measured on nucleus masks ``semantic`` N x 1 x H x W, and the codes ``code`` N x 12 they should have; a region
+    with fewer than :data:`MIN_FG` pixels in a sample leaves its six numbers out. Differentiable in ``fake01``
+    (points2image's and pix2pixhd's style loss)."""
     got = style_code_torch(fake01, semantic)
     err = (got - code).abs()
     has_fg = (semantic.float().sum((1, 2, 3)) >= MIN_FG).float()[:, None]
@@ -656,7 +660,7 @@ def generator_loss(model: Points2Image, batch: dict) -> tuple[torch.Tensor, dict
             heat = heatmap(batch["points"], float(cfg.get("point_sigma", 2.0)))
             terms["g_point"] = point_loss(fake01, heat, sem, code) * float(cfg["lambda_point"])
         if float(cfg.get("lambda_style", 0)):
-            terms["g_style"] = _style_loss(fake01, sem, code) * float(cfg["lambda_style"])
+            terms["g_style"] = stain_code_loss(fake01, sem, code) * float(cfg["lambda_style"])
     total = sum(terms.values())
     return total, {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 

@@ -59,8 +59,8 @@ class Pix2PixHDRenderer:
 
         ``style_labels`` (same shape as ``style``): the reference's nuclei, on which a model with the stain-code
         style (``style_source`` "code", the default) measures the code (detected when None); a model with the
-        learned encoder encodes the image alone. Raises ``ValueError`` when no checkpoint is given and none is shipped, naming the command that
-        trains one.
+        learned encoder encodes the image alone. Raises ``ValueError`` when no checkpoint is given and none is
+        shipped, naming the command that trains one.
         """
         lab, sty, sty_lab = check_render_inputs(labels, style, style_labels)
         from ..devices import resolve_device
