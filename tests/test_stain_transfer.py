@@ -433,3 +433,45 @@ def test_drit_validation_reports_the_issue_figures(tiny_drit, tiles):
     assert prev.shape == (64, 192, 3) and np.array_equal(prev[:, :64], imgs[0])
     with pytest.raises(ValueError, match="not a segmenter"):
         drit.SPEC.predict(model, imgs[0])
+
+
+def test_haematoxylin_structure_loss_matches_rgb_to_hed_and_ignores_the_stain_amount(tiles):
+    import torch
+
+    from napari_nucsynth.models import drit
+    from napari_nucsynth.stain import rgb_to_hed
+
+    img = tiles[A][:64, :64]
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None] / 127.5 - 1
+    h = drit.haematoxylin_density(x)[0].numpy()
+    assert np.allclose(h, rgb_to_hed(img)[..., 0], atol=1e-4)  # the project's colour deconvolution
+    # a paler copy (less stain, the same places): correlation near 1; a shifted copy (nuclei moved): much lower
+    pale = 1 - (1 - x) * 0.6
+    moved = torch.roll(x, shifts=(9, 9), dims=(2, 3))
+    c = drit.haematoxylin_correlation(torch.cat([x, pale, moved]), torch.cat([x, x, x]))
+    assert c.shape == (3,) and abs(float(c[0]) - 1) < 1e-4 and float(c[1]) > 0.95 and float(c[2]) < 0.6
+    # differentiable, and in the generator's loss only when weighted
+    torch.manual_seed(0)
+    model = _lively_drit()
+    batch = _two_domain_batch(32, 4)
+    f = drit.translate(model, batch)
+    assert "g_h" not in drit.generator_loss(model, batch, f)[1]  # default 0: checkpoints from before it unchanged
+    model.config["lambda_h"] = 2.0
+    loss, logs = drit.generator_loss(model, batch, f)
+    expected = 2.0 * float((1 - drit.haematoxylin_correlation(f["u"], batch["image"] * 2 - 1)).mean().detach())
+    assert abs(logs["g_h"] - expected) < 1e-4 and logs["g_h"] > 0
+    loss.backward()
+    assert all(q.grad is not None for q in model.generator.parameters())
+
+
+def test_init_takes_config_overrides_of_loss_weights(tiny_drit, load_tile, tmp_path):
+    from napari_nucsynth.models import drit, load_checkpoint
+    from napari_nucsynth.train import train
+
+    imgs = [load_tile(A)[0][:96, :96], load_tile(B)[0][:96, :96]]
+    res = train("drit", imgs, drit.domain_maps(imgs, [0, 1]), steps=1, out=tmp_path / "tuned.pt", init=tiny_drit,
+                config={"lambda_h": 3.0}, device="cpu", seed=0, batch_size=2, crop=32, val_fraction=0)
+    a, b = load_checkpoint(tiny_drit, kind="drit"), load_checkpoint(res.path, kind="drit")
+    assert b["config"]["lambda_h"] == 3.0 and a["config"]["lambda_h"] == 0.0
+    assert {k: v for k, v in b["config"].items() if k != "lambda_h"} == {
+        k: v for k, v in a["config"].items() if k != "lambda_h"}

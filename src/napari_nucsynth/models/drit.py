@@ -39,6 +39,12 @@ and ``z_i`` sampled from ``E_s(x_i)`` (reparameterised),
 - *KL* of the style code to N(0, I) (summed over the code, averaged over the batch) x ``lambda_kl``;
 - *style regression* (DRIT's latent regression, on the translated image): ``mu(E_s(u_i))`` to the (detached) code
   it was given, L1 x ``lambda_style``;
+- *haematoxylin structure* (``lambda_h``): one minus the Pearson correlation, over each image's pixels, of the
+  haematoxylin density (Ruifrok and Johnston's colour deconvolution, as :func:`napari_nucsynth.stain.rgb_to_hed`)
+  of ``u_i`` and of ``x_i``. The correlation ignores the amount and scale of the stain, which the new modality
+  sets, and keeps where the haematoxylin is: nuclei stay nuclei. Without it the translations of dark, dense tiles
+  to pale, eosin-rich modalities painted the nuclei pink and the segmenter lost them (benchmark AJI ratio 0.72 at
+  step 4200, falling as the style matched better);
 - optional *perceptual content loss* (``lambda_perc``, default 0): the core's perceptual distance between
   ``u_i`` and ``x_i`` in the frozen feature network (the shipped segmenter's encoder by default) over
   ``perc_weights``, which can weigh only the deep stages, where nuclei rather than colours live.
@@ -123,7 +129,8 @@ def default_config() -> dict:
       encoder otherwise has torch's default initialisation);
     - ``ncf``: width of the content discriminator;
     - loss weights ``lambda_gan`` (1), ``lambda_rec`` (10), ``lambda_cyc`` (10), ``lambda_content`` (1),
-      ``lambda_kl`` (0.01), ``lambda_style`` (1), ``lambda_perc`` (0, with the core's ``perc_weights`` and
+      ``lambda_kl`` (0.01), ``lambda_style`` (1), ``lambda_h`` (the haematoxylin structure term, 0: checkpoints
+      from before it have none), ``lambda_perc`` (0, with the core's ``perc_weights`` and
       ``features``);
     - the GAN core's keys (:data:`~napari_nucsynth.models.gan.GAN_DEFAULTS`): image discriminator ``ndf``,
       ``d_layers``, ``num_d``; ``ema_decay``; ``amp``. Feature matching is not used (its real and fake images
@@ -136,7 +143,7 @@ def default_config() -> dict:
         "style_logvar_init": -3.0,
         "ncf": 32, "ndf": 16, "d_layers": 3, "num_d": 2,
         "lambda_gan": 1.0, "lambda_rec": 10.0, "lambda_cyc": 10.0, "lambda_content": 1.0, "lambda_kl": 0.01,
-        "lambda_style": 1.0, "lambda_perc": 0.0, "lambda_feat": 0.0, "perc_weights": [0.0, 0.0, 0.5, 1.0],
+        "lambda_style": 1.0, "lambda_h": 0.0, "lambda_perc": 0.0, "lambda_feat": 0.0, "perc_weights": [0.0, 0.0, 0.5, 1.0],
     }
 
 
@@ -447,6 +454,28 @@ def discriminator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tup
     return loss, {"d_loss": float(d_img.detach()), "d_content": float(d_con.detach())}
 
 
+def haematoxylin_density(images: torch.Tensor) -> torch.Tensor:
+    """Haematoxylin optical density ``N x H x W`` (float32) of images ``N x 3 x H x W`` in [-1, 1]: scikit-image's
+    ``rgb2hed`` formula and matrix, as :func:`napari_nucsynth.stain.rgb_to_hed` computes it, differentiable (the
+    negative densities are clipped to 0 as there)."""
+    from skimage.color import hed_from_rgb
+
+    rgb = ((images.float() + 1) / 2).clamp(1e-6, 1.0)
+    od = torch.log(rgb) / np.log(1e-6)
+    h = torch.as_tensor(hed_from_rgb[:, 0], dtype=od.dtype, device=od.device)
+    return torch.einsum("nchw,c->nhw", od, h).clamp_min(0)
+
+
+def haematoxylin_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per image, the Pearson correlation over pixels of the haematoxylin densities of ``a`` and ``b`` (both
+    ``N x 3 x H x W`` in [-1, 1]); ``N`` values in [-1, 1], float32."""
+    ha = haematoxylin_density(a).flatten(1)
+    hb = haematoxylin_density(b).flatten(1)
+    ha = ha - ha.mean(1, keepdim=True)
+    hb = hb - hb.mean(1, keepdim=True)
+    return (ha * hb).sum(1) / (ha.norm(dim=1) * hb.norm(dim=1) + eps)
+
+
 def generator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The encoders' and generator's loss (see the module docstring); logs ``loss`` and every weighted term.
     ``fwd``: the step's :func:`translate` (made here when None)."""
@@ -467,6 +496,8 @@ def generator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tuple[t
         "g_kl": (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean() * float(cfg["lambda_kl"]),
         "g_style": F.l1_loss(fwd["mu2"], z[p].detach()) * float(cfg["lambda_style"]),
     }
+    if float(cfg.get("lambda_h", 0)):
+        terms["g_h"] = (1 - haematoxylin_correlation(u, x)).mean() * float(cfg["lambda_h"])
     if float(cfg.get("lambda_perc", 0)):
         net = gan.features_for(model, x.device)
         terms["g_perc"] = gan.perceptual(net, (u + 1) / 2, (x + 1) / 2, cfg.get("perc_weights", ())) * float(

@@ -271,7 +271,9 @@ def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None,
     lr : float, optional
         Peak learning rate (the kind's ``default_lr`` when None) of a warm-up and cosine schedule.
     config : dict, optional
-        Model configuration (the kind's defaults otherwise); ignored when resuming (the checkpoint's is used).
+        Model configuration (the kind's defaults otherwise); ignored when resuming (the checkpoint's is used);
+        with ``init``, overrides of the checkpoint's configuration (loss weights, say: a key that changes the
+        network's shape fails to load the weights).
     augment : {"basic", "strong", "modality"}, optional
         The training augmentation (:func:`_augment`): crops, dihedral transforms and stain jitter; "strong" adds
         HoVer-Net's scale, blur and colour jitter; "modality" (Liu et al.'s multi-modality augmentation) restains
@@ -437,7 +439,9 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
             augment = ck.get("train_data", {}).get("augment", "basic")
     elif init is not None:
         ck0 = load_checkpoint(init, kind=kind)
-        cfg = {**ck0["config"], "pretrained": None} if "pretrained" in ck0["config"] else dict(ck0["config"])
+        cfg = {**ck0["config"], **(config or {})}
+        if "pretrained" in cfg:
+            cfg["pretrained"] = None
         model = spec.build(cfg)
         model.load_state_dict(ck0["state_dict"])
     else:
