@@ -34,7 +34,14 @@ beside 24 synthetic pairs, so one crop in four is synthetic (B: one in two):
   rendered by ``sian`` in the style of another of the 24 (drawn at random): real touching and overlapping nuclei and
   the annotators' contour convention, in other stains; against F it isolates the masks.
 
-Arms A and B run with seeds ``SEEDS_AB``, C-G with the first seed. The run is resumable: each arm writes its
+Issue 21 asks for arm B with each new renderer (added before either ran; docs/headline.md): B's recipe exactly,
+its renderer swapped, each model the one trained on the same 24 tiles (its checkpoint under ``bench-out/``, named
+in ``RENDERER_ARMS``; not the shipped one, which has also seen the held-out tiles):
+
+- **H** B with ``pix2pixhd`` (DAFF-GAN's masks -> H&E generator, stain-code style);
+- **I** B with ``points2image`` (trained unpaired).
+
+Arms A and B run with seeds ``SEEDS_AB``, C-I with the first seed. The run is resumable: each arm writes its
 checkpoint every 200 steps and its result once, under ``--out``; run the same command again to continue (a
 finished arm is not evaluated again). ``--steps`` and the other training settings must match a resumed run's.
 """
@@ -61,13 +68,33 @@ SYNTHETIC_G = 24
 SYNTHETIC_SIZE = 1000
 FEW_TILES = ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1")
 B_RENDERER = "sian"
-ARMS = ("A", "B", "C", "D", "E", "F", "G")
+ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I")
+#: arms H and I: arm B's recipe with another renderer, its model trained on the same 24 tiles (issue 21)
+RENDERER_ARMS = {
+    "H": ("pix2pixhd", "bench-out/pix2pixhd_code.pt",
+          "python benchmarks/train_pix2pixhd.py --split bench --steps 5000 --crop 128 --out bench-out/pix2pixhd_code.pt"),
+    "I": ("points2image", "bench-out/p2i_bench.pt",
+          "python benchmarks/train_points2image.py --split bench --steps 5000 --crop 128 --out bench-out/p2i_bench.pt"),
+}
 #: arms F and G list each real tile this many times beside their 24 synthetic pairs: one crop in four synthetic
 REAL_REPEAT = 3
 
 
 def _runs(arms: list[str]) -> list[tuple[str, int]]:
     return [(a, s) for a in arms for s in (SEEDS_AB if a in ("A", "B") else SEEDS_AB[:1])]
+
+
+def _renderer_checkpoint(arm: str) -> Path:
+    """The checkpoint of renderer arm ``arm`` (``RENDERER_ARMS``), relative to the repository; a missing one stops
+    the run with the command that trains it."""
+    from _data import REPO
+
+    _, ck, command = RENDERER_ARMS[arm]
+    path = REPO / ck
+    if not path.is_file():
+        raise SystemExit(f"headline.py: error: arm {arm} needs {ck} (the renderer trained on the 24 tiles); train it "
+                         f"with: {command}; or leave the arm out (--arms {','.join(a for a in ARMS if a not in RENDERER_ARMS)})")
+    return path
 
 
 def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[list, list, dict]:
@@ -90,6 +117,12 @@ def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[
                   layouts="library", method="classic")
         info = {"renderer": "classic", "layouts": "each tile's centroids, point-library augmented",
                 "styles": "each layout's own tile, no labels", "prior": "fitted to the 24 tiles' label statistics"}
+    elif arm in RENDERER_ARMS:
+        method, ck, _ = RENDERER_ARMS[arm]
+        kw = dict(n=SYNTHETIC_B, styles=images, style_labels=labs, fit_labels=labs, layouts="mixed",
+                  method=method, checkpoint=str(_renderer_checkpoint(arm)))
+        info = {"renderer": method, "checkpoint": ck, "layouts": "library of the 24 tiles' centroids / cluster process",
+                "styles": "the 24 tiles (with labels)", "recipe": "arm B's, renderer swapped"}
     elif arm == "F":
         s_imgs, s_labs, info = _synthetic("B", SEEDS_AB[0], imgs, labs, cache, progress)
         return s_imgs, s_labs, {**info, "from": f"arm B seed {SEEDS_AB[0]}'s pairs"}
@@ -155,7 +188,7 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     imgs = [(t, load_image(t)) for t in tiles]
     labs = [load_labels(t) for t in tiles]
     syn_imgs, syn_labs, syn = _synthetic(arm, seed, imgs, labs, cache, progress)
-    if arm in ("A", "B"):
+    if arm in ("A", "B", *RENDERER_ARMS):
         real = list(zip([im for _, im in imgs], labs))
         used = tiles
     elif arm in ("F", "G"):  # the same arrays listed REAL_REPEAT times: crops drawn uniformly over the list
@@ -208,7 +241,7 @@ def _summary(results: dict) -> dict:
         targets["C>=0.95A_aji"] = table["C"]["aji"] >= 0.95 * table["A"]["aji"]
     if "D" in table and "E" in table:
         targets["E>D_aji"] = table["E"]["aji"] > table["D"]["aji"]
-    for arm in ("F", "G"):  # follow-ups: reported, they decide nothing alone (a winner gets a second seed first)
+    for arm in ("F", "G", *RENDERER_ARMS):  # reported; they decide nothing alone (a winner gets a second seed first)
         if "A" in table and arm in table:
             targets[f"{arm}>=A+0.015_aji (follow-up)"] = table[arm]["aji"] >= table["A"]["aji"] + 0.015
     return {"table": table, "targets": targets}
@@ -235,6 +268,10 @@ def main() -> None:
     bad = sorted(set(arms) - set(ARMS))
     if bad:
         raise SystemExit(f"headline.py: error: unknown arm(s) {bad}; choose from {', '.join(ARMS)}")
+
+    for arm in arms:  # before hours of other arms: a renderer arm's model must exist
+        if arm in RENDERER_ARMS and not (Path(args.out) / f"{arm}_seed{SEEDS_AB[0]}.json").exists():
+            _renderer_checkpoint(arm)
 
     import torch
 
