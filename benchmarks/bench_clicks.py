@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--no-loo", action="store_true", help="skip the leave-one-out prior (6 fits of 29 tiles)")
     ap.add_argument("--no-prior", action="store_true", help="skip ShapePrior.from_image's KS")
     ap.add_argument("--nuclick", metavar="CKPT", help="evaluate the nuclick method with this checkpoint")
+    ap.add_argument("--nuclick-params", metavar="JSON", default="{}",
+                    help="the nuclick method's parameters, e.g. '{\"tta\": 4}'")
     ap.add_argument("--dense", type=int, default=1000, metavar="N",
                     help="also time edits among N random (hard-core) clicks on the first tile (issue 18's latency "
                     "target: 1000 nuclei on a 1000 x 1000 image); 0: skip")
@@ -160,7 +162,8 @@ def main() -> None:
         for m in methods:
             clear_cache()
             t0 = time.perf_counter()
-            maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device)
+            maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device,
+                              **(json.loads(args.nuclick_params) if m == "nuclick" else {}))
             passes[m].append(time.perf_counter() - t0)
             fitter = MaskFitter(maps, seed=args.seed)
             t0 = time.perf_counter()
@@ -189,7 +192,8 @@ def main() -> None:
         t, img = data[0][0], data[0][1]
         pts = random_points(img.shape[:2], n=args.dense + args.edits // 2, process="hardcore", seed=args.seed)
         for m in methods:
-            maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device)
+            maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device,
+                              **(json.loads(args.nuclick_params) if m == "nuclick" else {}))
             v = _latency(maps, pts, args.edits, np.random.default_rng(args.seed))
             dense[m] = {"tile": t, "clicks": len(pts) - args.edits // 2,
                         "add_or_move": _ms(v["add"] + v["move"]), "cpu_add_or_move": _ms(v["cpu_add"] + v["cpu_move"])}
@@ -207,6 +211,8 @@ def main() -> None:
     }
     if ckpts:
         out["checkpoints"] = ckpts
+    if json.loads(args.nuclick_params):
+        out["nuclick_params"] = json.loads(args.nuclick_params)
     for m, r in rows.items():
         if not r:
             continue

@@ -317,3 +317,33 @@ def test_grey_and_float_images_are_converted(tiny_checkpoint):
     b = fit_masks(img.astype(np.float32) / 255.0, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu")
     assert np.array_equal(a, b)
     assert fit_masks(img[..., 0], pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu").max() == len(pts)
+
+
+def test_tta_averages_the_dihedral_transforms_of_each_patch(crop, tiny_checkpoint):
+    img, lab, pts = crop
+    model = _model(2)
+    x = N.patch_inputs(N.image_channels(model, img, "cpu"), pts, np.arange(6), patch=32, sigma=2.0)
+    p1 = N.predict_patches(model, x)
+    with torch.inference_mode():  # by hand: each transform through the network and back, averaged
+        xt = torch.from_numpy(x)
+        manual = [torch.sigmoid(model(torch.rot90(xt, k, (-2, -1)))) for k in range(4)]
+        manual = [torch.rot90(q, -k, (-2, -1)) for k, q in enumerate(manual)]
+        xf = torch.flip(xt, (-1,))
+        manual += [torch.flip(torch.rot90(torch.sigmoid(model(torch.rot90(xf, k, (-2, -1)))), -k, (-2, -1)), (-1,))
+                   for k in range(4)]
+    p8 = N.predict_patches(model, x, tta=8)
+    assert np.allclose(p8, torch.stack(manual).mean(0)[:, 0].numpy(), atol=1e-5)  # the group, in any order
+    assert not np.allclose(p1, p8, atol=1e-3)  # a random network is not equivariant: the average differs
+    p2 = N.predict_patches(model, x, tta=2)
+    with torch.inference_mode():
+        flip = torch.flip(torch.sigmoid(model(torch.flip(xt, (-1,)))), (-1,))[:, 0].numpy()
+    assert np.allclose(p2, (p1 + flip) / 2, atol=1e-5)
+    for bad in (0, 9, 2.5, True):
+        with pytest.raises(ValueError, match="tta must be an integer"):
+            N.predict_patches(model, x, tta=bad)
+    # as the method's parameter: the fit changes, the ids stay one per click; a bad value is refused by name
+    a = fit_masks(img, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu", seed=0)
+    b = fit_masks(img, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu", seed=0, tta=4)
+    assert set(np.unique(b).tolist()) - {0} == set(range(1, len(pts) + 1)) and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="tta must lie in"):
+        fit_masks(img, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu", tta=9)

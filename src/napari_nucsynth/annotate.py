@@ -202,7 +202,7 @@ class NuClickMaps:
 
 
 def nuclick_maps(model, image, *, device="cpu", progress: Progress = None, should_stop: ShouldStop = None,
-                 threshold: float = 0.5, snap: int = 4, batch: int = 128) -> NuClickMaps:
+                 threshold: float = 0.5, snap: int = 4, tta: int = 1, batch: int = 128) -> NuClickMaps:
     """:class:`NuClickMaps` of ``image`` for a nuclick network already in memory (the ``nuclick`` method loads its
     checkpoint and calls this; so do the model's ``predict`` and ``validate``)."""
     from .devices import resolve_device
@@ -211,7 +211,7 @@ def nuclick_maps(model, image, *, device="cpu", progress: Progress = None, shoul
     dev = resolve_device(device)
     ch = image_channels(model, as_rgb(image, "image"), dev, progress=progress, should_stop=should_stop)
     cfg = model.config
-    return NuClickMaps(ch.astype(np.float16), lambda x: predict_patches(model, x, dev, batch=batch),
+    return NuClickMaps(ch.astype(np.float16), lambda x: predict_patches(model, x, dev, batch=batch, tta=tta),
                        patch=int(cfg["patch"]), sigma=float(cfg["sigma"]), threshold=float(threshold), snap=int(snap))
 
 
@@ -384,13 +384,14 @@ class NuClickFit:
 
     Parameters (keywords): ``threshold`` (a pixel is a nucleus's where its probability is at least this; 0.5),
     ``snap`` (a click anchors at the nearest pixel within this many px where its own probability reaches the
-    threshold; with none it gets a prior nucleus; 4).
+    threshold; with none it gets a prior nucleus; 4), ``tta`` (each click's probabilities averaged over this many
+    dihedral transforms of its patch, 1-8; each costs one more pass of the network per click; 1).
     """
 
     name = "nuclick"
     description = "NuClick-style point-prompted network: each click's patch and the clicks around it -> its nucleus"
     needs_checkpoint = True
-    params: ClassVar[dict] = {"threshold": (0.5, 0.05, 0.95), "snap": (4, 0, 16)}
+    params: ClassVar[dict] = {"threshold": (0.5, 0.05, 0.95), "snap": (4, 0, 16), "tta": (1, 1, 8)}
 
     @property
     def fitter(self):

@@ -291,8 +291,30 @@ def image_channels(model_or_config, image: np.ndarray, device="cpu", *, progress
     return np.concatenate(chans, 0)
 
 
-def predict_patches(model: NuClickNet, inputs: np.ndarray, device="cpu", batch: int = 128) -> np.ndarray:
-    """Nucleus probabilities (n, S, S) float32 of the inputs from :func:`patch_inputs` (model in eval mode)."""
+#: The dihedral transforms of a square patch, in the order test-time augmentation uses them (``tta = k``: the
+#: first ``k``): identity, the two flips, the half turn, then the transposes and quarter turns. Each is
+#: ``(flip dims, transpose)`` applied to the last two axes; its inverse undoes the transpose first.
+_DIHEDRAL = (((), False), ((-1,), False), ((-2,), False), ((-2, -1), False),
+             ((), True), ((-1,), True), ((-2,), True), ((-2, -1), True))
+
+
+def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    dims, tr = _DIHEDRAL[k]
+    if inverse:
+        x = x.transpose(-2, -1) if tr else x
+        return torch.flip(x, dims) if dims else x
+    x = torch.flip(x, dims) if dims else x
+    return x.transpose(-2, -1) if tr else x
+
+
+def predict_patches(model: NuClickNet, inputs: np.ndarray, device="cpu", batch: int = 128, tta: int = 1) -> np.ndarray:
+    """Nucleus probabilities (n, S, S) float32 of the inputs from :func:`patch_inputs` (model in eval mode).
+
+    ``tta`` (1-8): the probabilities averaged over the first ``tta`` dihedral transforms of each patch (image and
+    click maps transformed together, each output transformed back; :data:`_DIHEDRAL`); each costs one more pass of
+    the network."""
+    if isinstance(tta, bool) or not isinstance(tta, (int, np.integer)) or not 1 <= tta <= len(_DIHEDRAL):
+        raise ValueError(f"tta must be an integer in [1, {len(_DIHEDRAL)}], got {tta!r}")
     out = np.zeros((len(inputs),) + inputs.shape[2:], np.float32)
     was = model.training
     if was:  # (switching modes walks every submodule: not on every click)
@@ -301,7 +323,13 @@ def predict_patches(model: NuClickNet, inputs: np.ndarray, device="cpu", batch: 
         with torch.inference_mode():
             for s in range(0, len(inputs), batch):
                 x = torch.from_numpy(np.ascontiguousarray(inputs[s : s + batch])).to(device)
-                out[s : s + batch] = torch.sigmoid(model(x))[:, 0].float().cpu().numpy()
+                if tta == 1:
+                    prob = torch.sigmoid(model(x))
+                else:  # all transforms in one batch: one call of the network
+                    xs = torch.cat([_dihedral(x, k) for k in range(tta)])
+                    ps = torch.sigmoid(model(xs)).float().chunk(tta)
+                    prob = sum(_dihedral(q, k, inverse=True) for k, q in enumerate(ps)) / tta
+                out[s : s + batch] = prob[:, 0].float().cpu().numpy()
     finally:
         if was:
             model.train()
@@ -466,16 +494,17 @@ def predict(model: NuClickNet, image: np.ndarray, device, tta: bool = False, pro
             points=None, **params) -> np.ndarray:
     """The labels of the nuclei under ``points`` (N x 2, row/col; id = point index + 1): the image-wide fit of
     :func:`napari_nucsynth.annotate.fit_masks` with this model; ``params``: ``threshold``, ``snap`` (see the
-    ``nuclick`` fitting method). NuClick needs the clicks: without ``points`` it is a ``ValueError``. ``tta`` is
-    not supported (refused when True)."""
+    ``nuclick`` fitting method) and ``tta`` (an integer: dihedral transforms averaged per patch). NuClick needs the
+    clicks: without ``points`` it is a ``ValueError``. The segmenters' boolean ``tta`` is refused: pass
+    ``tta=<number of transforms>`` as a parameter instead."""
     if points is None:
         raise ValueError("nuclick segments the nuclei under clicked points: pass points= (N x 2, row/col), e.g. "
                          "napari_nucsynth.annotate.fit_masks(image, points, method='nuclick', checkpoint=...)")
     if tta:
         raise ValueError("nuclick has no test-time augmentation")
-    unknown = set(params) - {"threshold", "snap"}
+    unknown = set(params) - {"threshold", "snap", "tta"}
     if unknown:
-        raise ValueError(f"unknown nuclick parameter(s) {sorted(unknown)}; known: ['snap', 'threshold']")
+        raise ValueError(f"unknown nuclick parameter(s) {sorted(unknown)}; known: ['snap', 'threshold', 'tta']")
     from ..annotate import MaskFitter, nuclick_maps
 
     maps = nuclick_maps(model, image, device=device, progress=progress, should_stop=should_stop, **params)
