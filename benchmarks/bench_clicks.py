@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-loo", action="store_true", help="skip the leave-one-out prior (6 fits of 29 tiles)")
     ap.add_argument("--no-prior", action="store_true", help="skip ShapePrior.from_image's KS")
+    ap.add_argument("--prior-seeds", type=int, default=1, help="draw the priors' masks with this many seeds (from "
+                    "--seed on; the segmentation is made once) and report the spread of the median KS")
     ap.add_argument("--nuclick", metavar="CKPT", help="evaluate the nuclick method with this checkpoint")
     ap.add_argument("--nuclick-params", metavar="JSON", default="{}",
                     help="the nuclick method's parameters, e.g. '{\"tta\": 4}'")
@@ -240,23 +242,34 @@ def main() -> None:
     def areas(lab):
         return regionprops_table(lab.astype(np.int64), properties=("area",))["area"]
 
+    from napari_nucsynth.segment import segment
+
     default = ShapePrior.default()
-    ks = []
     others = None if args.no_loo else {t: load_labels(t) for t in tile_ids()}
-    for t, img, lab, pts, _ in data:
-        real = areas(lab)
-        row = {"tile": t}
-        priors = {"from_image": ShapePrior.from_image(img, device=args.device, seed=args.seed), "default": default}
-        if others is not None:
-            priors["leave_one_out"] = ShapePrior.fit_many([v for k, v in others.items() if k != t], seed=args.seed)
-        for name, prior in priors.items():
-            syn = areas(sample_masks(pts, lab.shape, prior=prior, seed=args.seed))
-            row[name] = round(float(ks_2samp(syn, real).statistic), 4)
-        ks.append(row)
-    out["prior_from_image_ks_area"] = {
-        "median": {k: round(float(np.median([r[k] for r in ks])), 4) for k in ks[0] if k != "tile"},
-        "per_tile": ks,
-    }
+    found = {t: segment(img, method="hovernet", device=args.device) for t, img, *_ in data}  # what from_image fits
+    by_seed = {}
+    for seed in range(args.seed, args.seed + args.prior_seeds):
+        ks = []
+        for t, img, lab, pts, _ in data:
+            real = areas(lab)
+            row = {"tile": t}
+            priors = {"from_image": ShapePrior.from_image(img, segmenter=lambda _im, _t=t: found[_t], seed=seed),
+                      "default": default}
+            if others is not None:
+                priors["leave_one_out"] = ShapePrior.fit_many([v for k, v in others.items() if k != t], seed=seed)
+            for name, prior in priors.items():
+                syn = areas(sample_masks(pts, lab.shape, prior=prior, seed=seed))
+                row[name] = round(float(ks_2samp(syn, real).statistic), 4)
+            ks.append(row)
+        by_seed[seed] = {"median": {k: round(float(np.median([r[k] for r in ks])), 4) for k in ks[0] if k != "tile"},
+                         "per_tile": ks}
+    first = by_seed[args.seed]
+    out["prior_from_image_ks_area"] = {"median": first["median"], "per_tile": first["per_tile"]}
+    if args.prior_seeds > 1:  # the same, drawn again: how much of the figure is the draw
+        meds = {k: [b["median"][k] for b in by_seed.values()] for k in first["median"]}
+        out["prior_from_image_ks_area"]["over_seeds"] = {
+            "seeds": list(by_seed), "median_per_seed": meds,
+            "mean_of_medians": {k: round(float(np.mean(v)), 4) for k, v in meds.items()}}
     out["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(out, indent=1))
 
