@@ -475,3 +475,47 @@ def test_init_takes_config_overrides_of_loss_weights(tiny_drit, load_tile, tmp_p
     assert b["config"]["lambda_h"] == 3.0 and a["config"]["lambda_h"] == 0.0
     assert {k: v for k, v in b["config"].items() if k != "lambda_h"} == {
         k: v for k, v in a["config"].items() if k != "lambda_h"}
+
+
+def test_drit_strength_moves_the_style_from_the_image_own_to_the_reference(tiny_drit, tiles):
+    from napari_nucsynth.models import drit, load_checkpoint, save_checkpoint
+
+    model = drit.load_model(tiny_drit, "cpu")
+    a, b = tiles[A][:64, :64], tiles[B][:64, :64]
+    full = transfer(a, b, method="drit", checkpoint=tiny_drit, device="cpu")
+    assert np.array_equal(full, transfer(a, b, method="drit", checkpoint=tiny_drit, device="cpu", strength=1.0))
+    own = drit.transfer(model, a, None, style=drit.style_code(model, a))
+    assert np.array_equal(transfer(a, b, method="drit", checkpoint=tiny_drit, device="cpu", strength=0.0), own)
+    za, zb = drit.style_code(model, a), drit.style_code(model, b)
+    assert not np.allclose(za, zb)  # the fixture's style encoder tells the two tiles apart
+    half = transfer(a, b, method="drit", checkpoint=tiny_drit, device="cpu", strength=0.5)
+    assert np.array_equal(half, drit.transfer(model, a, None, style=(za + zb) / 2))
+    assert not np.array_equal(half, full)
+    # the checkpoint's config["strength"] is the default
+    ck = load_checkpoint(tiny_drit, kind="drit")
+    path = tiny_drit.parent / "tiny_drit_half.pt"
+    save_checkpoint(path, kind="drit", config={**ck["config"], "strength": 0.5}, state_dict=ck["state_dict"],
+                    step=ck["step"], train_data=ck["train_data"])
+    assert np.array_equal(transfer(a, b, method="drit", checkpoint=path, device="cpu"), half)
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="strength must be"):
+            transfer(a, b, method="drit", checkpoint=tiny_drit, device="cpu", strength=bad)
+    with pytest.raises(ValueError, match="strength is a drit setting"):
+        transfer(a, b, method="macenko", strength=0.5)
+
+
+def test_choose_drit_strength_rule():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from choose_drit_strength import choose
+
+    def rows(*t):
+        return [{"strength": s, "aji_ratio": a, "od_ratio": o} for s, a, o in t]
+
+    # the largest strength meeting both margins
+    assert choose(rows((0.5, 0.97, 0.5), (0.75, 0.95, 0.3), (1.0, 0.89, 0.15))) == 0.75
+    # none meets both: the largest within the od margin
+    assert choose(rows((0.5, 0.9, 0.45), (0.75, 0.9, 0.35), (1.0, 0.85, 0.2))) == 1.0
+    assert choose(rows((0.5, 0.99, 0.6), (1.0, 0.99, 0.45))) == 1.0  # none within the od margin: full transfer

@@ -127,3 +127,15 @@ def as_rgb(image, name: str = "image") -> np.ndarray:
     elif out.shape[2] == 4:
         out = out[..., :3]
     return np.ascontiguousarray(out)
+
+
+def as_strength(strength, zero: str, one: str) -> float:
+    """``strength`` as a float in [0, 1], else a ``ValueError`` that says what the ends mean (``zero``, ``one``):
+    the learned refinements' knob between their input and their full effect (adain, drit)."""
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}") from None
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0: {zero}, 1: {one}), got {s!r}")
+    return s

@@ -362,7 +362,7 @@ def _drit_checkpoint(checkpoint) -> Path:
 
 def transfer(image, reference, method: str = "drit", seed: SeedLike = None, checkpoint=None, device: str = "auto",
              progress: Callable[[int, int, str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+             should_stop: Callable[[], bool] | None = None, *, strength: float | None = None) -> np.ndarray:
     """``image``'s content (nuclei, tissue) in ``reference``'s stain modality (Liu, Wagner & Peng's multi-modality
     transfer), as RGB uint8 of ``image``'s shape.
 
@@ -392,12 +392,16 @@ def transfer(image, reference, method: str = "drit", seed: SeedLike = None, chec
         "auto", "cpu", "cuda", "mps" (``drit`` only).
     progress, should_stop : callables, optional
         ``progress(done, total, what)``; ``should_stop()`` True stops the work with ``InterruptedError``.
+    strength : float in [0, 1], optional
+        ``drit`` only: how far the style code moves from the image's own (0) to the reference's (1); default the
+        checkpoint's ``config["strength"]`` (chosen on training tiles), 1 when it has none.
 
     Raises
     ------
     ValueError
         An unknown method, a bad image, a reference without tissue for ``macenko`` (an image with fewer than 100
-        stained pixels has no stains to estimate), or ``drit`` without a model.
+        stained pixels has no stains to estimate), ``drit`` without a model, or a ``strength`` out of [0, 1] or
+        given to another method.
     """
     if method not in TRANSFER_METHODS:
         raise ValueError(f"method must be one of {TRANSFER_METHODS}, got {method!r}")
@@ -406,7 +410,9 @@ def transfer(image, reference, method: str = "drit", seed: SeedLike = None, chec
     if should_stop is not None and should_stop():
         raise InterruptedError("stain transfer stopped")
     if method == "drit":
-        return _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop)
+        return _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop, strength)
+    if strength is not None:
+        raise ValueError(f"strength is a drit setting; {method!r} restains fully")
     if isinstance(reference, (bool, int, np.integer)):
         raise ValueError(f"reference must be an RGB image or a StainReference for method={method!r} (a domain "
                          "index needs method='drit')")
@@ -436,7 +442,7 @@ def _macenko_target(reference) -> MacenkoStains:
         raise ValueError(f"reference: {exc}") from None
 
 
-def _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop) -> np.ndarray:
+def _transfer_drit(img, reference, seed, checkpoint, device, progress, should_stop, strength=None) -> np.ndarray:
     from .devices import resolve_device
     from .models import drit  # a layer above this module: imported only when asked for
 
@@ -454,7 +460,8 @@ def _transfer_drit(img, reference, seed, checkpoint, device, progress, should_st
         reference = reference.image
     else:
         reference = as_rgb(reference, "reference")
-    return drit.transfer(model, img, reference, seed, style=style, progress=progress, should_stop=should_stop)
+    return drit.transfer(model, img, reference, seed, style=style, strength=strength, progress=progress,
+                         should_stop=should_stop)
 
 
 def _references(references, name: str = "references") -> list:

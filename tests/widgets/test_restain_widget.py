@@ -97,6 +97,42 @@ def test_drit_is_listed_once_a_model_exists(restain, no_models, monkeypatch):
     assert list(fresh.method.choices) == ["macenko", "reinhard", "drit"]
 
 
+def test_drit_strength_slider_follows_the_model_and_reaches_the_transfer(restain, no_models, qtbot, popups,
+                                                                         monkeypatch):
+    import napari_nucsynth._widgets.restain as rw
+    from napari_nucsynth.models import drit, save_checkpoint
+
+    viewer, pale, dark, widget = restain
+    assert not _shown(widget.strength)  # macenko: no strength
+    model = drit.build({"n_domains": 2, "ngf": 4, "n_down": 1, "n_res": 1, "mlp_dim": 8, "style_dim": 4, "nef": 4,
+                        "enc_layers": 2, "ncf": 8, "ndf": 8, "d_layers": 2, "num_d": 1, "amp": "none",
+                        "strength": 0.6})
+    ck = no_models / "half.pt"
+    save_checkpoint(ck, kind="drit", config=model.config, state_dict=model.state_dict(), step=0)
+    widget.browse.value = ck  # lists drit and chooses it: the slider shows the model's own strength
+    assert widget.method.value == "drit" and _shown(widget.strength)
+    assert widget.strength.value == pytest.approx(0.6)
+    seen = {}
+
+    def fake_transfer(image, reference, **kw):
+        seen.update(kw)
+        return image
+
+    monkeypatch.setattr(rw, "transfer", fake_transfer)
+    widget.strength.value = 0.25
+    widget.image_combo.value, widget.reference_combo.value = pale, dark
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert seen["method"] == "drit" and seen["strength"] == pytest.approx(0.25) and seen["checkpoint"] == ck.resolve()
+    widget.method.value = "macenko"
+    assert not _shown(widget.strength)
+    seen.clear()
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert seen["method"] == "macenko" and "strength" not in seen  # the classical methods restain fully
+    assert not popups
+
+
 def test_segment_widget_modality_tta(make_napari_viewer, load_tile, qtbot, popups):
     from napari_nucsynth._widgets.segment import SegmentWidget
     from napari_nucsynth.segment import segment

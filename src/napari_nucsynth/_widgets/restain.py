@@ -18,7 +18,7 @@ import time
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, FloatSlider, ProgressBar, PushButton
 from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
@@ -76,12 +76,16 @@ class RestainWidget(WorkerWidget):
         self.method = ComboBox(label="Method", choices=self._method_choices, value="macenko")
         self.method.tooltip = ("macenko: Macenko's H and E stain vectors and concentration range; reinhard: CIELAB "
                                "mean and spread; drit: the learned content/style model (listed when a model exists)")
+        self.strength = FloatSlider(label="Strength", value=1.0, min=0.0, max=1.0, step=0.05)
+        self.strength.tooltip = ("drit: how far the style moves from the image's own modality (0) to the "
+                                 "reference's (1); set to the model's own default when it is chosen (a long move, a "
+                                 "dark tile to a pale one, can lose nuclei; docs/stain_transfer.md)")
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.restain_btn = self.run_button = PushButton(text=self.run_text)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = wrapping_label()
-        self.extend([self.image_combo, self.reference_combo, self.method, self.checkpoint, self.browse, self.device,
-                     self.restain_btn, self.progress, self.status])
+        self.extend([self.image_combo, self.reference_combo, self.method, self.checkpoint, self.browse,
+                     self.strength, self.device, self.restain_btn, self.progress, self.status])
 
         self._timer = QTimer(self.native)  # (WorkerWidget's re-run timer; nothing here re-runs by itself)
         self._timer.setSingleShot(True)
@@ -89,6 +93,7 @@ class RestainWidget(WorkerWidget):
 
         self.restain_btn.changed.connect(self._on_button)
         self.method.changed.connect(self._on_method)
+        self.checkpoint.changed.connect(self._sync_strength)
         self.browse.changed.connect(self._on_browsed)  # after the picker's own handler has taken the file
         viewer.layers.events.inserted.connect(self._reset)
         viewer.layers.events.removed.connect(self._reset)
@@ -136,6 +141,7 @@ class RestainWidget(WorkerWidget):
         """The drit model list shows only for drit; the file picker always (picking a model lists drit)."""
         drit = self.method.value == "drit"
         self.checkpoint.visible = drit
+        self.strength.visible = drit
         if drit:
             self._ckpt.refresh()
             if self.checkpoint.value is None and not shipped_drit_checkpoint().is_file():
@@ -143,8 +149,22 @@ class RestainWidget(WorkerWidget):
                 if saved:
                     self.checkpoint.value = saved[0]
 
+    def _sync_strength(self, _=None) -> None:
+        """Set the Strength slider to the chosen drit model's own default (1 for models without one)."""
+        if self.method.value != "drit":
+            return
+        path = self.checkpoint.value if self.checkpoint.value is not None else shipped_drit_checkpoint()
+        try:
+            from ..models import load_checkpoint
+
+            value = float(load_checkpoint(path, kind="drit")["config"].get("strength", 1.0))
+        except (ValueError, OSError):  # no model yet: running says so
+            return
+        self.strength.value = value
+
     def _on_method(self, _=None) -> None:
         self._show_checkpoint()
+        self._sync_strength()
         if self._job is None:
             self.status.value = ""
 
@@ -173,13 +193,14 @@ class RestainWidget(WorkerWidget):
         if method == "drit" and checkpoint is None and not shipped_drit_checkpoint().is_file():
             checkpoint = next((c for c in self.checkpoint.choices if c is not None), None)
         device = self.device.value
+        extra = {"strength": float(self.strength.value)} if method == "drit" else {}
         job = _Job(layer, ref.name, method)
         progress = self._progress(job, lambda msg: f"Restaining {layer.name} ({method}): {msg}")
 
         def work():
             try:
                 return transfer(image, reference, method=method, checkpoint=checkpoint, device=device,
-                                progress=progress, should_stop=lambda: job.cancelled)
+                                progress=progress, should_stop=lambda: job.cancelled, **extra)
             finally:
                 release_gpu_memory()
 

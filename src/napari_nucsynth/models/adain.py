@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import as_labels, as_rgb
+from .._checks import as_labels, as_rgb, as_strength
 from . import gan
 from .features import FeatureNet, load_features
 from .gan import GAN_DEFAULTS, GANModel, MultiscaleDiscriminator
@@ -592,13 +592,7 @@ def stylize(model: AdaINModel, content, style, *, alpha: float = 1.0, strength: 
 
 def check_strength(strength) -> float:
     """``strength`` as a float in [0, 1], else a ValueError that says what it means."""
-    try:
-        s = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}") from None
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0: the classic render, 1: the full refinement), got {s!r}")
-    return s
+    return as_strength(strength, "the classic render", "the full refinement")
 
 
 def model_strength(model: AdaINModel) -> float:

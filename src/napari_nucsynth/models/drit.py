@@ -75,7 +75,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .._checks import SeedLike, as_labels, as_rgb, as_rng
+from .._checks import SeedLike, as_labels, as_rgb, as_rng, as_strength
 from . import ModelSpec, register_model
 from . import gan
 from ._rendering import device_of, evaluating
@@ -577,8 +577,20 @@ def style_code(model: DRIT, reference, seed: SeedLike = None, *, sample: bool = 
     return (mu + np.exp(0.5 * logvar) * eps).astype(np.float32)
 
 
+def check_strength(strength) -> float:
+    """``strength`` as a float in [0, 1], else a ValueError that says what it means."""
+    return as_strength(strength, "the image's own modality", "the reference's")
+
+
+def model_strength(model: DRIT) -> float:
+    """The model's default transfer strength: its ``config["strength"]`` (chosen on training tiles by
+    ``benchmarks/choose_drit_strength.py``), 1 when absent."""
+    return check_strength(model.config.get("strength", 1.0))
+
+
 def transfer(model: DRIT, image, reference, seed: SeedLike = None, *, sample_style: bool = False,
-             style: np.ndarray | None = None, progress: Callable[[int, int, str], None] | None = None,
+             style: np.ndarray | None = None, strength: float | None = None,
+             progress: Callable[[int, int, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """``image``'s content in ``reference``'s stain modality, by a trained model (the EMA modules, on the model's
     device), as RGB uint8 of ``image``'s shape.
@@ -586,9 +598,12 @@ def transfer(model: DRIT, image, reference, seed: SeedLike = None, *, sample_sty
     The image is reflect-padded to a multiple of :attr:`DRIT.multiple` and translated in one piece (the content
     encoder's instance normalisation sees the whole image). ``style`` (a code of length ``style_dim``) replaces the
     reference's when given. ``seed`` draws the style sample with ``sample_style``; otherwise the result is
-    deterministic.
+    deterministic. ``strength`` in [0, 1] moves the style code from the image's own (0: the image decoded in its own
+    modality) to the reference's (1); default :func:`model_strength`. A long move (a dark, dense tile to a pale
+    one) costs nuclei, a short one leaves more of the old stain: the strength is the knob between the two.
     """
     img = as_rgb(image, "image")
+    strength = model_strength(model) if strength is None else check_strength(strength)
     if should_stop is not None and should_stop():
         raise InterruptedError("stain transfer stopped")
     if progress is not None:
@@ -599,6 +614,8 @@ def transfer(model: DRIT, image, reference, seed: SeedLike = None, *, sample_sty
         z = np.asarray(style, np.float32).reshape(-1)
     if z.shape[0] != int(model.config["style_dim"]):
         raise ValueError(f"the style code must have {model.config['style_dim']} values, got {z.shape[0]}")
+    if strength < 1.0:
+        z = (1.0 - strength) * style_code(model, img) + strength * z
     if should_stop is not None and should_stop():
         raise InterruptedError("stain transfer stopped")
     if progress is not None:
