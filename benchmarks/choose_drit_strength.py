@@ -19,8 +19,13 @@ The rule (written 2026-12-06 before any held-out measurement at a strength below
 ``STRENGTHS`` whose AJI ratio on these tiles is at least ``MIN_AJI_RATIO`` (0.95) and whose mean od ratio is at
 most ``MAX_OD_RATIO`` (0.4); the margins over the issue's 0.9 and 0.5 are for the move to tiles the model has not
 seen (at strength 1 the 4200-step model's AJI ratio was 0.89 on training tiles and 0.82 on held-out ones after
-1000 steps of fine-tuning, its od ratio 0.15 against 0.21). When no strength meets both, the largest whose od
-ratio is at most ``MAX_OD_RATIO``; when none does, 1.
+1000 steps of fine-tuning, its od ratio 0.15 against 0.21). When no strength meets both, the **smallest** whose od
+ratio is at most ``MAX_OD_RATIO`` (the most content the modality margin allows); when none does, 1.
+
+The fallback first read "the largest" within the od margin; on the first run (the fine-tune's 1000-step snapshot,
+training tiles only, no held-out figure at any strength below 1) no strength met both and that wording would have
+chosen 1, the strength with the least content, which defeats the knob: it was corrected to the smallest before
+the rule was applied to any model.
 
 ``--apply-to`` writes the chosen strength into ``config["strength"]`` of the given drit checkpoints (atomically;
 everything else unchanged), which ``transfer`` then uses by default; ``bench_transfer.py`` measures the held-out
@@ -54,7 +59,7 @@ def choose(rows: list[dict]) -> float:
     if both:
         return max(both)
     od = [r["strength"] for r in rows if r["od_ratio"] <= MAX_OD_RATIO]
-    return max(od) if od else 1.0
+    return min(od) if od else 1.0
 
 
 def apply_strength(path: Path, strength: float) -> None:
@@ -64,7 +69,8 @@ def apply_strength(path: Path, strength: float) -> None:
     ck = load_checkpoint(path, kind="drit")
     train_data = {**ck.get("train_data", {}), "strength_rule": (
         f"benchmarks/choose_drit_strength.py: the largest of {', '.join(map(str, STRENGTHS))} with AJI ratio >= "
-        f"{MIN_AJI_RATIO} and od ratio <= {MAX_OD_RATIO} on six training tiles")}
+        f"{MIN_AJI_RATIO} and od ratio <= {MAX_OD_RATIO} on six training tiles, else the smallest with od ratio <= "
+        f"{MAX_OD_RATIO}")}
     save_checkpoint(path, kind="drit", config={**ck["config"], "strength": float(strength)},
                     state_dict=ck["state_dict"], step=ck["step"], metrics=ck.get("metrics"), train_data=train_data,
                     optimizer=ck.get("optimizer"), rng=ck.get("rng"))

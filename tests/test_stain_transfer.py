@@ -516,6 +516,6 @@ def test_choose_drit_strength_rule():
 
     # the largest strength meeting both margins
     assert choose(rows((0.5, 0.97, 0.5), (0.75, 0.95, 0.3), (1.0, 0.89, 0.15))) == 0.75
-    # none meets both: the largest within the od margin
-    assert choose(rows((0.5, 0.9, 0.45), (0.75, 0.9, 0.35), (1.0, 0.85, 0.2))) == 1.0
+    # none meets both: the smallest within the od margin (the most content it allows)
+    assert choose(rows((0.5, 0.93, 0.45), (0.75, 0.92, 0.35), (1.0, 0.85, 0.2))) == 0.75
     assert choose(rows((0.5, 0.99, 0.6), (1.0, 0.99, 0.45))) == 1.0  # none within the od margin: full transfer
