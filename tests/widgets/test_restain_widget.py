@@ -167,3 +167,20 @@ def test_train_widget_offers_modality(make_napari_viewer):
 
     widget = TrainWidget(make_napari_viewer())
     assert "modality" in widget.augment.choices
+
+
+def test_a_wrapped_status_line_gets_the_height_of_all_its_lines(qtbot, no_models, make_napari_viewer):
+    from napari_nucsynth._widgets import _dock
+
+    dock = _dock.RestainDock(make_napari_viewer())  # the dock napari shows, as a window of its own here
+    qtbot.addWidget(dock)
+    dock.resize(330, 600)
+    dock.show()
+    widget = dock._magic_widget
+    for text in ("Restaining colon to prostate with drit...", "Restaining colon (drit): translating",
+                 "'restained: colon (drit to prostate)': 512 x 512 (drit, 1.10 s)."):  # as a run sets them
+        widget.status.value = text
+        qtbot.wait(50)
+    n = widget.status.native
+    assert n.heightForWidth(n.width()) > n.fontMetrics().lineSpacing() * 2  # several lines at this width
+    assert n.height() >= n.heightForWidth(n.width())  # all of them shown, none clipped

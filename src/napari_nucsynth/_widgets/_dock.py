@@ -44,6 +44,9 @@ def wrapping_label(value: str = "") -> Label:
     label.native.setWordWrap(True)
     policy = label.native.sizePolicy()  # (keeps the height-for-width that word wrap set)
     policy.setHorizontalPolicy(QSizePolicy.Policy.Expanding)
+    # fill the row's height: the row is laid out for the wrapped text's height, but a label of the default policy
+    # keeps its size hint's (computed for another width), so three wrapped lines were clipped to two
+    policy.setVerticalPolicy(QSizePolicy.Policy.MinimumExpanding)
     label.native.setSizePolicy(policy)
     return label
 

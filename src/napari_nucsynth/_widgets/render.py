@@ -20,7 +20,6 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     FloatSlider,
-    Label,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -31,6 +30,7 @@ from ..devices import available_devices
 from ..models import checkpoint_dir
 from ..render import gallery, get_renderer, interpolatable_methods, interpolate, render, renderers
 from ._checkpoints import CheckpointPicker, MethodBox, open_train_widget
+from ._dock import wrapping_label
 from ._outputs import MASKS, output_kind
 from ._worker import CloseWatcher, Job, WorkerWidget, release_gpu_memory
 
@@ -119,8 +119,7 @@ class RenderWidget(MethodBox, WorkerWidget):
         self.gallery_btn.tooltip = ("Render the labels in the style of every tile of a folder, side by side (same "
                                     "method, checkpoint and seed)")
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
-        self.status = Label(value="")
-        self.status.native.setWordWrap(True)  # long messages wrap rather than widen the dock
+        self.status = wrapping_label()  # long messages wrap rather than widen the dock
         self.extend([self.labels_combo, self.style_combo, self.style_labels_combo, self.method, self.checkpoint,
                      self.browse, self.train_model_btn, self.style_b, self.position, self.strength, self.device,
                      self.seed, self.live, self.render_btn, self.gallery_btn, self.progress, self.status])
