@@ -454,23 +454,14 @@ def discriminator_loss(model: DRIT, batch: dict, fwd: dict | None = None) -> tup
     return loss, {"d_loss": float(d_img.detach()), "d_content": float(d_con.detach())}
 
 
-def haematoxylin_density(images: torch.Tensor) -> torch.Tensor:
-    """Haematoxylin optical density ``N x H x W`` (float32) of images ``N x 3 x H x W`` in [-1, 1]: scikit-image's
-    ``rgb2hed`` formula and matrix, as :func:`napari_nucsynth.stain.rgb_to_hed` computes it, differentiable (the
-    negative densities are clipped to 0 as there)."""
-    from skimage.color import hed_from_rgb
-
-    rgb = ((images.float() + 1) / 2).clamp(1e-6, 1.0)
-    od = torch.log(rgb) / np.log(1e-6)
-    h = torch.as_tensor(hed_from_rgb[:, 0], dtype=od.dtype, device=od.device)
-    return torch.einsum("nchw,c->nhw", od, h).clamp_min(0)
-
-
 def haematoxylin_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per image, the Pearson correlation over pixels of the haematoxylin densities of ``a`` and ``b`` (both
-    ``N x 3 x H x W`` in [-1, 1]); ``N`` values in [-1, 1], float32."""
-    ha = haematoxylin_density(a).flatten(1)
-    hb = haematoxylin_density(b).flatten(1)
+    ``N x 3 x H x W`` in [-1, 1]); ``N`` values in [-1, 1], float32. The densities are points2image's
+    differentiable :func:`~napari_nucsynth.models.points2image.hed_torch` (the project's colour deconvolution)."""
+    from .points2image import hed_torch
+
+    ha = hed_torch((a + 1) / 2)[:, 0].flatten(1)
+    hb = hed_torch((b + 1) / 2)[:, 0].flatten(1)
     ha = ha - ha.mean(1, keepdim=True)
     hb = hb - hb.mean(1, keepdim=True)
     return (ha * hb).sum(1) / (ha.norm(dim=1) * hb.norm(dim=1) + eps)
