@@ -758,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a stopped run from this checkpoint (same step count, optimiser and "
                    "random state; its configuration is used)")
     p.add_argument("--init", help="start from this checkpoint's weights and configuration with a new optimiser and "
-                   "schedule (fine-tuning); 'default' = the kind's shipped model")
+                   "schedule (fine-tuning; --config then overrides keys of its configuration, e.g. loss weights); "
+                   "'default' = the kind's shipped model")
     p.add_argument("--config", help="model configuration merged into the kind's defaults: a JSON object or a JSON "
                    "file (for --model joint: {\"generator\": {...}, \"segmenter\": {...}})")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")

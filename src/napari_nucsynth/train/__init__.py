@@ -443,7 +443,13 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
         if "pretrained" in cfg:
             cfg["pretrained"] = None
         model = spec.build(cfg)
-        model.load_state_dict(ck0["state_dict"])
+        try:
+            model.load_state_dict(ck0["state_dict"])
+        except RuntimeError:
+            changed = sorted(k for k in (config or {}) if ck0["config"].get(k) != config[k])
+            raise ValueError(f"the config overrides {changed} change the network of {init}, so its weights do not "
+                             "fit; fine-tuning can override settings that keep the network's shape (loss "
+                             "weights, say)") from None
     else:
         cfg = {**spec.default_config(), **(config or {})}
         model = spec.build(cfg)
