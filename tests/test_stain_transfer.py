@@ -520,3 +520,28 @@ def test_choose_drit_strength_rule():
     # none meets both: the smallest within the od margin (the most content it allows)
     assert choose(rows((0.5, 0.93, 0.45), (0.75, 0.92, 0.35), (1.0, 0.85, 0.2))) == 0.75
     assert choose(rows((0.5, 0.99, 0.6), (1.0, 0.99, 0.45))) == 1.0  # none within the od margin: full transfer
+
+
+def test_the_shipped_drit_model_restains_towards_the_reference_and_keeps_its_settings(tiles):
+    """The shipped drit (trained on the CPU, docs/stain_transfer.md) loads without a checkpoint argument, carries
+    the strength chosen on training tiles and its domains' styles, holds only what transfers, restains
+    reproducibly and moves the mean optical density towards the reference's."""
+    from napari_nucsynth.models import drit, load_checkpoint
+
+    path = drit.default_checkpoint()
+    if not path.is_file():
+        pytest.skip("no drit model ships with this version")
+    ck = load_checkpoint(path, kind="drit")
+    assert ck["config"]["strength"] == 0.75 and len(ck["config"]["domain_styles"]) == ck["config"]["n_domains"]
+    assert all(k.startswith("ema.") for k in ck["state_dict"])
+    a, b = tiles[C][:128, :128], tiles[B][:128, :128]  # kidney to liver: two hospitals
+    out = transfer(a, b, method="drit", device="cpu")
+    assert out.shape == a.shape and np.array_equal(out, transfer(a, b, method="drit", device="cpu"))
+    assert od_distance(out, b) < 0.7 * od_distance(a, b)
+    assert _corr(_h_density(out), _h_density(a)) > 0.7  # the nuclei stay where they were
+
+
+def _h_density(img):
+    from napari_nucsynth.stain import rgb_to_hed
+
+    return rgb_to_hed(img)[..., 0]
