@@ -146,6 +146,7 @@ def main() -> None:
         data.append((t, load_image(t), lab, pts, pts + rng.normal(0, args.jitter, pts.shape)))
 
     ckpts = {"nuclick": args.nuclick} if args.nuclick else {}
+    nuclick_params = json.loads(args.nuclick_params)
     methods = [m for m in fit_methods() if get_fit_method(m, ckpts.get(m)).available(ckpts.get(m))]
     if args.methods:
         wanted = args.methods.split(",")
@@ -165,7 +166,7 @@ def main() -> None:
             clear_cache()
             t0 = time.perf_counter()
             maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device,
-                              **(json.loads(args.nuclick_params) if m == "nuclick" else {}))
+                              **(nuclick_params if m == "nuclick" else {}))
             passes[m].append(time.perf_counter() - t0)
             fitter = MaskFitter(maps, seed=args.seed)
             t0 = time.perf_counter()
@@ -195,7 +196,7 @@ def main() -> None:
         pts = random_points(img.shape[:2], n=args.dense + args.edits // 2, process="hardcore", seed=args.seed)
         for m in methods:
             maps = image_maps(img, method=m, checkpoint=ckpts.get(m), device=args.device,
-                              **(json.loads(args.nuclick_params) if m == "nuclick" else {}))
+                              **(nuclick_params if m == "nuclick" else {}))
             v = _latency(maps, pts, args.edits, np.random.default_rng(args.seed))
             dense[m] = {"tile": t, "clicks": len(pts) - args.edits // 2,
                         "add_or_move": _ms(v["add"] + v["move"]), "cpu_add_or_move": _ms(v["cpu_add"] + v["cpu_move"])}
@@ -213,8 +214,8 @@ def main() -> None:
     }
     if ckpts:
         out["checkpoints"] = ckpts
-    if json.loads(args.nuclick_params):
-        out["nuclick_params"] = json.loads(args.nuclick_params)
+    if nuclick_params:
+        out["nuclick_params"] = nuclick_params
     for m, r in rows.items():
         if not r:
             continue
