@@ -41,7 +41,13 @@ in ``RENDERER_ARMS``; not the shipped one, which has also seen the held-out tile
 - **H** B with ``pix2pixhd`` (DAFF-GAN's masks -> H&E generator, stain-code style);
 - **I** B with ``points2image`` (trained unpaired).
 
-Arms A and B run with seeds ``SEEDS_AB``, C-I with the first seed. The run is resumable: each arm writes its
+Issue 21 also asks for Liu et al.'s modality transfer as a training augmentation (added 2026-12-06, before it ran;
+docs/headline.md):
+
+- **J** A with ``augment="modality-drit"``: the 24 real tiles, half the crops restained by the shipped drit model
+  (trained on these 24 tiles only) to another training tile's style code (``ARM_AUGMENT``).
+
+Arms A and B run with seeds ``SEEDS_AB``, C-J with the first seed. The run is resumable: each arm writes its
 checkpoint every 200 steps and its result once, under ``--out``; run the same command again to continue (a
 finished arm is not evaluated again). ``--steps`` and the other training settings must match a resumed run's.
 """
@@ -68,7 +74,9 @@ SYNTHETIC_G = 24
 SYNTHETIC_SIZE = 1000
 FEW_TILES = ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1")
 B_RENDERER = "sian"
-ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I")
+ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J")
+#: the arms trained with another augmentation than the settings' "basic" (arm J: Liu et al.'s, by the shipped drit)
+ARM_AUGMENT = {"J": "modality-drit"}
 #: arms H and I: arm B's recipe with another renderer, its model trained on the same 24 tiles (issue 21)
 RENDERER_ARMS = {
     "H": ("pix2pixhd", "bench-out/pix2pixhd_code.pt",
@@ -188,7 +196,7 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     imgs = [(t, load_image(t)) for t in tiles]
     labs = [load_labels(t) for t in tiles]
     syn_imgs, syn_labs, syn = _synthetic(arm, seed, imgs, labs, cache, progress)
-    if arm in ("A", "B", *RENDERER_ARMS):
+    if arm in ("A", "B", "J", *RENDERER_ARMS):
         real = list(zip([im for _, im in imgs], labs))
         used = tiles
     elif arm in ("F", "G"):  # the same arrays listed REAL_REPEAT times: crops drawn uniformly over the list
@@ -202,7 +210,8 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     images = [im for im, _ in real] + list(syn_imgs)
     labels = [lb for _, lb in real] + list(syn_labs)
     return images, labels, {"real_tiles": used, "n_real": len(real), "synthetic": syn or None,
-                            **({"real_repeat": REAL_REPEAT} if arm in ("F", "G") else {})}
+                            **({"real_repeat": REAL_REPEAT} if arm in ("F", "G") else {}),
+                            **({"augment": ARM_AUGMENT[arm]} if arm in ARM_AUGMENT else {})}
 
 
 def _evaluate(ckpt: Path, threads: int) -> dict:
@@ -241,7 +250,7 @@ def _summary(results: dict) -> dict:
         targets["C>=0.95A_aji"] = table["C"]["aji"] >= 0.95 * table["A"]["aji"]
     if "D" in table and "E" in table:
         targets["E>D_aji"] = table["E"]["aji"] > table["D"]["aji"]
-    for arm in ("F", "G", *RENDERER_ARMS):  # reported; they decide nothing alone (a winner gets a second seed first)
+    for arm in ("F", "G", *RENDERER_ARMS, *ARM_AUGMENT):  # reported; they decide nothing alone (a winner gets a second seed first)
         if "A" in table and arm in table:
             targets[f"{arm}>=A+0.015_aji (follow-up)"] = table[arm]["aji"] >= table["A"]["aji"] + 0.015
     return {"table": table, "targets": targets}
@@ -322,7 +331,8 @@ def main() -> None:
                       f"({u.seconds:.0f} s this session)", file=sys.stderr, flush=True)
 
         res = train("hovernet", images, labels, steps=args.steps, out=ckpt, resume=resume, device="cpu", seed=seed,
-                    batch_size=args.batch_size, crop=args.crop, lr=args.lr, augment="basic", val_fraction=0,
+                    batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                    augment=ARM_AUGMENT.get(arm, settings["augment"]), val_fraction=0,
                     save_every=200, on_update=on_update,
                     train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "arm": arm,
                                 "headline_settings": settings, **data,

@@ -49,7 +49,7 @@ def test_average_without_pairs_is_the_mean_of_every_tensor(tmp_path):
     assert all(torch.equal(same[k], sds[0][k]) for k in same)
 
 
-@pytest.mark.parametrize("augment", ["basic", "strong", "modality"])
+@pytest.mark.parametrize("augment", ["basic", "strong", "modality", "modality-drit"])
 def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
     paths = [_checkpoint(tmp_path / f"{i}.pt", i, augment=augment) for i in range(2)]
     imgs, labs = _pairs()
@@ -79,7 +79,7 @@ def test_batchnorm_statistics_reestimated_on_training_crops(tmp_path, augment):
     # statistics (the crops drawn here as the function draws them, with the runs' own augmentation)
     from napari_nucsynth.train import _augment, _modality_references, _other_references
 
-    refs = _modality_references(imgs, range(len(imgs))) if augment == "modality" else None
+    refs = _modality_references(imgs, range(len(imgs)), mode=augment) if augment.startswith("modality") else None
     model = get_model("hovernet").build(HOVERNET)
     model.load_state_dict(plain)
     name, first = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -128,6 +128,48 @@ def test_train_modality_is_reproducible_recorded_restains_to_other_images_and_re
         tr.train("drit", imgs, labs, steps=1, out=tmp_path / "d.pt", augment="modality", device="cpu")
 
 
+def test_modality_drit_restains_crops_by_the_shipped_model_to_other_training_images_styles(tiles, tmp_path,
+                                                                                             monkeypatch):
+    import torch
+
+    import napari_nucsynth.train as tr
+    from napari_nucsynth.models import drit, load_checkpoint
+
+    imgs, labs = _pairs(tiles)
+    refs = tr._modality_references(imgs, range(3), mode="modality-drit")
+    assert all(isinstance(r, tr.DritModality) and r.style.shape == (int(r.model.config["style_dim"]),)
+               for r in refs.values())
+    assert not np.allclose(refs[0].style, refs[1].style)  # a pale tile's style is not a dark one's
+    # a restained crop: the same window and labels, colours moved towards the reference tile's
+    monkeypatch.setattr(tr, "MODALITY_P", 1.0)
+    lab = (np.arange(128 * 128, dtype=np.uint32) + 1).reshape(128, 128)
+    im, lb = tr._augment(imgs[0], lab, 64, np.random.default_rng(0), "modality-drit", references=[refs[1]])
+    r0, c0, t = _window(lb, 128)
+    orig = _DIHEDRAL[t](imgs[0][r0 : r0 + 64, c0 : c0 + 64])
+    assert stain.od_distance(im, imgs[1]) < stain.od_distance(orig, imgs[1])
+    assert np.corrcoef(im.astype(float).sum(-1).ravel(), orig.astype(float).sum(-1).ravel())[0, 1] > 0.8
+    monkeypatch.setattr(tr, "MODALITY_P", 0.5)
+
+    calls = []
+    real = tr.DritModality.restain
+    monkeypatch.setattr(tr.DritModality, "restain", lambda self, img: calls.append(id(self)) or real(self, img))
+    kw = {"batch_size": 2, "crop": 64, "val_fraction": 0, "config": TINY, "seed": 4, "device": "cpu"}
+    a = tr.train("hovernet", imgs, labs, steps=2, out=tmp_path / "a.pt", augment="modality-drit", **kw)
+    n = len(calls)
+    b = tr.train("hovernet", imgs, labs, steps=2, out=tmp_path / "b.pt", augment="modality-drit", **kw)
+    assert 0 < n <= 4 and len(calls) == 2 * n  # about half the 4 crops, the same ones again
+    ck = load_checkpoint(a.path, kind="hovernet")
+    rec = ck["train_data"]["modality"]
+    assert ck["train_data"]["augment"] == "modality-drit" and rec["method"] == "drit"
+    assert rec["checkpoint"] == drit.default_checkpoint().name
+    sa, sb = ck["state_dict"], load_checkpoint(b.path)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # seeded: the same crops, the same weights
+    with pytest.raises(ValueError, match="drit's stain domains"):
+        tr.train("drit", imgs, labs, steps=1, out=tmp_path / "d.pt", augment="modality-drit", device="cpu")
+    with pytest.raises(ValueError, match="needs references"):
+        tr._augment(imgs[0], labs[0], 64, np.random.default_rng(0), "modality-drit")
+
+
 @pytest.fixture(scope="module")
 def crop(tiles):
     return tiles[DARK][0][:96, :96]

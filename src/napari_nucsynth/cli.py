@@ -10,7 +10,7 @@
                      [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
-                   [--augment basic|strong|modality] [--save-every N]
+                   [--augment basic|strong|modality|modality-drit] [--save-every N]
     nucsynth train --model points2image --images DIR --steps N --out CKPT [...]    unpaired: images alone, no --labels
     nucsynth train --model joint --generator adain|sian --segmenter hovernet|maskrcnn [--adversarial reverse|acgan]
                    [--generator-checkpoint CKPT] [--segmenter-checkpoint CKPT] [--segmenter-lr LR]
@@ -769,8 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="training augmentation: crops, flips, 90-degree rotations and stain jitter; 'strong' adds "
                    "HoVer-Net's scale, blur and colour jitter; 'modality' restains half the crops to another "
-                   "training image's stain modality (Macenko; Liu et al.) (default: basic; with --resume, the "
-                   "run's own)")
+                   "training image's stain modality (Macenko; Liu et al.), 'modality-drit' the same by the shipped drit "
+                   "model (default: basic; with --resume, the run's own)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the model's own)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation")
     p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")

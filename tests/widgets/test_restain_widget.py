@@ -166,7 +166,7 @@ def test_train_widget_offers_modality(make_napari_viewer):
     from napari_nucsynth._widgets.train import TrainWidget
 
     widget = TrainWidget(make_napari_viewer())
-    assert "modality" in widget.augment.choices
+    assert "modality" in widget.augment.choices and "modality-drit" in widget.augment.choices
 
 
 def test_a_wrapped_status_line_gets_the_height_of_all_its_lines(qtbot, no_models, make_napari_viewer):

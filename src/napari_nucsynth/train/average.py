@@ -51,7 +51,8 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
 
     from ..devices import resolve_device
     from ..models import get_model, load_checkpoint, save_checkpoint
-    from . import _augment, _default_collate, _modality_references, _other_references, load_pairs
+    from . import (MODALITY_AUGMENTATIONS, _augment, _default_collate, _modality_references, _other_references,
+                   load_pairs)
 
     paths = [Path(p) for p in paths]
     if int(bn_batches) < 1:
@@ -93,7 +94,8 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
         collate = spec.collate or _default_collate
         total = int(bn_batches)
         augment = cks[0].get("train_data", {}).get("augment", "basic")  # the crops the first run trained on
-        refs = _modality_references(imgs, range(len(imgs))) if augment == "modality" else None
+        refs = (_modality_references(imgs, range(len(imgs)), mode=augment, device=dev)
+                if augment in MODALITY_AUGMENTATIONS else None)
 
         def batches():
             for b in range(total):
