@@ -70,6 +70,30 @@ def test_prior_fitted_on_a_tile_reproduces_its_statistics(load_tile):
     assert np.median(syn["solidity"]) < 0.975
 
 
+def test_area_draws_follow_the_fitted_residuals_skew_and_old_priors_draw_normal_ones(load_tile, tmp_path):
+    import dataclasses
+
+    lab, real, pts = _real(load_tile)
+    ks = {}
+    for seed in range(3):  # the fitted residuals' own shape against a normal of the same spread
+        prior = ShapePrior.fit(lab, seed=seed)
+        q = np.asarray(prior.pooled.resid_quantiles)
+        assert q.shape == (101,) and np.all(np.diff(q) >= 0)
+        assert abs(np.median(q[1:-1])) < 0.5 and q[50] > 0  # real log areas: a long tail of small nuclei (skewed)
+        normal = dataclasses.replace(prior.pooled, resid_quantiles=None)
+        for name, pr in (("fitted", prior), ("normal", ShapePrior(pooled=normal))):
+            syn = regionprops_table(sample_masks(pts, lab.shape, prior=pr, seed=seed).astype(np.int64),
+                                    properties=("area",))["area"]
+            ks.setdefault(name, []).append(ks_2samp(syn, real["area"]).statistic)
+    assert np.mean(ks["fitted"]) < np.mean(ks["normal"]) - 0.01, ks
+    # a prior saved without them (the shipped default, files written before) loads and draws normal residuals
+    d = ShapePrior.default().to_dict()
+    assert d["pooled"]["resid_quantiles"] is None
+    del d["pooled"]["resid_quantiles"]
+    old = ShapePrior.from_dict(d)
+    assert np.array_equal(sample_masks(pts, lab.shape, prior=old, seed=1), sample_masks(pts, lab.shape, seed=1))
+
+
 def test_area_shrinks_with_density():
     rng = np.random.default_rng(0)
     sparse = rng.uniform(0, 1000, (150, 2))

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
+from scipy.special import ndtr
 
 from ._checks import SeedLike, as_classes, as_labels, as_points, as_rgb, as_rng, as_shape
 
@@ -70,8 +71,10 @@ class ClassPrior:
     """Shape statistics of one nucleus class.
 
     The area model is ``log(area) = intercept + slope_local * (log nn - g) + slope_global * (g - g_ref) + e``
-    with ``e ~ Normal(0, sigma)``, where ``nn`` is a nucleus's nearest-neighbour distance (the local point density)
-    and ``g`` is the log of the 10th percentile of nearest-neighbour distances in the whole layout (the tile's
+    with ``e = sigma * z``, ``z`` drawn from the fitted within-tile residuals' own standardised distribution
+    (``resid_quantiles``: real log areas are skewed, a long tail of small nuclei; a prior saved without them, as the
+    shipped default, draws ``z ~ Normal(0, 1)``), where ``nn`` is a nucleus's nearest-neighbour distance (the local
+    point density) and ``g`` is the log of the 10th percentile of nearest-neighbour distances in the whole layout (the tile's
     packing, which tracks typical nucleus size: touching nuclei cannot be closer than their radii allow).
 
     Attributes
@@ -90,6 +93,9 @@ class ClassPrior:
         Amplitude of the contour harmonics, calibrated to the real median solidity.
     area_range : tuple of float
         Drawn areas are clipped to this range (pixels).
+    resid_quantiles : list of float or None
+        101 quantiles of the standardised within-tile log-area residuals (fitted from at least 20 nuclei; None:
+        normal residuals). A draw maps its standard normal number through them, so the random stream is the same.
     target : dict
         What the prior was fitted to reproduce (real quantiles of area, eccentricity, solidity; counts).
     """
@@ -104,6 +110,7 @@ class ClassPrior:
     irregularity: float
     area_range: tuple[float, float]
     target: dict = field(default_factory=dict)
+    resid_quantiles: list[float] | None = None
 
     def mean_log_area(self, log_nn: np.ndarray, g: float) -> np.ndarray:
         lo, hi = self.log_nn_range
@@ -370,7 +377,9 @@ def _fit_class(tiles: list[dict], c: int | None) -> ClassPrior:
     xc = np.concatenate([x - x.mean() for x in xs])
     yc = np.concatenate([y - y.mean() for y in ys])
     slope_local = float(xc @ yc / (xc @ xc)) if xc @ xc > 0 else 0.0
-    sigma_w = float(np.std(yc - slope_local * xc))
+    resid = yc - slope_local * xc
+    sigma_w = float(np.std(resid))
+    resid_q = np.quantile(resid / sigma_w, _QUANTILES).tolist() if sigma_w > 0 and resid.size >= 20 else None
     # tile intercepts at x = 0, regressed on g between tiles
     icpt = np.array([y.mean() - slope_local * x.mean() for x, y in zip(xs, ys)])
     g = np.array(gs)
@@ -395,6 +404,7 @@ def _fit_class(tiles: list[dict], c: int | None) -> ClassPrior:
         ecc_quantiles=np.quantile(all_ecc, _QUANTILES).tolist(),
         irregularity=0.04,
         area_range=(float(max(np.percentile(all_area, 0.5), 4.0)), float(np.percentile(all_area, 99.5))),
+        resid_quantiles=resid_q,
         target={
             "n": int(all_area.size),
             "tiles": len(xs),
@@ -567,7 +577,10 @@ def draw_shapes(
         sel = cls == c
         g = _global_g(log_nn_ctx, cp.g_ref)
         ln = np.where(np.isfinite(log_nn[sel]), log_nn[sel], np.mean(cp.log_nn_range))
-        area = np.exp(cp.mean_log_area(ln, g) + cp.sigma * z_area[sel])
+        z = z_area[sel]
+        if cp.resid_quantiles is not None:  # the fitted residuals' own shape (skewed), by the same draws
+            z = np.interp(ndtr(z), _QUANTILES, cp.resid_quantiles)
+        area = np.exp(cp.mean_log_area(ln, g) + cp.sigma * z)
         area = np.clip(area, *cp.area_range)
         ecc = np.interp(u_ecc[sel], _QUANTILES, cp.ecc_quantiles)
         ratio = np.sqrt(1.0 - np.clip(ecc, 0.0, 0.99) ** 2)  # minor / major
