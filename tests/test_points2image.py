@@ -240,6 +240,48 @@ def test_tiled_render_equals_the_one_piece_render(tiny):
 # training through the generic loop, unpaired
 
 
+def test_matched_layouts_have_as_many_nuclei_as_the_crops_own_otsu_nuclei(load_tile, tmp_path, monkeypatch):
+    from scipy import ndimage as ndi
+
+    from napari_nucsynth.presynthesis import detect_nuclei
+
+    img = load_tile(TILE)[0]
+    H, W = img.shape[:2]
+    crops = [img[r : r + 64, c : c + 64] for r in np.linspace(0, H - 64, 3).astype(int)
+             for c in np.linspace(0, W - 64, 3).astype(int)]
+    counts = []
+    for crop in crops:
+        n_otsu = int(ndi.label(detect_nuclei(crop) > 0)[1])
+        t = P.targets(crop, None, config={"layout": "matched"})
+        counts.append((n_otsu, int(t["points"].sum())))
+        assert np.array_equal(t["real_sem"], P.targets(crop, None)["real_sem"])  # the same pseudo-labels
+        # seeded by the crop: the same crop, the same masks
+        assert np.array_equal(t["cond"], P.targets(crop.copy(), None, config={"layout": "matched"})["cond"])
+    # one centroid mark per nucleus (two can round to one pixel, a jammed hard core can place fewer)
+    assert all(m <= n and m >= 0.8 * n for n, m in counts), counts
+    assert len({n for n, _ in counts}) > 1  # the counts follow the crops, not one process
+    # an empty crop (no stain): an empty layout, which the default process never draws
+    blank = np.full((64, 64, 3), 235, np.uint8)
+    assert P.targets(blank, None, config={"layout": "matched"})["cond"].sum() == 0
+    assert P.targets(blank, None)["cond"][0].any()
+    # the default and an old checkpoint's config (no "layout") draw as before
+    assert all(np.array_equal(P.targets(crops[0], None)[k], P.targets(crops[0], None, config={})[k])
+               for k in ("cond", "points"))
+    with pytest.raises(ValueError, match="layout"):
+        P.targets(crops[0], None, config={"layout": "dense"})
+    # the training loop hands the run's config to targets
+    seen = []
+    real = P.sample_layout
+    monkeypatch.setattr(P, "sample_layout", lambda shape, seed=None, n=None: seen.append(n) or real(shape, seed, n=n))
+    from napari_nucsynth.train import train
+
+    for layout in ("matched", "process"):
+        seen.clear()
+        train("points2image", [img[:128, :128]], None, steps=1, out=tmp_path / "m.pt",
+              config={**TINY, "layout": layout}, batch_size=1, crop=64, val_fraction=0, device="cpu")
+        assert seen and all((n is not None) == (layout == "matched") for n in seen)
+
+
 def test_train_unpaired_checkpoint_resume_and_hooks(load_tile, tmp_path):
     from napari_nucsynth.train import train
 

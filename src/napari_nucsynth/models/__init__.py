@@ -71,6 +71,13 @@ class ModelSpec:
     default_lr: float = 1e-3
     #: trains on images alone (``train(kind, images, labels=None)``): its masks come from elsewhere (points2image)
     unpaired: bool = False
+    #: ``targets`` takes the model's configuration too: ``targets(image, labels, config=...)`` (how points2image
+    #: draws the masks of a crop is a setting of the run)
+    targets_config: bool = False
+
+    def make_targets(self, image, labels, config: dict | None = None) -> dict:
+        """``targets`` of a training sample, given the run's model ``config`` where the kind wants it."""
+        return self.targets(image, labels, config=config) if self.targets_config else self.targets(image, labels)
 
 
 _MODELS: dict[str, ModelSpec] = {}

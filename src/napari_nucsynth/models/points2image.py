@@ -132,7 +132,9 @@ def default_config() -> dict:
     - ``lambda_labelmix`` (OASIS: 10; 0 here by default: it costs a third discriminator pass on a CPU),
       ``lambda_point``, ``point_sigma`` (px), ``lambda_style``;
     - the core's ``ema_decay`` and ``amp``; ``tile`` (px, larger renders go in windows) and ``blend`` (px of
-      cross-fade between windows).
+      cross-fade between windows);
+    - ``layout``: how many nuclei a training crop's masks get (:func:`targets`): "process" (MoNuSeg's point
+      process) or "matched" (the real crop's own count of Otsu nuclei).
     """
     return {
         "ngf": 16, "ngf_max": 128, "n_up": 3, "hidden": 0.5, "spectral_g": True,
@@ -140,7 +142,7 @@ def default_config() -> dict:
         "ndf": 16, "d_levels": 4,
         "lambda_labelmix": 0.0, "lambda_point": 2.0, "point_sigma": 2.0, "lambda_style": 2.0,
         "ema_decay": 0.999, "amp": "auto",
-        "tile": 1024, "blend": 16,
+        "tile": 1024, "blend": 16, "layout": "process",
     }
 
 
@@ -483,9 +485,10 @@ def crop_seed(rgb: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=4).digest(), "little")
 
 
-def sample_layout(shape, seed: SeedLike = None, *, process: str = "cluster") -> np.ndarray:
-    """Instance masks of a random layout: :func:`napari_nucsynth.points.random_points` (MoNuSeg's point process)
-    and :func:`napari_nucsynth.masks.sample_masks` (MoNuSeg's shape prior), uint32."""
+def sample_layout(shape, seed: SeedLike = None, *, process: str = "cluster", n: int | None = None) -> np.ndarray:
+    """Instance masks of a random layout: :func:`napari_nucsynth.points.random_points` (MoNuSeg's point process; ``n``
+    points, or as many as the process draws when None) and :func:`napari_nucsynth.masks.sample_masks` (MoNuSeg's
+    shape prior), uint32."""
     from .._checks import as_rng
     from ..masks import sample_masks
     from ..points import random_points
@@ -493,7 +496,7 @@ def sample_layout(shape, seed: SeedLike = None, *, process: str = "cluster") -> 
     rng = as_rng(seed)
     with warnings.catch_warnings():  # a jammed hard core places fewer points; fine for training layouts
         warnings.simplefilter("ignore", RuntimeWarning)
-        pts = random_points(shape, process=process, seed=rng)
+        pts = random_points(shape, process=process, n=n, seed=rng)
     return sample_masks(pts, shape, seed=rng)
 
 
@@ -540,19 +543,33 @@ def heatmap(points: torch.Tensor, sigma: float) -> torch.Tensor:
     return p.clamp_max(1)
 
 
-def targets(image: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+LAYOUTS = ("process", "matched")
+
+
+def targets(image: np.ndarray, labels: np.ndarray, config: dict | None = None) -> dict[str, np.ndarray]:
     """One unpaired training sample from a real crop (``labels`` is not used: the kind trains without labels).
 
     - ``cond`` (3 x H x W) and ``points`` (1 x H x W): the label map (:func:`conditioning`) and the centroid map
-      (:func:`centroid_map`) of masks sampled for this crop (:func:`sample_layout`, seeded by :func:`crop_seed`);
+      (:func:`centroid_map`) of masks sampled for this crop (:func:`sample_layout`, seeded by :func:`crop_seed`):
+      with ``config["layout"]`` "process" (the default) as many nuclei as MoNuSeg's point process draws; with
+      "matched" as many as the crop's own Otsu nuclei (connected components; still a random layout, not theirs),
+      so the masks' densities range as the real crops' do, empty stroma included;
     - ``real_sem`` (1 x H x W): the real crop's pseudo-labels (Otsu nuclei, 0/1);
     - ``style`` (12,): the real crop's style code with those nuclei.
     """
     from ..presynthesis import detect_nuclei
 
+    layout = (config or {}).get("layout", "process")
+    if layout not in LAYOUTS:
+        raise ValueError(f"config['layout'] must be one of {LAYOUTS}, got {layout!r}")
     rgb = as_rgb(image, "image")
-    lab = sample_layout(rgb.shape[:2], crop_seed(rgb))
     nuc = detect_nuclei(rgb)
+    n = None
+    if layout == "matched":
+        from scipy import ndimage as ndi
+
+        n = int(ndi.label(nuc > 0)[1])
+    lab = sample_layout(rgb.shape[:2], crop_seed(rgb), n=n)
     return {"cond": conditioning(lab), "points": centroid_map(lab)[None],
             "real_sem": (nuc > 0)[None].astype(np.float32), "style": style_code(rgb, nuc)}
 
@@ -821,4 +838,4 @@ def build(config: dict) -> Points2Image:
 SPEC = register_model(replace(
     gan.gan_spec("points2image", build=build, default_config=default_config, targets=targets, validate=validate,
                  preview=preview, default_lr=DEFAULT_LR),
-    loss=generator_loss, train_step=train_step, optimizers=optimizers, unpaired=True))
+    loss=generator_loss, train_step=train_step, optimizers=optimizers, unpaired=True, targets_config=True))

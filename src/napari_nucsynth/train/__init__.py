@@ -606,7 +606,7 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
             i = t_idx[int(rng.integers(0, len(t_idx)))]
             extra = {} if mod_refs is None else {"references": _other_references(mod_refs, i)}
             im, lb = _augment(imgs[i], labs[i], crop, rng, augment, **extra)
-            samples.append((im, lb, spec.targets(im, lb)))
+            samples.append((im, lb, spec.make_targets(im, lb, cfg)))
         batch = collate(samples, dev)
         factor = lr_at(step)
         for o in opts.values():

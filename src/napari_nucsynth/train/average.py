@@ -107,7 +107,7 @@ def average_checkpoints(paths: Sequence, out, *, images=None, labels=None, bn_ba
                     i = int(rng.integers(0, len(imgs)))
                     extra = {} if refs is None else {"references": _other_references(refs, i)}
                     im, lb = _augment(imgs[i], labs[i], crop, rng, augment, **extra)
-                    samples.append((im, lb, spec.targets(im, lb)))
+                    samples.append((im, lb, spec.make_targets(im, lb, config)))
                 yield collate(samples, dev)["image"]
                 if progress:
                     progress(b + 1, total, f"BatchNorm statistics: batch {b + 1}/{total}")
