@@ -405,3 +405,29 @@ def test_style_interpolation(tmp_path, tiny):
     got = [interpolate(lab, sa, sb, t, **kw) for t in (0.0, 0.5, 1.0)]
     assert np.array_equal(got[0], ends[0]) and np.array_equal(got[2], ends[1])
     assert not np.array_equal(got[1], ends[0]) and not np.array_equal(got[1], ends[1])
+
+
+def test_the_shipped_model_renders_nuclei_where_the_masks_are_in_the_references_stain(load_tile):
+    """The shipped points2image (trained unpaired on the CPU, docs/points2image.md) loads without a checkpoint
+    argument, holds only the generator's moving average, renders reproducibly per seed, puts haematoxylin where
+    the masks are, and takes its colours from the reference."""
+    from napari_nucsynth.render import get_renderer, render
+    from napari_nucsynth.stain import od_distance, rgb_to_hed
+
+    path = get_renderer("points2image").default_checkpoint
+    if not path.is_file():
+        pytest.skip("no points2image model ships with this version")
+    ck = load_checkpoint(path, kind="points2image")
+    assert all(k.startswith("ema.") for k in ck["state_dict"]) and ck["train_data"]["unpaired"] in (True, "True")
+    img, lab = load_tile(TILE)
+    lab = lab[:128, :128]
+    pale = np.full((96, 96, 3), (235, 200, 225), np.uint8)
+    pale[30:60, 30:60] = (150, 110, 190)  # a pale pink tile with one lilac nucleus
+    out = render(lab, img, method="points2image", seed=1, device="cpu")
+    assert out.shape == lab.shape + (3,) and out.dtype == np.uint8
+    assert np.array_equal(out, render(lab, img, method="points2image", seed=1, device="cpu"))
+    assert not np.array_equal(out, render(lab, img, method="points2image", seed=2, device="cpu"))
+    h = rgb_to_hed(out)[..., 0]
+    assert h[lab > 0].mean() > h[lab == 0].mean() + 0.04  # the nuclei are where the masks are (0.08 apart)
+    other = render(lab, pale, method="points2image", seed=1, device="cpu")
+    assert od_distance(other, pale) < od_distance(out, pale)  # another reference, other colours
