@@ -236,6 +236,22 @@ def test_tiled_render_equals_the_one_piece_render(tiny):
         P._render_float(tiny, lab, code, 7, tile=tile, should_stop=lambda: True)
 
 
+def test_bilinear_upsampling_takes_the_same_weights_and_tiles_seamlessly(tiny):
+    """``upsample: "bilinear"`` (against the shipped model's cross-hatched texture) has no parameters of its own: a
+    nearest model's weights load into it, its renders differ, and a tiled render still equals the one-piece one."""
+    bil = P.build({**tiny.config, "upsample": "bilinear"})
+    bil.load_state_dict(tiny.state_dict())
+    bil.eval()
+    lab = _discs((150, 134), seed=2, n=40)
+    code = P.style_code(_he(_discs((40, 40))))
+    whole = P._render_float(bil, lab, code, 7, tile=1024)
+    assert not np.allclose(whole, P._render_float(tiny, lab, code, 7, tile=1024))
+    tiled = P._render_float(bil, lab, code, 7, tile=2 * P.halo(bil.config) + 8 + 4)
+    assert np.abs(tiled - whole).max() < 1e-5
+    with pytest.raises(ValueError, match="upsample"):
+        P.build({**tiny.config, "upsample": "bicubic"})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # training through the generic loop, unpaired
 

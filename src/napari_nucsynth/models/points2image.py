@@ -134,7 +134,10 @@ def default_config() -> dict:
     - the core's ``ema_decay`` and ``amp``; ``tile`` (px, larger renders go in windows) and ``blend`` (px of
       cross-fade between windows);
     - ``layout``: how many nuclei a training crop's masks get (:func:`targets`): "process" (MoNuSeg's point
-      process) or "matched" (the real crop's own count of Otsu nuclei).
+      process) or "matched" (the real crop's own count of Otsu nuclei);
+    - ``upsample``: how the generator doubles its resolution between blocks, "nearest" (OASIS's) or "bilinear" (no
+      parameters either way, so a model can be fine-tuned from one to the other: nearest left a cross-hatched
+      texture of about 4 px period in the shipped model's backgrounds, which bilinear removes).
     """
     return {
         "ngf": 16, "ngf_max": 128, "n_up": 3, "hidden": 0.5, "spectral_g": True,
@@ -142,7 +145,7 @@ def default_config() -> dict:
         "ndf": 16, "d_levels": 4,
         "lambda_labelmix": 0.0, "lambda_point": 2.0, "point_sigma": 2.0, "lambda_style": 2.0,
         "ema_decay": 0.999, "amp": "auto",
-        "tile": 1024, "blend": 16, "layout": "process",
+        "tile": 1024, "blend": 16, "layout": "process", "upsample": "nearest",
     }
 
 
@@ -289,6 +292,10 @@ def _widths(cfg: dict) -> list[int]:
     return [min(int(cfg["ngf"]) * 2**s, int(cfg["ngf_max"])) for s in range(int(cfg["n_up"]) + 1)]
 
 
+#: how the generator doubles its resolution between blocks (``config["upsample"]``)
+UPSAMPLING = ("nearest", "bilinear")
+
+
 class P2IGenerator(nn.Module):
     """Label map N x 3 x H x W + style code N x 12 (+ noise N x z_dim x H/2^noise_down x W/2^noise_down) -> image
     in [-1, 1]; H and W multiples of 2^n_up."""
@@ -298,6 +305,9 @@ class P2IGenerator(nn.Module):
         self.n_up = int(cfg["n_up"])
         self.z_dim = int(cfg["z_dim"])
         self.noise_down = int(cfg["noise_down"])
+        self.upsample = str(cfg.get("upsample", "nearest"))
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"config['upsample'] must be one of {UPSAMPLING}, got {self.upsample!r}")
         sd = int(cfg["style_dim"])
         ch = _widths(cfg)
         sem_nc = COND_NC + self.z_dim
@@ -350,7 +360,8 @@ class P2IGenerator(nn.Module):
         for s, block in zip(range(k, -1, -1), self.blocks):
             x = block(x, seg(s), w)
             if s > 0:
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
+                x = (F.interpolate(x, scale_factor=2, mode="nearest") if self.upsample == "nearest" else
+                     F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
 
