@@ -202,6 +202,34 @@ def test_segment_modality_tta_is_the_mean_of_the_restained_maps(crop, tiles):
         segment(crop, method="hovernet", device="cpu", tta="modality")
 
 
+def test_segment_modality_drit_tta_restains_by_drit_to_its_domains_or_the_references(crop, tiles):
+    from napari_nucsynth.models import drit, load_checkpoint
+    from napari_nucsynth.segment import get_segmenter, segment
+
+    seg = get_segmenter("hovernet")
+    n = len(load_checkpoint(drit.default_checkpoint(), kind="drit")["config"]["domain_styles"])
+    steps = []
+    out = segment(crop, method="hovernet", device="cpu", tta="modality-drit", progress=lambda *a: steps.append(a))
+    assert steps[-1] == (n + 1, n + 1, "modality test-time augmentation")  # the image and one copy per domain
+    maps = [seg.predict_maps(crop, device="cpu")] + [
+        seg.predict_maps(stain.transfer(crop, k, method="drit", device="cpu"), device="cpu") for k in range(n)]
+    mean = (np.sum([m.astype(np.float64) for m in maps], 0) / len(maps)).astype(np.float32)
+    assert np.array_equal(out, seg.postprocess(mean))
+    assert not np.array_equal(out, segment(crop, method="hovernet", device="cpu"))
+    # references: images (restained to each by drit) or domain indices
+    ref = tiles[PALE][0][:128, :128]
+    one = segment(crop, method="hovernet", device="cpu", tta="modality-drit", tta_references=ref)
+    mean = (maps[0].astype(np.float64) + seg.predict_maps(stain.transfer(crop, ref, method="drit", device="cpu"),
+                                                          device="cpu")) / 2
+    assert np.array_equal(one, seg.postprocess(mean.astype(np.float32)))
+    assert np.array_equal(segment(crop, method="hovernet", device="cpu", tta="modality-drit", tta_references=[0]),
+                          seg.postprocess(((maps[0].astype(np.float64) + maps[1]) / 2).astype(np.float32)))
+    with pytest.raises(ValueError, match="methods that support it: hovernet"):
+        segment(crop, method="watershed", tta="modality-drit")
+    with pytest.raises(ValueError, match="reference domain must be in"):
+        segment(crop, method="hovernet", device="cpu", tta="modality-drit", tta_references=[n])
+
+
 def test_tta_modes_and_their_errors(crop):
     from napari_nucsynth.segment import modality_tta_methods, predict_maps, segment, tta_mode
 
@@ -241,6 +269,10 @@ def test_cli_segment_tta_modality_and_train_augment_modality(crop, tiles, tmp_pa
     assert "tta modality" in capsys.readouterr().out
     assert np.array_equal(read_labels(tmp_path / "m.tif"), segment(crop, method="hovernet", device="cpu",
                                                                    tta="modality", tta_references=tiles[PALE][0]))
+    assert main([*base, "--method", "hovernet", "--tta", "modality-drit", "--out", str(tmp_path / "d.tif")]) == 0
+    assert "tta modality-drit" in capsys.readouterr().out  # no reference needed: the drit model's domains
+    assert np.array_equal(read_labels(tmp_path / "d.tif"), segment(crop, method="hovernet", device="cpu",
+                                                                   tta="modality-drit"))
     assert main([*base, "--tta", "--out", str(tmp_path / "f.png")]) == 0  # a bare --tta is still flips
     assert np.array_equal(read_labels(tmp_path / "f.png"), segment(crop, tta=True))
     for extra, msg in ((["--tta", "modality"], "--tta modality averages dense network maps"),

@@ -6,7 +6,7 @@
     nucsynth render --labels L --style S [--style-labels SL] [--method classic|adain|sian] [--checkpoint C]
                     [--seed N] [--options JSON] --out OUT.png
     nucsynth evaluate --truth T --pred P [--json]
-    nucsynth segment --image I [--method M] [--checkpoint C] [--tta [flips|modality]] [--tta-reference IMG ...]
+    nucsynth segment --image I [--method M] [--checkpoint C] [--tta [flips|modality|modality-drit]] [--tta-reference IMG ...]
                      [--device D] --out L.tif
     nucsynth train --model hovernet|maskrcnn|adain|sian --images DIR --labels DIR --steps N --out CKPT [--resume CKPT]
                    [--init CKPT|default] [--config JSON] [--device D] [--seed N] [--batch-size N] [--crop PX]
@@ -176,18 +176,21 @@ def _segment(args) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: the {args.method} method runs no trained model; "
                          f"use a --method that does ({', '.join(_model_segmenters())})")
     refs = args.tta_reference or None
-    if refs is not None and args.tta != "modality":
-        raise ValueError("--tta-reference: the references are the stain modalities of --tta modality")
-    if args.tta == "modality":
+    modality = args.tta in ("modality", "modality-drit")
+    if refs is not None and not modality:
+        raise ValueError("--tta-reference: the references are the stain modalities of --tta modality (or "
+                         "modality-drit)")
+    if modality:
         from .segment import modality_tta_methods
 
         if args.method not in modality_tta_methods():
-            raise ValueError(f"--tta modality averages dense network maps over restained copies; the {args.method} "
+            raise ValueError(f"--tta {args.tta} averages dense network maps over restained copies; the {args.method} "
                              f"method has none: use --method {' or '.join(modality_tta_methods())}, or --tta flips")
-        if refs is None:
+        if refs is None and args.tta == "modality":
             raise ValueError("--tta modality needs --tta-reference IMAGE (repeat it for several): tiles of the stain "
-                             "modalities to restain to, e.g. one per stain domain of the model's training data")
-        refs = [read_image(r) for r in refs]
+                             "modalities to restain to, e.g. one per stain domain of the model's training data "
+                             "(--tta modality-drit needs none: it uses the drit model's stain domains)")
+        refs = None if refs is None else [read_image(r) for r in refs]
     img = read_image(args.image)
     labels = segment(img, method=args.method, checkpoint=args.checkpoint, device=args.device, tta=args.tta or False,
                      tta_references=refs)
@@ -729,13 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="an H&E image (RGB; grey, RGBA, 16-bit and float are converted)")
     p.add_argument("--method", default="watershed", choices=segmenters())
     p.add_argument("--checkpoint", help="model checkpoint for the methods that run one (default: the shipped one)")
-    p.add_argument("--tta", nargs="?", const="flips", choices=("flips", "modality"), default=None,
-                   help="test-time augmentation: flips (the default of a bare --tta: 8 flips/rotations, merged) or "
-                   "modality (network maps averaged over the image and its copies restained to each "
-                   "--tta-reference; hovernet only)")
+    p.add_argument("--tta", nargs="?", const="flips", choices=("flips", "modality", "modality-drit"), default=None,
+                   help="test-time augmentation: flips (the default of a bare --tta: 8 flips/rotations, merged), "
+                   "modality (network maps averaged over the image and its copies restained by Macenko's method to "
+                   "each --tta-reference; hovernet only) or modality-drit (the copies made by the shipped drit "
+                   "model, in each --tta-reference or, without any, in each of its stain domains)")
     p.add_argument("--tta-reference", action="append", metavar="IMAGE",
-                   help="--tta modality (required with it): a reference tile of a stain modality to restain to "
-                   "(repeat for several)")
+                   help="--tta modality (required with it) or modality-drit: a reference tile of a stain modality "
+                   "to restain to (repeat for several)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (network methods)")
     p.add_argument("--out", required=True, help="labels file: .tif (uint32), .png (16-bit) or .npy")
     p.set_defaults(func=_segment)

@@ -155,6 +155,14 @@ def test_segment_widget_modality_tta(make_napari_viewer, load_tile, qtbot, popup
     out = viewer.layers["segmentation: tile (hovernet)"].data
     assert np.array_equal(out, segment(img, method="hovernet", device="cpu", tta="modality", tta_references=[ref]))
     assert widget._cache is not None and widget._cache[0][-2] == "modality"  # the mean maps are cached
+    widget.tta.value = "modality-drit"  # no reference needed: drit's own stain domains
+    assert _shown(widget.tta_refs)
+    widget.tta_refs.value = []
+    widget.run()
+    _wait_idle(widget, qtbot)
+    assert np.array_equal(viewer.layers["segmentation: tile (hovernet)"].data,
+                          segment(img, method="hovernet", device="cpu", tta="modality-drit"))
+    assert widget._cache[0][-2] == "modality-drit"
 
     widget.method.value = "watershed"
     widget.run()

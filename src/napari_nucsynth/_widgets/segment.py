@@ -41,9 +41,11 @@ _MARK = SEGMENTATION  # metadata key that marks the widget's output layers
 #: The methods from best to worst on MoNuSeg (AJI of the sample: hovernet 0.61, watershed 0.43): the widget opens
 #: on the first that is registered and can run (a model shipped, saved or picked, or none needed).
 PREFERRED = ("hovernet", "maskrcnn", "stardist", "cellpose", "watershed")
+_MODALITY = ("modality", "modality-drit")
 #: The *Test-time augmentation* choices: (label, the ``tta`` of :func:`napari_nucsynth.segment.segment`).
 TTA_CHOICES = [("off", False), ("flips (8 flips/rotations)", True),
-               ("modality (restained copies; dense-map methods)", "modality")]
+               ("modality (restained copies; dense-map methods)", "modality"),
+               ("modality by drit (its stain domains; dense-map methods)", "modality-drit")]
 
 
 class _Job(Job):
@@ -122,7 +124,8 @@ class SegmentWidget(MethodBox, WorkerWidget):
                             "averaged over the image and its copies restained (Macenko) to each TTA reference "
                             "(methods with dense maps only, e.g. hovernet)")
         self.tta_refs = Select(label="TTA references", choices=self._ref_choices, allow_multiple=True)
-        self.tta_refs.tooltip = "tiles whose stain modalities the modality TTA restains to (at least one)"
+        self.tta_refs.tooltip = ("tiles whose stain modalities the modality TTA restains to (at least one; modality by "
+                                 "drit needs none: it restains to each of its own stain domains)")
         self.tta_refs.visible = False
         self.tta_refs.native.setMaximumHeight(110)  # about five layers; it scrolls beyond (not the dock's height)
         self.segment_btn = self.run_button = PushButton(text=self.run_text)
@@ -159,7 +162,7 @@ class SegmentWidget(MethodBox, WorkerWidget):
         return [(name, lyr) for name, lyr in self._image_choices() if getattr(lyr, "rgb", False)]
 
     def _on_tta(self, _=None):
-        self.tta_refs.visible = self.tta.value == "modality"
+        self.tta_refs.visible = self.tta.value in _MODALITY
 
     def _method_choices(self, _=None):
         names = segmenters()
@@ -274,7 +277,7 @@ class SegmentWidget(MethodBox, WorkerWidget):
                 pass
         data = layer.data
         tta = self.tta.value
-        refs = tuple((lyr, id(lyr.data)) for lyr in self.tta_refs.value) if tta == "modality" else ()
+        refs = tuple((lyr, id(lyr.data)) for lyr in self.tta_refs.value) if tta in _MODALITY else ()
         return (layer, id(data), tuple(np.shape(data)), str(getattr(data, "dtype", "")), self.method.value,
                 None if ckpt is None else str(ckpt), mtime, self.device.value, tta, refs)
 
@@ -310,15 +313,15 @@ class SegmentWidget(MethodBox, WorkerWidget):
                 self.status.value = f"Press Segment to apply the parameters ({why})."
                 return
         checkpoint, device, tta = self.checkpoint.value, self.device.value, self.tta.value
-        if tta == "modality" and maps is None and method not in modality_tta_methods():
+        if tta in _MODALITY and maps is None and method not in modality_tta_methods():
             dense = " or ".join(modality_tta_methods()) or "a method with dense maps"
             self.status.value = (f"Cannot segment: modality test-time augmentation averages dense network maps and "
                                  f"{method} has none; choose {dense}, or flips or off.")
             return
         refs = None  # the modality TTA's reference tiles
-        if tta == "modality" and maps is None:
-            refs = [np.array(lyr.data, copy=True) for lyr in self.tta_refs.value]
-            if not refs:
+        if tta in _MODALITY and maps is None:
+            refs = [np.array(lyr.data, copy=True) for lyr in self.tta_refs.value] or None
+            if refs is None and tta == "modality":
                 self.status.value = ("Cannot segment: modality test-time augmentation restains the image to the "
                                      "stain modalities of reference tiles: choose at least one in TTA references.")
                 return
@@ -335,7 +338,7 @@ class SegmentWidget(MethodBox, WorkerWidget):
                 if maps is not None:
                     return seg.postprocess(maps, **params), None
                 if split:
-                    if tta == "modality":  # the mean maps over restained copies (napari_nucsynth.segment)
+                    if tta in _MODALITY:  # the mean maps over restained copies (napari_nucsynth.segment)
                         m = predict_maps(image, method=method, checkpoint=checkpoint, device=device, tta=tta,
                                          tta_references=refs, progress=progress, should_stop=should_stop)
                     else:

@@ -16,7 +16,9 @@ __all__ = ["TTA_MODES", "Segmenter", "get_segmenter", "modality_tta_methods", "p
            "segmenters", "tta_mode"]
 
 #: The test-time augmentations of :func:`segment` (``tta=True`` is ``"flips"``, ``tta=False`` none).
-TTA_MODES = ("flips", "modality")
+TTA_MODES = ("flips", "modality", "modality-drit")
+#: The modality modes and the restaining of each (:func:`napari_nucsynth.stain.transfer`'s method).
+MODALITY_TTA = {"modality": "macenko", "modality-drit": "drit"}
 
 
 class Segmenter(Protocol):
@@ -78,17 +80,21 @@ def segment(image, *, method: str = "watershed", checkpoint=None, device: str = 
         A model checkpoint for the methods that run one (the method's shipped default when None).
     device : str
         "auto", "cpu", "cuda", "mps".
-    tta : False, True, "flips" or "modality"
+    tta : False, True, "flips", "modality" or "modality-drit"
         Test-time augmentation. ``True`` or ``"flips"``: the 8 flips and 90-degree rotations, outputs merged.
         ``"modality"`` (Liu, Wagner & Peng): the mean of the network's dense maps over the image and its copies
         restained (Macenko, :func:`napari_nucsynth.stain.modality_tta`) to each of ``tta_references``, then
-        post-processed once; restaining moves no pixel, so the maps align. Only for segmenters with dense maps
-        (:func:`modality_tta_methods`: ``hovernet``); the others raise a ``ValueError``.
-    tta_references : RGB image, StainReference, or a list of them
-        The stain modalities of ``tta="modality"``, required with it (e.g. one tile per
-        :func:`napari_nucsynth.stain.stain_domains` domain of the data the model was trained on). There is no
-        built-in default: restaining to the bundled sample crop lowered the shipped model's AJI and PQ in a check
-        (docs/stain_transfer.md). A ``ValueError`` with any other ``tta``.
+        post-processed once; restaining moves no pixel, so the maps align. ``"modality-drit"``: the same, the
+        copies made by the shipped drit model (the paper's own content/style network) in each of
+        ``tta_references`` or, without them, in each stain domain of the model's training tiles. Only for
+        segmenters with dense maps (:func:`modality_tta_methods`: ``hovernet``); the others raise a
+        ``ValueError``.
+    tta_references : RGB image, StainReference, int, or a list of them
+        The stain modalities of the modality modes: required with ``"modality"`` (e.g. one tile per
+        :func:`napari_nucsynth.stain.stain_domains` domain of the data the model was trained on; there is no
+        built-in default: restaining to the bundled sample crop lowered the shipped model's AJI and PQ in a check,
+        docs/stain_transfer.md); optional with ``"modality-drit"``, which also takes domain indices of the drit
+        model. A ``ValueError`` with any other ``tta``.
     progress, should_stop : callables, optional
         ``progress(done, total, what)``; when ``should_stop()`` turns True the work stops with
         ``InterruptedError``.
@@ -101,7 +107,7 @@ def segment(image, *, method: str = "watershed", checkpoint=None, device: str = 
     """
     mode = tta_mode(tta)
     seg = get_segmenter(method)
-    if mode != "modality":
+    if mode not in MODALITY_TTA:
         _no_references(tta_references)
         return seg(image, checkpoint=checkpoint, device=device, tta=mode == "flips", progress=progress,
                    should_stop=should_stop, **params)
@@ -121,16 +127,17 @@ def predict_maps(image, *, method: str, checkpoint=None, device: str = "auto", t
     if not _has_maps(seg):
         raise ValueError(f"the {method} method has no dense maps; methods that do: "
                          f"{', '.join(modality_tta_methods()) or 'none registered'}")
-    if mode != "modality":
+    if mode not in MODALITY_TTA:
         _no_references(tta_references)
         return seg.predict_maps(image, checkpoint=checkpoint, device=device, tta=mode == "flips", progress=progress,
                                 should_stop=should_stop)
     from ..stain import modality_tta
 
-    return modality_tta(image, _tta_references(tta_references),
+    refs = _drit_references(tta_references) if mode == "modality-drit" else _tta_references(tta_references)
+    return modality_tta(image, refs,
                         lambda im: seg.predict_maps(im, checkpoint=checkpoint, device=device, tta=False,
                                                     should_stop=should_stop),
-                        method="macenko", progress=progress, should_stop=should_stop)
+                        method=MODALITY_TTA[mode], device=device, progress=progress, should_stop=should_stop)
 
 
 def tta_mode(tta) -> str | None:
@@ -142,7 +149,7 @@ def tta_mode(tta) -> str | None:
         return "flips"
     if isinstance(tta, str) and tta in TTA_MODES:
         return tta
-    raise ValueError(f"tta must be False, True, 'flips' or 'modality', got {tta!r}")
+    raise ValueError(f"tta must be False, True, 'flips', 'modality' or 'modality-drit', got {tta!r}")
 
 
 def modality_tta_methods() -> list[str]:
@@ -166,8 +173,28 @@ def _check_modality(method: str, seg) -> None:
 
 def _no_references(refs) -> None:
     if refs is not None:
-        raise ValueError("tta_references are the stain modalities of tta='modality'; give tta='modality' or no "
-                         "references")
+        raise ValueError("tta_references are the stain modalities of tta='modality' (or 'modality-drit'); give "
+                         "one of those or no references")
+
+
+def _drit_references(refs) -> list:
+    """``tta_references`` of ``tta="modality-drit"``: as given (images, StainReferences or the drit model's domain
+    indices), or every stain domain of the shipped drit model when None."""
+    if refs is None:
+        from ..models import load_checkpoint
+        from ..stain import _drit_checkpoint
+
+        n = len(load_checkpoint(_drit_checkpoint(None), kind="drit")["config"].get("domain_styles") or [])
+        if n == 0:
+            raise ValueError("the drit model holds no domain styles: give tta_references (reference tiles)")
+        return list(range(n))
+    if isinstance(refs, (int, np.integer)) or (isinstance(refs, np.ndarray) and refs.ndim in (2, 3)
+                                               and refs.dtype != object):
+        refs = [refs]
+    refs = list(refs)
+    if not refs:
+        raise ValueError("tta_references is empty: give at least one reference image or domain index")
+    return refs
 
 
 def _tta_references(refs) -> list:
