@@ -347,3 +347,22 @@ def test_tta_averages_the_dihedral_transforms_of_each_patch(crop, tiny_checkpoin
     assert set(np.unique(b).tolist()) - {0} == set(range(1, len(pts) + 1)) and not np.array_equal(a, b)
     with pytest.raises(ValueError, match="tta must lie in"):
         fit_masks(img, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu", tta=9)
+
+
+
+def test_a_checkpoints_own_tta_is_the_default(crop, tiny_checkpoint, tmp_path):
+    from napari_nucsynth.models import load_checkpoint
+
+    img, lab, pts = crop
+    ck = load_checkpoint(tiny_checkpoint, kind="nuclick")
+    with4 = tmp_path / "tta4.pt"
+    save_checkpoint(with4, kind="nuclick", config={**ck["config"], "tta": 4}, state_dict=ck["state_dict"], step=0)
+    kw = {"method": "nuclick", "device": "cpu", "seed": 0}
+    assert np.array_equal(fit_masks(img, pts, checkpoint=with4, **kw),
+                          fit_masks(img, pts, checkpoint=tiny_checkpoint, tta=4, **kw))
+    assert np.array_equal(fit_masks(img, pts, checkpoint=with4, tta=1, **kw),  # a given tta wins
+                          fit_masks(img, pts, checkpoint=tiny_checkpoint, **kw))
+    bad = tmp_path / "tta9.pt"
+    save_checkpoint(bad, kind="nuclick", config={**ck["config"], "tta": 9}, state_dict=ck["state_dict"], step=0)
+    with pytest.raises(ValueError, match="'tta' must be at most 8"):
+        fit_masks(img, pts, checkpoint=bad, **kw)

@@ -222,8 +222,9 @@ class FitMethod(Protocol):
     """What a registered fitting method provides.
 
     ``params`` lists the one-time pass's keyword parameters ``{name: (default, low, high)}``; ``prepare`` runs
-    that pass on an RGB uint8 image and returns :class:`ImageMaps`; ``available(checkpoint)`` says whether it can
-    run here (its model and packages present).
+    that pass on an RGB uint8 image and returns :class:`ImageMaps`; it receives (validated) only the parameters
+    the caller gave and fills in the rest (``_check_params``, or a default its checkpoint carries, as ``nuclick``'s
+    ``tta``); ``available(checkpoint)`` says whether it can run here (its model and packages present).
     """
 
     name: str
@@ -385,7 +386,8 @@ class NuClickFit:
     Parameters (keywords): ``threshold`` (a pixel is a nucleus's where its probability is at least this; 0.5),
     ``snap`` (a click anchors at the nearest pixel within this many px where its own probability reaches the
     threshold; with none it gets a prior nucleus; 4), ``tta`` (each click's probabilities averaged over this many
-    dihedral transforms of its patch, 1-8; each costs one more pass of the network per click; 1).
+    dihedral transforms of its patch, 1-8; each costs one more pass of the network per click; default the
+    checkpoint's ``config["tta"]``, 1 when it has none).
     """
 
     name = "nuclick"
@@ -416,6 +418,8 @@ class NuClickFit:
         p = _check_params(self, params)
         dev = resolve_device(device)
         model = load_model(checkpoint, dev)
+        if "tta" not in params:  # the checkpoint's own default (config["tta"], chosen when it was shipped), else 1
+            p["tta"] = _check_params(self, {"tta": model.config.get("tta", 1)})["tta"]
         return nuclick_maps(model, image, device=dev, progress=progress, should_stop=should_stop, **p)
 
 
@@ -482,7 +486,8 @@ def image_maps(image, *, method: str = "auto", checkpoint=None, device: str = "a
         from .devices import resolve_device
 
         dev = resolve_device(device)
-    key = (m.name, ck, str(dev), tuple(sorted(p.items())), _image_key(rgb))
+    # which parameters were given is part of the key: a method may take an omitted one from its checkpoint
+    key = (m.name, ck, str(dev), tuple(sorted(p.items())), tuple(sorted(params)), _image_key(rgb))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         if progress is not None:
@@ -490,7 +495,8 @@ def image_maps(image, *, method: str = "auto", checkpoint=None, device: str = "a
         return _CACHE[key]
     if should_stop is not None and should_stop():
         raise InterruptedError("fitting cancelled")
-    maps = m.prepare(rgb, checkpoint=checkpoint, device=device, progress=progress, should_stop=should_stop, **p)
+    maps = m.prepare(rgb, checkpoint=checkpoint, device=device, progress=progress, should_stop=should_stop,
+                     **{k: v for k, v in p.items() if k in params})  # the method fills in the rest
     _CACHE[key] = maps
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -67,8 +67,11 @@ CONTEXTS = ("rgb", "hovernet")
 
 
 def default_config() -> dict:
-    """The default configuration (stored in checkpoints)."""
-    return {"width": 16, "depth": 3, "patch": 64, "sigma": 2.0, "context": "rgb", "hovernet_checkpoint": None}
+    """The default configuration (stored in checkpoints). ``tta`` is not a training setting: it is the number of
+    dihedral transforms the ``nuclick`` fitting method averages by default with this model (1-8; a shipped model
+    carries the value chosen for it)."""
+    return {"width": 16, "depth": 3, "patch": 64, "sigma": 2.0, "context": "rgb", "hovernet_checkpoint": None,
+            "tta": 1}
 
 
 def in_channels(config: dict) -> int:
@@ -83,9 +86,11 @@ def _check_config(config: dict) -> dict:
         raise ValueError(f"unknown nuclick config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
     if cfg["context"] not in CONTEXTS:
         raise ValueError(f"nuclick config 'context' must be one of {CONTEXTS}, got {cfg['context']!r}")
-    for key, lo in (("width", 1), ("depth", 1), ("patch", 8)):
+    for key, lo in (("width", 1), ("depth", 1), ("patch", 8), ("tta", 1)):
         if not isinstance(cfg[key], (int, np.integer)) or isinstance(cfg[key], bool) or cfg[key] < lo:
             raise ValueError(f"nuclick config {key!r} must be an integer >= {lo}, got {cfg[key]!r}")
+    if cfg["tta"] > 8:
+        raise ValueError(f"nuclick config 'tta' must be at most 8 (the dihedral transforms), got {cfg['tta']!r}")
     if cfg["patch"] % (2 ** (cfg["depth"] + 1)):
         raise ValueError(f"nuclick config 'patch' ({cfg['patch']}) must be a multiple of 2**(depth + 1) "
                          f"({2 ** (cfg['depth'] + 1)})")
