@@ -169,20 +169,18 @@ def _render(args) -> int:
 
 def _segment(args) -> int:
     from .io import check_output, read_image, write_labels
-    from .segment import get_segmenter, segment
+    from .segment import MODALITY_TTA, get_segmenter, modality_tta_methods, segment
 
     out = check_output(args.out, "labels", name="--out")
     if args.checkpoint is not None and not getattr(get_segmenter(args.method), "needs_checkpoint", True):
         raise ValueError(f"--checkpoint {args.checkpoint}: the {args.method} method runs no trained model; "
                          f"use a --method that does ({', '.join(_model_segmenters())})")
     refs = args.tta_reference or None
-    modality = args.tta in ("modality", "modality-drit")
+    modality = args.tta in MODALITY_TTA
     if refs is not None and not modality:
         raise ValueError("--tta-reference: the references are the stain modalities of --tta modality (or "
                          "modality-drit)")
     if modality:
-        from .segment import modality_tta_methods
-
         if args.method not in modality_tta_methods():
             raise ValueError(f"--tta {args.tta} averages dense network maps over restained copies; the {args.method} "
                              f"method has none: use --method {' or '.join(modality_tta_methods())}, or --tta flips")
@@ -726,13 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (mean over images, pooled, per image)")
     p.set_defaults(func=_evaluate)
 
-    from .segment import segmenters
+    from .segment import TTA_MODES, segmenters
 
     p = sub.add_parser("segment", help="nucleus instance labels of an H&E image")
     p.add_argument("--image", required=True, help="an H&E image (RGB; grey, RGBA, 16-bit and float are converted)")
     p.add_argument("--method", default="watershed", choices=segmenters())
     p.add_argument("--checkpoint", help="model checkpoint for the methods that run one (default: the shipped one)")
-    p.add_argument("--tta", nargs="?", const="flips", choices=("flips", "modality", "modality-drit"), default=None,
+    p.add_argument("--tta", nargs="?", const="flips", choices=TTA_MODES, default=None,
                    help="test-time augmentation: flips (the default of a bare --tta: 8 flips/rotations, merged), "
                    "modality (network maps averaged over the image and its copies restained by Macenko's method to "
                    "each --tta-reference; hovernet only) or modality-drit (the copies made by the shipped drit "

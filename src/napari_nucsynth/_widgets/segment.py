@@ -29,7 +29,7 @@ from magicgui.widgets import (
 from qtpy.QtCore import QTimer
 
 from ..devices import available_devices
-from ..segment import get_segmenter, modality_tta_methods, predict_maps, segmenters
+from ..segment import MODALITY_TTA, get_segmenter, modality_tta_methods, predict_maps, segmenters
 from ._checkpoints import CheckpointPicker, MethodBox, open_train_widget
 from ._dock import wrapping_label
 from ._outputs import SEGMENTATION, output_name
@@ -41,7 +41,7 @@ _MARK = SEGMENTATION  # metadata key that marks the widget's output layers
 #: The methods from best to worst on MoNuSeg (AJI of the sample: hovernet 0.61, watershed 0.43): the widget opens
 #: on the first that is registered and can run (a model shipped, saved or picked, or none needed).
 PREFERRED = ("hovernet", "maskrcnn", "stardist", "cellpose", "watershed")
-_MODALITY = ("modality", "modality-drit")
+_MODALITY = tuple(MODALITY_TTA)  # the tta modes that restain copies (and take TTA references)
 #: The *Test-time augmentation* choices: (label, the ``tta`` of :func:`napari_nucsynth.segment.segment`).
 TTA_CHOICES = [("off", False), ("flips (8 flips/rotations)", True),
                ("modality (restained copies; dense-map methods)", "modality"),

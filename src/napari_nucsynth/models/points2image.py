@@ -136,8 +136,8 @@ def default_config() -> dict:
     - ``layout``: how many nuclei a training crop's masks get (:func:`targets`): "process" (MoNuSeg's point
       process) or "matched" (the real crop's own count of Otsu nuclei);
     - ``upsample``: how the generator doubles its resolution between blocks, "nearest" (OASIS's) or "bilinear" (no
-      parameters either way, so a model can be fine-tuned from one to the other: nearest left a cross-hatched
-      texture of about 4 px period in the shipped model's backgrounds, which bilinear removes).
+      parameters either way, so a model can be fine-tuned from one to the other; docs/points2image.md: nearest drew
+      the LabelMix model's cross-hatched backgrounds, and the bilinear fine-tune drew a finer hatch of its own).
     """
     return {
         "ngf": 16, "ngf_max": 128, "n_up": 3, "hidden": 0.5, "spectral_g": True,

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["TTA_MODES", "Segmenter", "get_segmenter", "modality_tta_methods", "predict_maps", "register", "segment",
-           "segmenters", "tta_mode"]
+__all__ = ["MODALITY_TTA", "TTA_MODES", "Segmenter", "get_segmenter", "modality_tta_methods", "predict_maps",
+           "register", "segment", "segmenters", "tta_mode"]
 
 #: The test-time augmentations of :func:`segment` (``tta=True`` is ``"flips"``, ``tta=False`` none).
 TTA_MODES = ("flips", "modality", "modality-drit")
