@@ -133,7 +133,8 @@ def predict_maps(image, *, method: str, checkpoint=None, device: str = "auto", t
                                 should_stop=should_stop)
     from ..stain import modality_tta
 
-    refs = _drit_references(tta_references) if mode == "modality-drit" else _tta_references(tta_references)
+    refs = (_drit_references(tta_references, device) if mode == "modality-drit"
+            else _tta_references(tta_references))
     return modality_tta(image, refs,
                         lambda im: seg.predict_maps(im, checkpoint=checkpoint, device=device, tta=False,
                                                     should_stop=should_stop),
@@ -177,14 +178,16 @@ def _no_references(refs) -> None:
                          "one of those or no references")
 
 
-def _drit_references(refs) -> list:
+def _drit_references(refs, device: str = "auto") -> list:
     """``tta_references`` of ``tta="modality-drit"``: as given (images, StainReferences or the drit model's domain
-    indices), or every stain domain of the shipped drit model when None."""
+    indices), or every stain domain of the shipped drit model when None (read from the model the transfer then
+    uses, loaded once and cached on ``device``)."""
     if refs is None:
-        from ..models import load_checkpoint
+        from ..devices import resolve_device
+        from ..models import drit
         from ..stain import _drit_checkpoint
 
-        n = len(load_checkpoint(_drit_checkpoint(None), kind="drit")["config"].get("domain_styles") or [])
+        n = len(drit.load_model(_drit_checkpoint(None), resolve_device(device)).config.get("domain_styles") or [])
         if n == 0:
             raise ValueError("the drit model holds no domain styles: give tta_references (reference tiles)")
         return list(range(n))
