@@ -253,7 +253,7 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
                             **({"clicked": clicked} if arm == "K" else {})}
 
 
-def _evaluate(ckpt: Path, threads: int) -> dict:
+def _evaluate(ckpt: Path, threads: int, device: str = "cpu") -> dict:
     import torch
 
     from napari_nucsynth.metrics import instance_metrics
@@ -262,7 +262,7 @@ def _evaluate(ckpt: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     per = []
     for t in SEGMENT_HELDOUT:
-        pred = segment(load_image(t), method="hovernet", checkpoint=str(ckpt), device="cpu")
+        pred = segment(load_image(t), method="hovernet", checkpoint=str(ckpt), device=device)
         m = instance_metrics(load_labels(t), pred)
         per.append({"tile": t, "organ": organ(t), **{k: round(float(m[k]), 4) for k in ("aji", "pq", "dice")}})
     return {**{k: round(float(np.mean([p[k] for p in per])), 4) for k in ("aji", "pq", "dice")}, "per_tile": per}
@@ -306,6 +306,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--device", default="cpu", help="where the arms train, render and are evaluated (default cpu; "
+                    "cuda where a GPU is lent: the recipe is the same, the figures say the device)")
     ap.add_argument("--only-report", action="store_true", help="print the table of the finished arms; train nothing")
     ap.add_argument("--smoke", action="store_true", help="a check of the pipeline, not the experiment: 2 synthetic "
                     "pairs of 256 px per arm (use a few --steps and another --out)")
@@ -371,7 +373,8 @@ def main() -> None:
                 print(f"[{_name}] step {u.step}/{u.steps} loss {u.losses.get('loss', float('nan')):.3f} "
                       f"({u.seconds:.0f} s this session)", file=sys.stderr, flush=True)
 
-        res = train("hovernet", images, labels, steps=args.steps, out=ckpt, resume=resume, device="cpu", seed=seed,
+        res = train("hovernet", images, labels, steps=args.steps, out=ckpt, resume=resume, device=args.device,
+                    seed=seed,
                     batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                     augment=ARM_AUGMENT.get(arm, settings["augment"]), val_fraction=0,
                     save_every=200, on_update=on_update,
@@ -384,7 +387,8 @@ def main() -> None:
         train_s = before + res.seconds
         result = {"arm": arm, "seed": seed, "data": data, "steps": res.step, "train_seconds_last_run":
                   round(res.seconds, 1), "cpu_hours": round(train_s * args.threads / 3600, 2),
-                  "threads": args.threads, "eval": _evaluate(ckpt, args.threads), "settings": settings}
+                  "threads": args.threads, "device": args.device, "eval": _evaluate(ckpt, args.threads, args.device),
+                  "settings": settings}
         tmp = out / f"{name}.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out / f"{name}.json")
