@@ -118,3 +118,20 @@ def stopped_then_resumed_equals_straight(kind: str, imgs, labs, tmp_path, config
     a, b = load_checkpoint(full.path)["state_dict"], load_checkpoint(res2.path)["state_dict"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     return res
+
+
+def assert_channels_last_inference(model, x) -> None:
+    """``model`` (eval mode) runs its first convolution on channels-last input without autograd and on the plain
+    layout with it, and both give the same contiguous output (to float rounding)."""
+    import torch
+
+    seen = []
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.enable_grad():
+        plain = model(x).detach()
+    with torch.inference_mode():
+        fast = model(x)
+    assert seen == [False, True]
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

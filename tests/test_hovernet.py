@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _tiny import HOVERNET
+from _tiny import HOVERNET, assert_channels_last_inference
 
 from napari_nucsynth.masks import hv_maps
 from napari_nucsynth.metrics import aji
@@ -70,6 +70,14 @@ def test_model_shapes_and_loss_terms():
     assert torch.isfinite(total)
     assert set(logs) == {"loss", "np_ce", "np_dice", "hv_mse", "hv_msge"}
     total.backward()
+
+
+def test_cpu_inference_takes_the_channels_last_path_and_computes_the_same_maps():
+    """Inference on the CPU runs on channels-last input (faster in oneDNN); the maps are those of the plain
+    layout that training uses, and contiguous."""
+    model = get_model("hovernet").build(TINY).eval()
+    x = torch.rand(2, 3, 48, 64)
+    assert_channels_last_inference(model, x)
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

@@ -87,6 +87,10 @@ class HoVerNet(nn.Module):
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device.type == "cpu" and not torch.is_grad_enabled():
+            # inference on the CPU: oneDNN's convolutions are faster on channels-last input (~1.4x); not in
+            # training, where it gains nothing here and torch 2.14's CPU backward corrupted memory on small widths
+            image = image.contiguous(memory_format=torch.channels_last)
         x = (image - self.mean) / self.std
         f0 = self.stem(x)
         f1 = self.layer1(self.pool(f0))
@@ -95,7 +99,7 @@ class HoVerNet(nn.Module):
         feats = [f3, f2, f1, f0]
         np_logits = self.np_dec(feats, image)
         hv = torch.tanh(self.hv_dec(feats, image))
-        return torch.cat([np_logits, hv], 1)
+        return torch.cat([np_logits, hv], 1).contiguous()
 
 
 def _out_channels(layer: nn.Sequential) -> int:
