@@ -321,7 +321,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"headline.py: error: unknown arm(s) {bad}; choose from {', '.join(ARMS)}")
 
-    for arm in arms:  # before hours of other arms: a renderer arm's model must exist
+    for arm in [] if args.only_report else arms:  # before hours of other arms: a renderer arm's model must exist
         if arm in RENDERER_ARMS and not (Path(args.out) / f"{arm}_seed{SEEDS_AB[0]}.json").exists():
             _renderer_checkpoint(arm)
 
