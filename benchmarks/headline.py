@@ -279,7 +279,9 @@ def _summary(results: dict) -> dict:
             v = [r["eval"][k] for r in rows]
             table[arm][k] = round(float(np.mean(v)), 4)
             table[arm][f"{k}_spread"] = round(float(np.max(v) - np.min(v)), 4) if len(v) > 1 else None
-        table[arm]["cpu_hours"] = round(sum(r["cpu_hours"] for r in rows), 2)
+        hours = [r.get("cpu_hours") for r in rows]  # None for a run trained on another device
+        table[arm]["cpu_hours"] = round(sum(hours), 2) if None not in hours else None
+        table[arm]["devices"] = sorted({r.get("device", "cpu") for r in rows})
     targets = {}
     if "A" in table and "B" in table:
         targets["B>=A+0.015_aji"] = table["B"]["aji"] >= table["A"]["aji"] + 0.015
@@ -386,7 +388,10 @@ def main() -> None:
             break
         train_s = before + res.seconds
         result = {"arm": arm, "seed": seed, "data": data, "steps": res.step, "train_seconds_last_run":
-                  round(res.seconds, 1), "cpu_hours": round(train_s * args.threads / 3600, 2),
+                  round(res.seconds, 1),
+                  # CPU-hours (training seconds x threads) only where the CPU trained it; the wall hours always
+                  "cpu_hours": round(train_s * args.threads / 3600, 2) if args.device == "cpu" else None,
+                  "train_hours": round(train_s / 3600, 2),
                   "threads": args.threads, "device": args.device, "eval": _evaluate(ckpt, args.threads, args.device),
                   "settings": settings}
         tmp = out / f"{name}.json.tmp"
