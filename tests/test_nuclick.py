@@ -357,7 +357,6 @@ def test_tta_averages_the_dihedral_transforms_of_each_patch(crop, tiny_checkpoin
         fit_masks(img, pts, method="nuclick", checkpoint=tiny_checkpoint, device="cpu", tta=9)
 
 
-
 def test_a_checkpoints_own_tta_is_the_default(crop, tiny_checkpoint, tmp_path):
     from napari_nucsynth.models import load_checkpoint
 
