@@ -15,8 +15,8 @@ Per nucleus of at least 20 px, in the haematoxylin channel (``stain.rgb_to_hed``
 Sets: the 24 training tiles of the benchmark split (``_data.SEGMENT_HELDOUT`` left out), each held-out tile alone,
 each ``--synthetic`` file under its stem (``imageK`` / ``labelsK`` arrays, as ``headline.py`` keeps an arm's
 synthetic pairs), and for each ``--edge-sigmas`` value the classic renderer's render of every ``--every``-th
-training tile's own masks (its top-left 512 x 512) in its own style, with ``presynthesis.EDGE_SIGMA`` set to that
-value (0.8 is the shipped one), beside the same real crops (``real_same_crops``): a paired comparison of the
+training tile's own masks (its top-left 512 x 512) in its own style, with the renderer's ``edge_sigma`` option set
+to that value (0.8 is the default), beside the same real crops (``real_same_crops``): a paired comparison of the
 renderer against the real tiles it copies. "pale" is a contrast below the 24 training tiles' 25th percentile.
 Prints one JSON object.
 """
@@ -79,11 +79,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic", nargs="*", default=[], help="npz files of synthetic pairs (imageK, labelsK)")
     ap.add_argument("--edge-sigmas", type=float, nargs="*", default=[0.8],
-                    help="classic renders of the training tiles' own masks with these EDGE_SIGMA values")
+                    help="classic renders of the training tiles' own masks with these edge_sigma values")
     ap.add_argument("--every", type=int, default=3, help="render every N-th training tile (default 3)")
     args = ap.parse_args()
 
-    import napari_nucsynth.presynthesis as presynthesis
     from napari_nucsynth.render import render
 
     train = [t for t in tile_ids() if t not in SEGMENT_HELDOUT]
@@ -97,20 +96,16 @@ def main() -> None:
             n = len([k for k in d.files if k.startswith("image")])
             sets[Path(f).stem] = [nucleus_stats(d[f"image{i}"], d[f"labels{i}"]) for i in range(n)]
     rendered = train[:: args.every]
-    default = presynthesis.EDGE_SIGMA
-    try:
-        for s in args.edge_sigmas:
-            presynthesis.EDGE_SIGMA = s
-            own, real_crops = [], []
-            for t in rendered:
-                img, lab = load_image(t), load_labels(t)
-                crop = lab[:512, :512]
-                own.append(nucleus_stats(render(crop, img, style_labels=lab, method="classic", seed=0), crop))
-                real_crops.append(nucleus_stats(img[:512, :512], crop))
-            sets[f"classic_own_masks_edge_sigma_{s:g}"] = own
-            sets["real_same_crops"] = real_crops
-    finally:
-        presynthesis.EDGE_SIGMA = default
+    for s in args.edge_sigmas:
+        own, real_crops = [], []
+        for t in rendered:
+            img, lab = load_image(t), load_labels(t)
+            crop = lab[:512, :512]
+            out = render(crop, img, style_labels=lab, method="classic", seed=0, options={"edge_sigma": s})
+            own.append(nucleus_stats(out, crop))
+            real_crops.append(nucleus_stats(img[:512, :512], crop))
+        sets[f"classic_own_masks_edge_sigma_{s:g}"] = own
+        sets["real_same_crops"] = real_crops
     print(json.dumps({"benchmark": "nucleus texture (issue 19)", "pale_below_contrast": round(pale_below, 4),
                       "rendered_tiles": rendered,
                       "sets": {k: summary(v, pale_below) for k, v in sets.items()}}, indent=1))

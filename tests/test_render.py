@@ -113,6 +113,35 @@ def test_strips_equal_the_one_piece_render(small, monkeypatch):
     assert np.array_equal(whole, strips)
 
 
+def test_edge_sigma_softens_the_nuclei_edges_only(small, monkeypatch):
+    """``edge_sigma``: its default is EDGE_SIGMA; 0 pastes the nuclei with hard edges, so every pixel off the masks
+    is the background the same seed draws without nuclei; a soft edge reaches past the masks; the strips stay
+    seamless at the largest value; other values are refused."""
+    from scipy import ndimage as ndi
+
+    from napari_nucsynth import presynthesis
+
+    style, style_lab, target = small
+    kw = dict(style_labels=style_lab, seed=3)
+    soft = render(target, style, **kw)
+    assert np.array_equal(soft, render(target, style, options={"edge_sigma": presynthesis.EDGE_SIGMA}, **kw))
+    hard = render(target, style, options={"edge_sigma": 0}, **kw)
+    background = render(np.zeros_like(target), style, **kw)
+    off = target == 0
+    assert np.array_equal(hard[off], background[off])
+    ring = off & ndi.binary_dilation(target > 0)  # the pixels just outside the masks
+    assert np.mean(np.any(soft[ring] != background[ring], axis=-1)) > 0.5
+    edge = (target > 0) & ~ndi.binary_erosion(target > 0)  # the masks' outermost pixels: denser without the blend
+    assert rgb_to_hed(hard)[..., 0][edge].mean() > rgb_to_hed(soft)[..., 0][edge].mean()
+    lab = np.concatenate([target, target[::-1]], 0)
+    whole = render(lab, style, options={"edge_sigma": presynthesis.MAX_EDGE_SIGMA}, **kw)
+    monkeypatch.setattr(presynthesis, "TILE", 64)
+    assert np.array_equal(whole, render(lab, style, options={"edge_sigma": presynthesis.MAX_EDGE_SIGMA}, **kw))
+    for bad in (-0.1, presynthesis.MAX_EDGE_SIGMA + 0.1, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="edge_sigma must be a number from 0 to 2"):
+            render(target, style, options={"edge_sigma": bad}, **kw)
+
+
 def test_empty_labels_render_the_background(small):
     style, style_lab, _ = small
     out = render(np.zeros((120, 90), np.uint32), style, style_labels=style_lab, seed=0)
@@ -201,7 +230,7 @@ def test_render_options_reach_the_method_and_unknown_ones_are_refused():
     from napari_nucsynth.render import gallery
 
     img, lab = synthetic_pair(0)
-    with pytest.raises(ValueError, match=r"'classic' takes no option 'strength'; its options: none"):
+    with pytest.raises(ValueError, match=r"'classic' takes no option 'strength'; its options: edge_sigma"):
         render(lab, img, options={"strength": 0.5})
     with pytest.raises(ValueError, match=r"'adain' takes no option 'bogus'; its options: alpha, strength, tile"):
         render(lab, img, method="adain", options={"bogus": 1})
