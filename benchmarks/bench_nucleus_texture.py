@@ -2,7 +2,7 @@
 of vesicular nuclei (issue 19's question why synthetic pairs cost the segmenter on the held-out prostate tile).
 
     python benchmarks/bench_nucleus_texture.py [--synthetic bench-out/headline/synthetic_E_seed0.npz ...]
-        [--edge-sigmas 0.8 0.01] [--every 3]
+        [--edge-sigmas 0.8 0.01] [--every 3] [--recipes N] [--sian N]
 
 Per nucleus of at least 20 px, in the haematoxylin channel (``stain.rgb_to_hed``):
 
@@ -17,7 +17,12 @@ each ``--synthetic`` file under its stem (``imageK`` / ``labelsK`` arrays, as ``
 synthetic pairs), and for each ``--edge-sigmas`` value the classic renderer's render of every ``--every``-th
 training tile's own masks (its top-left 512 x 512) in its own style, with the renderer's ``edge_sigma`` option set
 to that value (0.8 is the default), beside the same real crops (``real_same_crops``): a paired comparison of the
-renderer against the real tiles it copies. "pale" is a contrast below the 24 training tiles' 25th percentile.
+renderer against the real tiles it copies. With ``--recipes N``, the first N synthetic pairs (1000 x 1000, seed 0:
+pair i depends on (seed, i) only, so these are the first N pairs of the arm) of arm E's recipe
+(``headline.py``: layouts and prior from the 3 contoured tiles, classic renders in the styles of all 24 tiles, only
+the 3 with labels) and of the same recipe with all 24 style tiles' labels given (textures from annotated nuclei
+instead of the nuclei the renderer detects), at each ``--edge-sigmas`` value; with ``--sian N``, the first N pairs
+of arm B's recipe (sian, the shipped model). "pale" is a contrast below the 24 training tiles' 25th percentile.
 Prints one JSON object.
 """
 
@@ -81,6 +86,8 @@ def main() -> None:
     ap.add_argument("--edge-sigmas", type=float, nargs="*", default=[0.8],
                     help="classic renders of the training tiles' own masks with these edge_sigma values")
     ap.add_argument("--every", type=int, default=3, help="render every N-th training tile (default 3)")
+    ap.add_argument("--recipes", type=int, default=0, help="pairs of arm E's recipe (and all styles labelled)")
+    ap.add_argument("--sian", type=int, default=0, help="pairs of arm B's recipe (sian)")
     args = ap.parse_args()
 
     from napari_nucsynth.render import render
@@ -106,6 +113,25 @@ def main() -> None:
             real_crops.append(nucleus_stats(img[:512, :512], crop))
         sets[f"classic_own_masks_edge_sigma_{s:g}"] = own
         sets["real_same_crops"] = real_crops
+    if args.recipes or args.sian:
+        from headline import B_RENDERER, FEW_TILES
+
+        from napari_nucsynth.generate import synthetic_pairs
+
+        imgs, labs = [load_image(t) for t in train], [load_labels(t) for t in train]
+        few = [i for i, t in enumerate(train) if t in FEW_TILES]
+        recipes = {"E_recipe": [labs[i] if i in few else None for i in range(len(labs))],
+                   "E_recipe_all_styles_labelled": labs}
+        for name, style_labels in recipes.items() if args.recipes else ():
+            for s in args.edge_sigmas:
+                si, sl = synthetic_pairs(args.recipes, 1000, imgs, style_labels=style_labels,
+                                         fit_labels=[labs[i] for i in few], layouts="mixed", method="classic",
+                                         seed=0, options={"edge_sigma": s})
+                sets[f"{name}_edge_sigma_{s:g}_{args.recipes}_pairs"] = [nucleus_stats(a, b) for a, b in zip(si, sl)]
+        if args.sian:
+            si, sl = synthetic_pairs(args.sian, 1000, imgs, style_labels=labs, fit_labels=labs, layouts="mixed",
+                                     method=B_RENDERER, seed=0)
+            sets[f"B_recipe_{B_RENDERER}_{args.sian}_pairs"] = [nucleus_stats(a, b) for a, b in zip(si, sl)]
     print(json.dumps({"benchmark": "nucleus texture (issue 19)", "pale_below_contrast": round(pale_below, 4),
                       "rendered_tiles": rendered,
                       "sets": {k: summary(v, pale_below) for k, v in sets.items()}}, indent=1))

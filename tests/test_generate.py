@@ -227,6 +227,12 @@ def test_synthetic_pairs_in_memory(bank):
         synthetic_pairs(1, 64, [])
     with pytest.raises(ValueError, match="one label map"):
         synthetic_pairs(1, 64, imgs, style_labels=labs[:1])
+    # the renderer's options reach it (the same layout and masks, hard-edged nuclei), and are checked first
+    hard, hard_lab = synthetic_pairs(1, 96, imgs, style_labels=labs, fit_labels=labs, layouts="process", seed=4,
+                                     options={"edge_sigma": 0})  # a_img, a_lab: the loop's last ("process")
+    assert np.array_equal(hard_lab[0], a_lab[0]) and not np.array_equal(hard[0], a_img[0])
+    with pytest.raises(ValueError, match="takes no option 'strength'"):
+        synthetic_pairs(1, 96, imgs, options={"strength": 1})
 
 
 def test_synthetic_pairs_from_clicks_in_their_own_style(bank):

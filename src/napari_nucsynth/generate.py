@@ -1039,7 +1039,7 @@ def verify(dataset, ids=None, *, device: str = "cpu") -> list[str]:
 def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=None, layouts: str = "process",
                     process: str = "cluster", point_sets=None, prior=None, own_style: bool = False,
                     method: str = "classic", checkpoint=None, device: str = "cpu", seed: int = 0,
-                    progress: Callable[[int, int, str], None] | None = None,
+                    options: dict | None = None, progress: Callable[[int, int, str], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``n`` synthetic (image, labels) pairs of ``size`` x ``size`` in memory, rendered by ``method`` (the classic
     renderer by default).
@@ -1071,6 +1071,9 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
     method, checkpoint, device : str, path, str
         The renderer (:func:`napari_nucsynth.render.render`), its checkpoint (the shipped one when None) and
         device.
+    options : dict, optional
+        The renderer's own keywords (``render(..., options=...)``, e.g. ``{"edge_sigma": 0}`` for ``classic``),
+        checked before any pair is made.
     seed : int
         Pair ``i`` uses ``SeedSequence([seed, i])`` for its layout, masks, style and render, whatever ``n``.
     progress, should_stop : callables, optional
@@ -1091,10 +1094,11 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
         fit_point_process,
         random_points,
     )
-    from .render import render
+    from .render import check_options, render
 
     if not len(styles):
         raise ValueError("synthetic pairs need at least one style image (an H&E tile)")
+    options = check_options(method, options)
     if style_labels is not None and len(style_labels) == 0:
         style_labels = None
     if style_labels is not None and len(style_labels) != len(styles):
@@ -1141,7 +1145,7 @@ def synthetic_pairs(n: int, size: int, styles, *, style_labels=None, fit_labels=
         k = k_own if own_style else int(np.random.default_rng(s_style).integers(len(styles)))
         sl = style_labels[k] if style_labels is not None else None
         images.append(np.asarray(render(lab, styles[k], method=method, style_labels=sl, seed=s_render,
-                                        checkpoint=checkpoint, device=device), dtype=np.uint8))
+                                        checkpoint=checkpoint, device=device, options=options), dtype=np.uint8))
         labels.append(lab)
         if progress:
             progress(i + 1, n, f"synthetic pair {i + 1}/{n}")
