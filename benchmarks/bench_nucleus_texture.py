@@ -103,16 +103,13 @@ def main() -> None:
             n = len([k for k in d.files if k.startswith("image")])
             sets[Path(f).stem] = [nucleus_stats(d[f"image{i}"], d[f"labels{i}"]) for i in range(n)]
     rendered = train[:: args.every]
+    tiles = [(load_image(t), load_labels(t)) for t in rendered]
+    sets["real_same_crops"] = [nucleus_stats(img[:512, :512], lab[:512, :512]) for img, lab in tiles]
     for s in args.edge_sigmas:
-        own, real_crops = [], []
-        for t in rendered:
-            img, lab = load_image(t), load_labels(t)
-            crop = lab[:512, :512]
-            out = render(crop, img, style_labels=lab, method="classic", seed=0, options={"edge_sigma": s})
-            own.append(nucleus_stats(out, crop))
-            real_crops.append(nucleus_stats(img[:512, :512], crop))
-        sets[f"classic_own_masks_edge_sigma_{s:g}"] = own
-        sets["real_same_crops"] = real_crops
+        sets[f"classic_own_masks_edge_sigma_{s:g}"] = [
+            nucleus_stats(render(lab[:512, :512], img, style_labels=lab, method="classic", seed=0,
+                                 options={"edge_sigma": s}), lab[:512, :512])
+            for img, lab in tiles]
     if args.recipes or args.sian:
         from headline import B_RENDERER, FEW_TILES
 
