@@ -55,7 +55,17 @@ And, after C fell short of 0.95 x A, the product's own points-only workflow (add
   training target; unlike C, the real images are the training inputs, as when a pathologist clicks the nuclei of
   their own slides and trains on the result.
 
-Arms A and B run with seeds ``SEEDS_AB``, C-K with the first seed. The run is resumable: each arm writes its
+And, after E fell below D and the nuclei of E's pairs were measured (``bench_nucleus_texture.py``: almost never
+rim-darker, textured from the dark blobs the renderer detects in the 21 unlabelled style tiles, whose undetected
+pale nuclei stay in the inpainted background as unlabelled tissue), a follow-up to E (added 2026-12-06, before it
+ran):
+
+- **L few contours + synthetic from annotated nuclei only**: D plus ``SYNTHETIC_E`` pairs with E's layouts and
+  prior, rendered by the classic renderer in the style of one of the 3 contoured tiles *with its contours* (every
+  nucleus textured from is annotated, every annotated nucleus is inpainted away), edge ``L_EDGE_SIGMA``, then
+  restained (``L_RESTAIN``) to the stain of a random one of the 24 tiles.
+
+Arms A and B run with seeds ``SEEDS_AB``, C-L with the first seed. The run is resumable: each arm writes its
 checkpoint every 200 steps and its result once, under ``--out``; run the same command again to continue (a
 finished arm is not evaluated again). ``--steps`` and the other training settings must match a resumed run's.
 """
@@ -82,7 +92,7 @@ SYNTHETIC_G = 24
 SYNTHETIC_SIZE = 1000
 FEW_TILES = ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1")
 B_RENDERER = "sian"
-ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K")
+ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L")
 #: the arms trained with another augmentation than the settings' "basic" (arm J: Liu et al.'s, by the shipped drit)
 ARM_AUGMENT = {"J": "modality-drit"}
 #: arms H and I: arm B's recipe with another renderer, its model trained on the same 24 tiles (issue 21)
@@ -94,6 +104,11 @@ RENDERER_ARMS = {
 }
 #: arms F and G list each real tile this many times beside their 24 synthetic pairs: one crop in four synthetic
 REAL_REPEAT = 3
+#: arm L: the classic renderer's ``edge_sigma`` (px), chosen before the arm ran by the rule in docs/headline.md
+#: (of 0.8 and 0, the one whose pairs' share of rim-darker nuclei is nearer the 24 training tiles')
+L_EDGE_SIGMA = 0.8
+#: arm L: how its pairs are restained to another tile's stain (``stain.transfer``)
+L_RESTAIN = "macenko"
 
 
 def _runs(arms: list[str]) -> list[tuple[str, int]]:
@@ -144,6 +159,8 @@ def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[
         return s_imgs, s_labs, {**info, "from": f"arm B seed {SEEDS_AB[0]}'s pairs"}
     elif arm == "G":
         return _restyled_contours(seed, images, labs, cache, progress)
+    elif arm == "L":
+        return _contoured_styles(seed, images, labs, few, cache, progress)
     elif arm == "E":
         kw = dict(n=SYNTHETIC_E, styles=images, style_labels=[labs[i] if i in few else None for i in range(len(labs))],
                   fit_labels=[labs[i] for i in few], layouts="mixed", method="classic")
@@ -199,6 +216,47 @@ def _restyled_contours(seed: int, images, labs, cache: Path, progress) -> tuple[
     return out_i, out_l, info
 
 
+def _contoured_styles(seed: int, images, labs, few: list[int], cache: Path, progress,
+                      edge_sigma: float | None = None) -> tuple[list, list, dict]:
+    """Arm L's pairs: arm E's layouts and prior (the 3 contoured tiles), rendered by the classic renderer in the style
+    of one of those 3 tiles *with its contours* (so every nucleus textured from is an annotated one, and every
+    annotated nucleus is inpainted out of the background), then restained (:data:`L_RESTAIN`) to the stain of a
+    random one of the 24 tiles (pair ``i``: ``default_rng([seed, i, 11])``), as E's pairs take all 24 tiles' stains.
+    ``edge_sigma`` defaults to :data:`L_EDGE_SIGMA`."""
+    from napari_nucsynth.generate import synthetic_pairs
+    from napari_nucsynth.stain import transfer
+
+    edge = L_EDGE_SIGMA if edge_sigma is None else edge_sigma
+    if edge is None:
+        raise SystemExit("headline.py: error: arm L's edge_sigma is not chosen yet (L_EDGE_SIGMA; docs/headline.md)")
+    n = SYNTHETIC_E
+    info = {"renderer": "classic", "edge_sigma": edge, "layouts": "library of the 3 tiles' centroids / cluster process",
+            "styles": "the 3 contoured tiles (with their labels)", "restain": f"{L_RESTAIN} to a random one of the 24",
+            "n": n, "size": SYNTHETIC_SIZE}
+    path = cache / f"synthetic_L_seed{seed}.npz"
+    if path.exists():
+        z = np.load(path)
+        return [z[f"image{i}"] for i in range(n)], [z[f"labels{i}"] for i in range(n)], {**info, "cached": True}
+    t0 = time.perf_counter()
+    few_imgs, few_labs = [images[i] for i in few], [labs[i] for i in few]
+    s_imgs, s_labs = synthetic_pairs(n=n, size=SYNTHETIC_SIZE, seed=seed, styles=few_imgs, style_labels=few_labs,
+                                     fit_labels=few_labs, layouts="mixed", method="classic",
+                                     options={"edge_sigma": edge}, progress=progress)
+    targets = []
+    for i in range(n):
+        j = int(np.random.default_rng([seed, i, 11]).integers(len(images)))
+        s_imgs[i] = transfer(s_imgs[i], images[j], method=L_RESTAIN)
+        targets.append(j)
+        progress(i + 1, n, f"restained {i + 1}/{n}")
+    info["stain_tiles"] = targets
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **{f"image{i}": a for i, a in enumerate(s_imgs)},
+                        **{f"labels{i}": a for i, a in enumerate(s_labs)})
+    os.replace(tmp, path)
+    return s_imgs, s_labs, info
+
+
 def _clicked_masks(imgs, labs, cache: Path, progress) -> list[np.ndarray]:
     """Arm K's labels: ``fit_masks(image, true centroids, method="watershed")`` of each tile (no model, no contour;
     fallback nuclei from arm C's prior), cached in ``cache`` so that a resumed run trains on the same masks."""
@@ -232,7 +290,7 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     elif arm in ("F", "G"):  # the same arrays listed REAL_REPEAT times: crops drawn uniformly over the list
         real = list(zip([im for _, im in imgs], labs)) * REAL_REPEAT
         used = tiles
-    elif arm in ("D", "E"):
+    elif arm in ("D", "E", "L"):
         real = [(im, lb) for (t, im), lb in zip(imgs, labs) if t in FEW_TILES]
         used = list(FEW_TILES)
     elif arm == "K":
@@ -291,6 +349,8 @@ def _summary(results: dict) -> dict:
         targets["C>=0.95A_aji"] = table["C"]["aji"] >= 0.95 * table["A"]["aji"]
     if "D" in table and "E" in table:
         targets["E>D_aji"] = table["E"]["aji"] > table["D"]["aji"]
+    if "D" in table and "L" in table:  # E's target, for E's recipe with annotated textures (reported, follow-up)
+        targets["L>D_aji (follow-up)"] = table["L"]["aji"] > table["D"]["aji"]
     if "A" in table and "K" in table:  # C's target, for the clicks-on-real-tiles workflow (reported, follow-up)
         targets["K>=0.95A_aji (follow-up)"] = table["K"]["aji"] >= 0.95 * table["A"]["aji"]
     for arm in ("F", "G", *RENDERER_ARMS, *ARM_AUGMENT):  # reported; they decide nothing alone (a winner gets a second seed first)
