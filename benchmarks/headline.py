@@ -35,8 +35,9 @@ beside 24 synthetic pairs, so one crop in four is synthetic (B: one in two):
   the annotators' contour convention, in other stains; against F it isolates the masks.
 
 Issue 21 asks for arm B with each new renderer (added before either ran; docs/headline.md): B's recipe exactly,
-its renderer swapped, each model the one trained on the same 24 tiles (its checkpoint under ``bench-out/``, named
-in ``RENDERER_ARMS``; not the shipped one, which has also seen the held-out tiles):
+its renderer swapped, each model the one trained on the same 24 tiles: the shipped checkpoint, as B uses the shipped
+sian (all three were trained with ``--split bench``, the 6 held-out tiles only their validation; checked when the
+arm starts; ``RENDERER_ARMS``):
 
 - **H** B with ``pix2pixhd`` (DAFF-GAN's masks -> H&E generator, stain-code style);
 - **I** B with ``points2image`` (trained unpaired).
@@ -97,10 +98,11 @@ ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L")
 ARM_AUGMENT = {"J": "modality-drit"}
 #: arms H and I: arm B's recipe with another renderer, its model trained on the same 24 tiles (issue 21)
 RENDERER_ARMS = {
-    "H": ("pix2pixhd", "bench-out/pix2pixhd_code.pt",
-          "python benchmarks/train_pix2pixhd.py --split bench --steps 5000 --crop 128 --out bench-out/pix2pixhd_code.pt"),
-    "I": ("points2image", "bench-out/p2i_bench.pt",
-          "python benchmarks/train_points2image.py --split bench --steps 5000 --crop 128 --out bench-out/p2i_bench.pt"),
+    "H": ("pix2pixhd", "src/napari_nucsynth/data/models/pix2pixhd_monuseg.pt",
+          "python benchmarks/train_pix2pixhd.py --split bench --steps 5000 --crop 128 --out bench-out/pix2pixhd_code.pt"
+          " (then stripped)"),
+    "I": ("points2image", "src/napari_nucsynth/data/models/points2image_monuseg.pt",
+          "the lineage recorded in the shipped checkpoint (docs/points2image.md), all on --split bench"),
 }
 #: arms F and G list each real tile this many times beside their 24 synthetic pairs: one crop in four synthetic
 REAL_REPEAT = 3
@@ -116,15 +118,28 @@ def _runs(arms: list[str]) -> list[tuple[str, int]]:
 
 
 def _renderer_checkpoint(arm: str) -> Path:
-    """The checkpoint of renderer arm ``arm`` (``RENDERER_ARMS``), relative to the repository; a missing one stops
-    the run with the command that trains it."""
+    """The checkpoint of renderer arm ``arm`` (``RENDERER_ARMS``), relative to the repository. A missing one, or one
+    whose training tiles include a held-out tile, stops the run (with how the model was trained)."""
+    import torch
+
     from _data import REPO
 
     _, ck, command = RENDERER_ARMS[arm]
     path = REPO / ck
+    others = ",".join(a for a in ARMS if a not in RENDERER_ARMS)
     if not path.is_file():
-        raise SystemExit(f"headline.py: error: arm {arm} needs {ck} (the renderer trained on the 24 tiles); train it "
-                         f"with: {command}; or leave the arm out (--arms {','.join(a for a in ARMS if a not in RENDERER_ARMS)})")
+        raise SystemExit(f"headline.py: error: arm {arm} needs {ck} (the renderer trained on the 24 tiles: {command}); "
+                         f"or leave the arm out (--arms {others})")
+    tiles = torch.load(path, map_location="cpu", weights_only=True).get("train_data", {}).get("tiles")
+    if isinstance(tiles, str):  # older checkpoints keep the list's repr
+        import ast
+
+        tiles = ast.literal_eval(tiles)
+    seen = sorted(set(tiles or ()) & set(SEGMENT_HELDOUT))
+    if not tiles or seen:
+        raise SystemExit(f"headline.py: error: arm {arm}'s renderer {ck} was trained on "
+                         f"{'held-out tiles ' + str(seen) if seen else 'tiles it does not list'}; it must be trained on "
+                         f"the 24 training tiles only ({command}); or leave the arm out (--arms {others})")
     return path
 
 
