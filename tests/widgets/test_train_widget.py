@@ -260,6 +260,10 @@ def test_mix_in_synthetic_pairs_recipe_b(setup, qtbot):
     assert not _hidden(widget.mix) and _hidden(widget.mix_renderer)  # the renderer shows once N > 0
     widget.mix.value = 2
     assert not _hidden(widget.mix_renderer)
+    from napari_nucsynth.render import renderers
+
+    # every registered renderer can make the mixed-in pairs (all ship a model), not a hand-kept list
+    assert list(widget.mix_renderer.choices) == renderers() and "pix2pixhd" in renderers()
     widget.model.value = "sian"
     assert _hidden(widget.mix) and _hidden(widget.mix_renderer)
     widget.model.value = "hovernet"

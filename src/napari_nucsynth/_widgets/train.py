@@ -43,6 +43,7 @@ from qtpy.QtCore import QTimer
 from ..devices import available_devices
 from ..generate import synthetic_pairs
 from ..models import checkpoint_dir, get_model, model_kinds
+from ..render import renderers
 from ..train import AUGMENTATIONS
 from ._checkpoints import CheckpointPicker
 from ._dock import wrapping_label
@@ -228,7 +229,7 @@ class TrainWidget(Container):
         self.mix.tooltip = ("Segmenters: add this many synthetic pairs made from the training pairs alone (their "
                             "layouts, nucleus shapes and styles), the headline's recipe B; as many as the real "
                             "pairs trains on half real, half synthetic crops. 0: real pairs only.")
-        self.mix_renderer = ComboBox(label="Mix renderer", choices=["classic", "adain", "sian"], value="classic")
+        self.mix_renderer = ComboBox(label="Mix renderer", choices=renderers(), value="classic")
         self.mix_renderer.tooltip = ("The renderer of the mixed-in synthetic pairs (learned ones use their shipped "
                                      "model)")
 
