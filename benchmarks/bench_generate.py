@@ -17,7 +17,8 @@
    command reports them (from its first pair on); ``cpu_seconds`` is the CPU time of the command and its workers
    (user + system), a figure the machine's load changes much less than the wall time. The benchmark makes itself
    the subreaper of the command's processes (Linux), so a fork server that outlives the command by a moment, and
-   the workers it forked, are counted too (``orphans_reaped``).
+   the workers it forked, are counted too (``orphans_reaped``). ``machine`` is a yardstick of the day's cores (the
+   CPU seconds of one ``analyse_reference`` of a whole tile) to read the figures beside.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generate.py [--n 40] [--workers 2] [--export-count 100]
         [--crash-n 24] [--kill-after 8] [--sections throughput,export,crash,styles] [--styles-n 60]
@@ -107,6 +108,24 @@ def _whole_tiles(root: Path, n_tiles: int) -> Path:
     return out
 
 
+def _yardstick(bank: Path) -> dict:
+    """How fast this machine is today, in the unit the styles runs spend most on: the CPU seconds of one
+    ``analyse_reference`` of the bank's first tile (no cache; median of 3, in this process, before the runs). The
+    same code took 0.30 s on one day and 0.45 s on another, so the pairs/s figures are read beside it. Also whether
+    ``PYTHONDONTWRITEBYTECODE`` is set: then every process compiles the package's modules again at start-up."""
+    from napari_nucsynth.io import read_image
+    from napari_nucsynth.presynthesis import analyse_reference
+
+    tile = read_image(sorted(bank.glob("*.png"))[0])[..., :3]
+    times = []
+    for _ in range(3):
+        t0 = time.process_time()
+        analyse_reference(tile)
+        times.append(time.process_time() - t0)
+    return {"analyse_reference_cpu_s": round(float(np.median(times)), 3),
+            "python_dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))}
+
+
 def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | None, repeats: int = 1) -> dict:
     """``nucsynth generate`` over whole style tiles: fresh styles, the same styles again, and a baseline tree.
 
@@ -142,7 +161,7 @@ def styles(root: Path, n: int, workers: int, n_tiles: int, baseline_src: str | N
                 **({"stderr": r.stderr[-1500:]} if r.returncode else {})}
 
     res = {"command": " ".join([*cmd[2:], "--out", "DIR"]), "style_tiles": n_tiles, "tile_size": [1000, 1000],
-           "workers": workers, "repeats": repeats, "runs": []}
+           "workers": workers, "repeats": repeats, "machine": _yardstick(bank), "runs": []}
     if baseline_src:
         res["baseline_src"] = str(Path(baseline_src).resolve())
     for k in range(repeats):
