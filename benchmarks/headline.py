@@ -66,7 +66,14 @@ ran):
   nucleus textured from is annotated, every annotated nucleus is inpainted away), edge ``L_EDGE_SIGMA``, then
   restained (``L_RESTAIN``) to the stain of a random one of the 24 tiles.
 
-Arms A and B run with seeds ``SEEDS_AB``, C-L with the first seed. The run is resumable: each arm writes its
+And a schedule rather than a mix for B's data (added 2026-12-06, before it ran and before F's result was seen):
+
+- **M synthetic first, real last**: the steps' first ``M_MIXED_FRACTION`` on B's data (the 24 real tiles and B
+  seed 0's 24 synthetic pairs, half the crops synthetic), the rest on the 24 real tiles only (A's data), one run of
+  the same schedule (the second phase resumes the first's checkpoint with the real tiles): the final model is
+  tuned on real crops only, as when synthetic pairs pretrain and real ones fine-tune.
+
+Arms A and B run with seeds ``SEEDS_AB``, C-M with the first seed. The run is resumable: each arm writes its
 checkpoint every 200 steps and its result once, under ``--out``; run the same command again to continue (a
 finished arm is not evaluated again). ``--steps`` and the other training settings must match a resumed run's.
 """
@@ -93,7 +100,7 @@ SYNTHETIC_G = 24
 SYNTHETIC_SIZE = 1000
 FEW_TILES = ("TCGA-A7-A13F-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1", "TCGA-G9-6336-01Z-00-DX1")
 B_RENDERER = "sian"
-ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L")
+ARMS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M")
 #: the arms trained with another augmentation than the settings' "basic" (arm J: Liu et al.'s, by the shipped drit)
 ARM_AUGMENT = {"J": "modality-drit"}
 #: arms H and I: arm B's recipe with another renderer, its model trained on the same 24 tiles (issue 21)
@@ -109,6 +116,8 @@ REAL_REPEAT = 3
 #: arm L: the classic renderer's ``edge_sigma`` (px), chosen before the arm ran by the rule in docs/headline.md
 #: (of 0.8 and 0, the one whose pairs' share of rim-darker nuclei is nearer the 24 training tiles')
 L_EDGE_SIGMA = 0.8
+#: arm M: the share of the steps trained on B's data (real + synthetic); the rest on the real tiles only
+M_MIXED_FRACTION = 0.5
 #: arm L: how its pairs are restained to another tile's stain (``stain.transfer``)
 L_RESTAIN = "macenko"
 
@@ -169,7 +178,7 @@ def _synthetic(arm: str, seed: int, imgs, labs, cache: Path, progress) -> tuple[
                   method=method, checkpoint=str(_renderer_checkpoint(arm)))
         info = {"renderer": method, "checkpoint": ck, "layouts": "library of the 24 tiles' centroids / cluster process",
                 "styles": "the 24 tiles (with labels)", "recipe": "arm B's, renderer swapped"}
-    elif arm == "F":
+    elif arm in ("F", "M"):
         s_imgs, s_labs, info = _synthetic("B", SEEDS_AB[0], imgs, labs, cache, progress)
         return s_imgs, s_labs, {**info, "from": f"arm B seed {SEEDS_AB[0]}'s pairs"}
     elif arm == "G":
@@ -299,7 +308,7 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     imgs = [(t, load_image(t)) for t in tiles]
     labs = [load_labels(t) for t in tiles]
     syn_imgs, syn_labs, syn = _synthetic(arm, seed, imgs, labs, cache, progress)
-    if arm in ("A", "B", "J", *RENDERER_ARMS):
+    if arm in ("A", "B", "J", "M", *RENDERER_ARMS):
         real = list(zip([im for _, im in imgs], labs))
         used = tiles
     elif arm in ("F", "G"):  # the same arrays listed REAL_REPEAT times: crops drawn uniformly over the list
@@ -323,7 +332,24 @@ def _data(arm: str, seed: int, tiles: list[str], cache: Path, progress):
     return images, labels, {"real_tiles": used, "n_real": len(real), "synthetic": syn or None,
                             **({"real_repeat": REAL_REPEAT} if arm in ("F", "G") else {}),
                             **({"augment": ARM_AUGMENT[arm]} if arm in ARM_AUGMENT else {}),
-                            **({"clicked": clicked} if arm == "K" else {})}
+                            **({"clicked": clicked} if arm == "K" else {}),
+                            **({"phases": _phase_note(arm)} if arm == "M" else {})}
+
+
+def _phase_note(arm: str) -> str:
+    return (f"the first {M_MIXED_FRACTION:g} of the steps on the real tiles and the synthetic pairs (B's crops, half "
+            "synthetic), the rest on the real tiles only (A's), one schedule (resumed from the switch)")
+
+
+def _phases(arm: str, steps: int, images: list, labels: list, data: dict) -> list[tuple[int, list, list, dict]]:
+    """The training phases of an arm: ``(until_step, images, labels, data)``; one phase, except for arm M, whose
+    second phase resumes the first's checkpoint (optimiser, schedule and random state) on the real tiles only."""
+    if arm != "M":
+        return [(steps, images, labels, data)]
+    n_real = data["n_real"]
+    switch = int(round(steps * M_MIXED_FRACTION))
+    return [(switch, images, labels, {**data, "phase": f"1: steps 0-{switch}, real + synthetic"}),
+            (steps, images[:n_real], labels[:n_real], {**data, "phase": f"2: steps {switch}-{steps}, real only"})]
 
 
 def _evaluate(ckpt: Path, threads: int, device: str = "cpu") -> dict:
@@ -368,7 +394,7 @@ def _summary(results: dict) -> dict:
         targets["L>D_aji (follow-up)"] = table["L"]["aji"] > table["D"]["aji"]
     if "A" in table and "K" in table:  # C's target, for the clicks-on-real-tiles workflow (reported, follow-up)
         targets["K>=0.95A_aji (follow-up)"] = table["K"]["aji"] >= 0.95 * table["A"]["aji"]
-    for arm in ("F", "G", *RENDERER_ARMS, *ARM_AUGMENT):  # reported; they decide nothing alone (a winner gets a second seed first)
+    for arm in ("F", "G", "M", *RENDERER_ARMS, *ARM_AUGMENT):  # reported; they decide nothing alone (a winner gets a second seed first)
         if "A" in table and arm in table:
             targets[f"{arm}>=A+0.015_aji (follow-up)"] = table[arm]["aji"] >= table["A"]["aji"] + 0.015
     return {"table": table, "targets": targets}
@@ -429,37 +455,49 @@ def main() -> None:
             print(f"[{_name}] {msg}", file=sys.stderr, flush=True)
 
         images, labels, data = _data(arm, seed, tiles, out, progress)
-        resume = None
-        if ckpt.exists():
-            from napari_nucsynth.models import load_checkpoint
+        res, before, done = None, 0.0, True
+        for until, p_images, p_labels, p_data in _phases(arm, args.steps, images, labels, data):
+            resume = None
+            if ckpt.exists():
+                from napari_nucsynth.models import load_checkpoint
 
-            ck = load_checkpoint(ckpt)
-            if ck["train_data"].get("headline_settings") != settings:
-                raise SystemExit(f"headline.py: error: {ckpt} was trained with other settings "
-                                 f"({ck['train_data'].get('headline_settings')}); use another --out")
-            resume = str(ckpt)
-        t_log = [time.perf_counter()]
-        clock = out / f"{name}.seconds.json"  # training seconds up to the last checkpoint, over every session
-        before = float(json.loads(clock.read_text())["seconds"]) if resume and clock.exists() else 0.0
+                ck = load_checkpoint(ckpt)
+                if ck["train_data"].get("headline_settings") != settings:
+                    raise SystemExit(f"headline.py: error: {ckpt} was trained with other settings "
+                                     f"({ck['train_data'].get('headline_settings')}); use another --out")
+                if int(ck["step"]) >= until and until < args.steps:
+                    continue  # a finished phase
+                resume = str(ckpt)
+            t_log = [time.perf_counter()]
+            clock = out / f"{name}.seconds.json"  # training seconds up to the last checkpoint, over every session
+            before = float(json.loads(clock.read_text())["seconds"]) if resume and clock.exists() else 0.0
+            at = [0]
 
-        def on_update(u, _name=name, _clock=clock, _before=before):
-            if u.kind == "checkpoint":
-                _clock.write_text(json.dumps({"seconds": _before + u.seconds, "step": u.step}))
-            if u.kind == "step" and (u.step % 100 == 0 or time.perf_counter() - t_log[0] > 300):
-                t_log[0] = time.perf_counter()
-                print(f"[{_name}] step {u.step}/{u.steps} loss {u.losses.get('loss', float('nan')):.3f} "
-                      f"({u.seconds:.0f} s this session)", file=sys.stderr, flush=True)
+            def on_update(u, _name=name, _clock=clock, _before=before, _at=at):
+                _at[0] = u.step
+                if u.kind == "checkpoint":
+                    _clock.write_text(json.dumps({"seconds": _before + u.seconds, "step": u.step}))
+                if u.kind == "step" and (u.step % 100 == 0 or time.perf_counter() - t_log[0] > 300):
+                    t_log[0] = time.perf_counter()
+                    print(f"[{_name}] step {u.step}/{u.steps} loss {u.losses.get('loss', float('nan')):.3f} "
+                          f"({u.seconds:.0f} s this session)", file=sys.stderr, flush=True)
 
-        res = train("hovernet", images, labels, steps=args.steps, out=ckpt, resume=resume, device=args.device,
-                    seed=seed,
-                    batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                    augment=ARM_AUGMENT.get(arm, settings["augment"]), val_fraction=0,
-                    save_every=200, on_update=on_update,
-                    train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "arm": arm,
-                                "headline_settings": settings, **data,
-                                "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])})
-        if res.stopped or res.step < args.steps:
-            print(f"[{name}] stopped at step {res.step}; run again to resume", file=sys.stderr)
+            # a phase that ends before the last step stops there (saved, then resumed with the next phase's data)
+            phase_end = (lambda _at=at, _until=until: _at[0] >= _until) if until < args.steps else None
+            res = train("hovernet", p_images, p_labels, steps=args.steps, out=ckpt, resume=resume, device=args.device,
+                        seed=seed,
+                        batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                        augment=ARM_AUGMENT.get(arm, settings["augment"]), val_fraction=0,
+                        save_every=200, on_update=on_update, should_stop=phase_end,
+                        train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "arm": arm,
+                                    "headline_settings": settings, **p_data,
+                                    "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name]
+                                                                               + sys.argv[1:])})
+            if res.step < until:
+                done = False
+                break
+        if res is None or not done or res.step < args.steps:
+            print(f"[{name}] stopped at step {res.step if res else '?'}; run again to resume", file=sys.stderr)
             break
         train_s = before + res.seconds
         result = {"arm": arm, "seed": seed, "data": data, "steps": res.step, "train_seconds_last_run":
