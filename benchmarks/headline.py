@@ -116,10 +116,10 @@ REAL_REPEAT = 3
 #: arm L: the classic renderer's ``edge_sigma`` (px), chosen before the arm ran by the rule in docs/headline.md
 #: (of 0.8 and 0, the one whose pairs' share of rim-darker nuclei is nearer the 24 training tiles')
 L_EDGE_SIGMA = 0.8
-#: arm M: the share of the steps trained on B's data (real + synthetic); the rest on the real tiles only
-M_MIXED_FRACTION = 0.5
 #: arm L: how its pairs are restained to another tile's stain (``stain.transfer``)
 L_RESTAIN = "macenko"
+#: arm M: the share of the steps trained on B's data (real + synthetic); the rest on the real tiles only
+M_MIXED_FRACTION = 0.5
 
 
 def _runs(arms: list[str]) -> list[tuple[str, int]]:
@@ -251,8 +251,6 @@ def _contoured_styles(seed: int, images, labs, few: list[int], cache: Path, prog
     from napari_nucsynth.stain import transfer
 
     edge = L_EDGE_SIGMA if edge_sigma is None else edge_sigma
-    if edge is None:
-        raise SystemExit("headline.py: error: arm L's edge_sigma is not chosen yet (L_EDGE_SIGMA; docs/headline.md)")
     n = SYNTHETIC_E
     info = {"renderer": "classic", "edge_sigma": edge, "layouts": "library of the 3 tiles' centroids / cluster process",
             "styles": "the 3 contoured tiles (with their labels)", "restain": f"{L_RESTAIN} to a random one of the 24",
