@@ -782,8 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "half synthetic crops (default: 0, real pairs only)")
     p.add_argument("--synthetic-size", type=int, default=512, help="side of the synthetic pairs in px (default: 512)")
     p.add_argument("--synthetic-renderer", default="classic",
-                   help="renderer of the synthetic pairs, one of the registered renderers (classic, adain, sian, "
-                   "pix2pixhd, points2image; learned ones use their shipped model; default: classic)")
+                   help=f"renderer of the synthetic pairs: {', '.join(renderers())} (learned ones use their shipped "
+                   "model; default: classic)")
     p.add_argument("--generator", help="--model joint: the generator kind (adain or sian)")
     p.add_argument("--segmenter", help="--model joint: the segmenter kind (hovernet or maskrcnn)")
     p.add_argument("--adversarial", choices=("reverse", "acgan"), default="reverse",
