@@ -11,7 +11,8 @@ prints one JSON object at the end.
 ``--split all`` on all 30 (the model to ship). A step is ``--batch-size`` crops of ``--crop`` px with up to 8 clicked
 nuclei each (``nuclick.CLICKS_PER_CROP``): ``--batch-size 4`` trains on up to 32 patches a step. ``--config``
 sets the model (JSON over ``nuclick.default_config()``, e.g. ``'{"context": "hovernet", "width": 8}'``: the
-shipped HoVer-Net's maps as extra input channels). ``--resume`` continues a stopped run (Ctrl-C or SIGTERM saves
+shipped HoVer-Net's maps as extra input channels). ``--init CKPT`` fine-tunes a trained model (with ``--config
+'{"refine": 16}'``: a full-resolution refinement added to it, starting as the identity). ``--resume`` continues a stopped run (Ctrl-C or SIGTERM saves
 first; so does ``--minutes M`` after M minutes); ``--eval-every N`` fits the true centroids of the held-out tiles every N steps (AJI, PQ, Dice in the log;
 monitoring only: choose nothing on them). The checkpoint records this command and the tiles.
 """
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume")
+    ap.add_argument("--init", help="fine-tune from this nuclick checkpoint (its weights; step 0, a new schedule); "
+                                   "--config may add a refinement ('{\"refine\": 16}'), which starts as the identity")
     ap.add_argument("--log", help="append one JSON line per 50 steps (and each validation) here")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="with --split bench: fit the held-out tiles' true centroids every N steps (0: never)")
@@ -92,7 +95,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    res = train("nuclick", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, config=config,
+    res = train("nuclick", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init, config=config,
                 device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                 augment=args.augment, val_fraction=0, save_every=args.save_every, on_update=on_update,
                 should_stop=lambda: stop["flag"] or (args.minutes > 0 and time.perf_counter() - t0 > 60 * args.minutes),

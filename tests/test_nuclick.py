@@ -190,6 +190,30 @@ def test_tiny_training_through_train_and_the_cli(crop, tmp_path, crop_pair_dirs)
     assert code == 0 and load_checkpoint(out, kind="nuclick")["step"] == 1
 
 
+def test_a_refinement_starts_as_the_identity_and_fine_tunes_a_model_without_one(crop, tmp_path, tiny_checkpoint):
+    from napari_nucsynth.train import train
+
+    base = _model(1)
+    refined = N.NuClickNet({**TINY, "refine": 4}).eval()
+    refined.load_state_dict(base.state_dict(), strict=False)
+    x = torch.rand(3, N.in_channels(TINY), TINY["patch"], TINY["patch"])
+    with torch.no_grad():
+        assert torch.equal(base(x), refined(x))  # zero output at the start: the same logits
+    assert any(k.startswith("refine.") for k in refined.state_dict())
+    img, lab, _ = crop
+    res = train("nuclick", [img], [lab], steps=2, out=tmp_path / "r.pt", init=tiny_checkpoint,
+                config={"refine": 4}, device="cpu", seed=0, batch_size=1, crop=64, val_fraction=0, lr=1e-2)
+    ck = load_checkpoint(res.path, kind="nuclick")
+    assert ck["config"]["refine"] == 4 and ck["config"]["width"] == TINY["width"]
+    # the refinement learned something (its output layer left zero), the rest started from the checkpoint
+    assert ck["state_dict"]["refine.2.weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="change the network"):  # any other change of shape is still refused
+        train("nuclick", [img], [lab], steps=1, out=tmp_path / "w.pt", init=tiny_checkpoint, config={"width": 8},
+              device="cpu", seed=0, batch_size=1, crop=64, val_fraction=0)
+    with pytest.raises(ValueError, match="refine"):
+        N.NuClickNet({"refine": -1})
+
+
 def test_a_training_step_lowers_the_loss_on_a_fixed_batch(crop):
     img, lab, _ = crop
     torch.manual_seed(0)

@@ -71,7 +71,7 @@ def default_config() -> dict:
     dihedral transforms the ``nuclick`` fitting method averages by default with this model (1-8; a shipped model
     carries the value chosen for it)."""
     return {"width": 16, "depth": 3, "patch": 64, "sigma": 2.0, "context": "rgb", "hovernet_checkpoint": None,
-            "tta": 1}
+            "tta": 1, "refine": 0}
 
 
 def in_channels(config: dict) -> int:
@@ -86,7 +86,7 @@ def _check_config(config: dict) -> dict:
         raise ValueError(f"unknown nuclick config key(s) {sorted(unknown)}; known: {sorted(default_config())}")
     if cfg["context"] not in CONTEXTS:
         raise ValueError(f"nuclick config 'context' must be one of {CONTEXTS}, got {cfg['context']!r}")
-    for key, lo in (("width", 1), ("depth", 1), ("patch", 8), ("tta", 1)):
+    for key, lo in (("width", 1), ("depth", 1), ("patch", 8), ("tta", 1), ("refine", 0)):
         if not isinstance(cfg[key], (int, np.integer)) or isinstance(cfg[key], bool) or cfg[key] < lo:
             raise ValueError(f"nuclick config {key!r} must be an integer >= {lo}, got {cfg[key]!r}")
     if cfg["tta"] > 8:
@@ -122,7 +122,16 @@ class NuClickNet(nn.Module):
     down-samplings (``width * 2**i`` channels), bilinear up-sampling with one 3 x 3 convolution per decoder stage,
     then back at full resolution one light convolution over the features and the input itself (where the borders
     are) before the 1 x 1 head. ``config`` is kept on the module (``patch``, ``sigma`` and ``context`` are what
-    inference and :func:`loss` read)."""
+    inference and :func:`loss` read).
+
+    ``config["refine"]`` > 0 adds a full-resolution refinement of that many channels: two 3 x 3 convolutions over
+    the input, the last features and the logits, whose 1 x 1 output (initialised to zero) is added to the logits.
+    It starts as the identity, so a trained model without it fine-tunes with it (``train(..., init=...)``; its
+    weights are the only ones the checkpoint lacks: :attr:`identity_prefixes`)."""
+
+    #: state-dict prefixes of the parts that start as the identity (zero output): a checkpoint without them loads
+    #: into this model for fine-tuning (:func:`napari_nucsynth.train.train` with ``init``)
+    identity_prefixes = ("refine.",)
 
     def __init__(self, config: dict | None = None):
         super().__init__()
@@ -136,6 +145,13 @@ class NuClickNet(nn.Module):
         self.up = nn.ModuleList([_conv(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth))])
         self.final = _conv(w + cin, max(w // 2, 4))
         self.head = nn.Conv2d(max(w // 2, 4), 1, 1)
+        r = int(cfg["refine"])
+        self.refine = None
+        if r:
+            out = nn.Conv2d(r, 1, 1)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.refine = nn.Sequential(_conv(cin + max(w // 2, 4) + 1, r), _conv(r, r), out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.is_grad_enabled():
@@ -151,7 +167,11 @@ class NuClickNet(nn.Module):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = stage(torch.cat([y, skip], 1))
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(self.final(torch.cat([y, x], 1))).contiguous()
+        feat = self.final(torch.cat([y, x], 1))
+        logits = self.head(feat)
+        if self.refine is not None:
+            logits = logits + self.refine(torch.cat([x, feat, logits], 1))
+        return logits.contiguous()
 
 
 def build(config: dict) -> NuClickNet:

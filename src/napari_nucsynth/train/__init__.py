@@ -286,6 +286,20 @@ def _rng_state(rng: np.random.Generator) -> dict:
     return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
 
 
+def _load_init_weights(model, state_dict: dict) -> None:
+    """Load a fine-tuning run's starting weights: all of them, except that parts of ``model`` which start as the
+    identity (its ``identity_prefixes``, e.g. nuclick's ``refine``) may be absent from ``state_dict`` and keep
+    their initial values. Anything else missing or unexpected is the ``RuntimeError`` of a strict load."""
+    prefixes = tuple(getattr(model, "identity_prefixes", ()))
+    missing = [k for k in model.state_dict() if k not in state_dict]
+    if prefixes and missing and all(k.startswith(prefixes) for k in missing):
+        unexpected = model.load_state_dict(state_dict, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"unexpected keys {unexpected[:5]}")
+        return
+    model.load_state_dict(state_dict)
+
+
 def train(kind: str, images, labels, *, steps: int, out, resume=None, init=None, config: dict | None = None,
           device: str = "auto", seed: SeedLike = 0, batch_size: int = 4, crop: int = 256, lr: float | None = None,
           augment: str | None = None, val_fraction: float = 0.2, val_images: Sequence | None = None,
@@ -494,7 +508,7 @@ def _train(spec, kind, imgs, labs, names, *, dctx, dev, steps, out, resume, init
             cfg["pretrained"] = None
         model = spec.build(cfg)
         try:
-            model.load_state_dict(ck0["state_dict"])
+            _load_init_weights(model, ck0["state_dict"])
         except RuntimeError:
             changed = sorted(k for k in (config or {}) if ck0["config"].get(k) != config[k])
             raise ValueError(f"the config overrides {changed} change the network of {init}, so its weights do not "
