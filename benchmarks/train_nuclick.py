@@ -12,9 +12,10 @@ prints one JSON object at the end.
 nuclei each (``nuclick.CLICKS_PER_CROP``): ``--batch-size 4`` trains on up to 32 patches a step. ``--config``
 sets the model (JSON over ``nuclick.default_config()``, e.g. ``'{"context": "hovernet", "width": 8}'``: the
 shipped HoVer-Net's maps as extra input channels). ``--init CKPT`` fine-tunes a trained model (with ``--config
-'{"refine": 16}'``: a full-resolution refinement added to it, starting as the identity). ``--resume`` continues a stopped run (Ctrl-C or SIGTERM saves
-first; so does ``--minutes M`` after M minutes); ``--eval-every N`` fits the true centroids of the held-out tiles every N steps (AJI, PQ, Dice in the log;
-monitoring only: choose nothing on them). The checkpoint records this command and the tiles.
+'{"refine": 16}'``: a full-resolution refinement added to it, starting as the identity). ``--resume`` continues a
+stopped run (Ctrl-C or SIGTERM saves first; so does ``--minutes M`` after M minutes); ``--eval-every N`` fits the
+true centroids of the held-out tiles every N steps (AJI, PQ, Dice in the log; monitoring only: choose nothing on
+them). The checkpoint records this command and the tiles.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    res = train("nuclick", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init, config=config,
-                device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+    res = train("nuclick", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
+                config=config, device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                 augment=args.augment, val_fraction=0, save_every=args.save_every, on_update=on_update,
                 should_stop=lambda: stop["flag"] or (args.minutes > 0 and time.perf_counter() - t0 > 60 * args.minutes),
                 **val,
