@@ -333,6 +333,19 @@ def test_block_means_equal_numpy_mean():
             assert got.dtype == want.dtype and np.array_equal(got, want), (h, w, c)
 
 
+def test_grey_dilate_equals_scipy():
+    rng = np.random.default_rng(6)
+    shapes = [(1, 1), (2, 2), (5, 7), (3, 200), (37, 2), (250, 310)]
+    for size in (1, 3, 5, 7, 9, 15):
+        for h, w in shapes:
+            for dtype in (np.int32, np.int64, np.uint8):
+                x = rng.integers(0, 50, (h, w)).astype(dtype)
+                x[rng.random((h, w)) < 0.5] = 0
+                want = ndi.grey_dilation(x, size=size)
+                got = P._grey_dilate(x, size)
+                assert got.dtype == want.dtype and np.array_equal(got, want), (size, h, w, dtype)
+
+
 def test_auto_workers_follow_the_work_the_run_has_left(cache, bank, monkeypatch):
     """``workers="auto"``: one process for a short run (the styles analysed) or a learned renderer or one core;
     one per core (at most 4) when new style tiles make the run long enough to pay for the workers' start-up."""
