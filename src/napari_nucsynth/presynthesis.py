@@ -349,14 +349,12 @@ def analyse_reference(style, style_labels=None) -> ReferenceStyle:
     # labels too), so the background is lifted back to the reference's mean outside its nuclei; a lift, not a
     # scale, keeps the nuclei/background contrast the reference has. Likewise the texture field is scaled so the
     # nuclei drawn from (typical ones only) have the mean density of all the reference's nuclei.
-    # The means are float64 sums in numpy's own order (not BLAS: a multi-threaded BLAS sums in an order that
-    # depends on the thread count, which changed a few pixels by 1 between OPENBLAS_NUM_THREADS=1 and 2). The
-    # nuclei's means come from the per-nucleus sums above; the background differs from the reference only where
-    # the inpainting wrote (the hole and its seams), so only those pixels are summed.
-    a, b = hed.view(np.uint32), background.view(np.uint32)
-    wrote = np.flatnonzero(((a[..., 0] != b[..., 0]) | (a[..., 1] != b[..., 1]) | (a[..., 2] != b[..., 2])) & ~fg)
-    lift = (hed.reshape(-1, 3)[wrote] - background.reshape(-1, 3)[wrote]).sum(0, dtype=np.float64)
-    background += (lift / max(fg.size - float(area.sum()), 1.0)).astype(np.float32)
+    # The means are float64 sums in numpy's own order, not BLAS: a multi-threaded BLAS sums in an order that
+    # depends on the thread count, which changed a few pixels by 1 between OPENBLAS_NUM_THREADS=1 and 2. The
+    # nuclei's means come from the per-nucleus sums above.
+    off = (~fg).ravel()
+    lift = np.einsum("n,nk->k", off, (hed - background).reshape(-1, 3), dtype=np.float64) / max(float(off.sum()), 1.0)
+    background += lift.astype(np.float32)
     field *= ((sums.sum(0) / max(float(area.sum()), 1.0))
               / np.maximum(sums[order].sum(0) / max(float(area[order].sum()), 1.0), 1e-6)).astype(np.float32)
     return ReferenceStyle(field=field, background=background, centroid=centroid[order], axes=evecs,
