@@ -97,8 +97,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     res = train("nuclick", imgs, labs, steps=args.steps, out=args.out, resume=args.resume, init=args.init,
-                config=config, device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                augment=args.augment, val_fraction=0, save_every=args.save_every, on_update=on_update,
+                config=config, device=args.device, seed=args.seed, batch_size=args.batch_size, crop=args.crop,
+                lr=args.lr, augment=args.augment, val_fraction=0, save_every=args.save_every, on_update=on_update,
                 should_stop=lambda: stop["flag"] or (args.minutes > 0 and time.perf_counter() - t0 > 60 * args.minutes),
                 **val,
                 train_data={"dataset": "MoNuSeg 2018 training tiles (CC BY-NC-SA 4.0)", "tiles": tiles,
