@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: two CPU processes (gloo) stay in sync, rank 0 alone saves, a stop on
-one rank stops both, a resumed run continues exactly, and ``python -m napari_nucsynth.cli train`` is a torchrun
-entry point."""
+one rank stops both, a resumed run continues exactly, and ``nucsynth train`` (the CLI's main) runs on each
+rank, rank 0 alone reporting."""
 
 from __future__ import annotations
 
@@ -72,8 +72,18 @@ SCRIPT = textwrap.dedent('''
     hc = digest(models["hovernet"])
     s = train("sian_probe", imgs, labs, steps=2, out=os.path.join(out, "s.pt"), config=cfg["sian"], seed=1,
               lr=2e-4, **kw)
+    # the command, as `torchrun -m napari_nucsynth.cli train ...` runs it on each rank
+    import contextlib, io
+    from napari_nucsynth.cli import main
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        code = main(["train", "--model", "hovernet", "--images", os.path.join(out, "im"), "--labels",
+                     os.path.join(out, "lb"), "--steps", "2", "--out", os.path.join(out, "cli.pt"), "--batch-size",
+                     "1", "--crop", "64", "--val-fraction", "0", "--device", "cpu", "--config",
+                     json.dumps(cfg["hovernet"])])
     json.dump({"stopped": [a.stopped, a.step], "resumed": b.step, "hovernet": hb, "hovernet_full": hc,
-               "sian": digest(models["sian"]), "batches": batches, "saved": saved, "reported": steps},
+               "sian": digest(models["sian"]), "batches": batches, "saved": saved, "reported": steps,
+               "cli": [code, said.getvalue()]},
               open(os.path.join(out, f"rank{rank}.json"), "w"))
 ''')
 
@@ -100,7 +110,9 @@ def _digest(state_dict) -> str:
     return h.hexdigest()
 
 
-def test_two_processes_stay_in_sync_and_rank0_saves(load_tile, tmp_path):
+def test_two_processes_stay_in_sync_and_rank0_saves(load_tile, crop_pair_dirs, tmp_path):
+    """One torchrun of two ranks (each launch is seconds of imports, so one launch tests it all): the train
+    loop's stop, resume and sync, the GAN's two optimisers, and ``nucsynth train`` (the CLI's main) as a rank."""
     img, lab = load_tile(TILE)
     np.savez(tmp_path / "data.npz", i0=img[:128, :128], l0=lab[:128, :128], i1=img[128:256, :128],
              l1=lab[128:256, :128])
@@ -118,21 +130,15 @@ def test_two_processes_stay_in_sync_and_rank0_saves(load_tile, tmp_path):
     assert r0["hovernet"] == r1["hovernet"] and r0["sian"] == r1["sian"]
     # only rank 0 reported and saved, once per checkpoint (the stop, and the end of each run)
     assert r1["saved"] == [] and r1["reported"] == []
-    assert [os.path.basename(p) for p in r0["saved"]] == ["a.pt", "b.pt", "c.pt", "s.pt"]
+    assert [os.path.basename(p) for p in r0["saved"]] == ["a.pt", "b.pt", "c.pt", "s.pt", "cli.pt"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     # the checkpoint holds the ranks' weights and every rank's random state
     ck = load_checkpoint(tmp_path / "b.pt")
     assert ck["step"] == 4 and _digest(ck["state_dict"]) == r0["hovernet"] and len(ck["rng"]["ranks"]) == 2
     # stopped at 2 and resumed under torchrun = an uninterrupted run
     assert r0["hovernet"] == r0["hovernet_full"]
-
-
-def test_cli_is_a_torchrun_entry_point(crop_pair_dirs, tmp_path):
-    ck = tmp_path / "m.pt"
-    out = _torchrun("-m", "napari_nucsynth.cli", "train", "--model", "hovernet", "--images", str(tmp_path / "im"),
-                    "--labels", str(tmp_path / "lb"), "--steps", "2", "--out", str(ck), "--batch-size", "1",
-                    "--crop", "64", "--val-fraction", "0", "--device", "cpu", "--config", json.dumps(HOVERNET))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("wrote ") == 1  # rank 0 alone reports
-    ck = load_checkpoint(ck, kind="hovernet")
+    # the command: both ranks ran it, rank 0 alone reported, its checkpoint records both ranks' random states
+    assert r0["cli"][0] == r1["cli"][0] == 0
+    assert r0["cli"][1].count("wrote ") == 1 and r1["cli"][1] == ""
+    ck = load_checkpoint(tmp_path / "cli.pt", kind="hovernet")
     assert ck["step"] == 2 and len(ck["rng"]["ranks"]) == 2 and ck["config"]["width"] == 8

@@ -287,7 +287,10 @@ def test_c2st_detects_fakes(c2st_sets):
     fake = noisy[:5] + shifted[5:]
     groups = list(range(len(real)))
     done = []
-    res = c2st(real, fake, real_groups=groups, fake_groups=groups, seed=0, progress=lambda *a: done.append(a))
+    # 32-px patches: a quarter of the default's work, and as sure (accuracy 0.96, 1.0, 1.0, 1.0 for seeds 0-3,
+    # against 0.92 for seed 0 at 64 px)
+    res = c2st(real, fake, real_groups=groups, fake_groups=groups, patch=32, seed=0,
+               progress=lambda *a: done.append(a))
     print("C2ST fakes:", res)
     assert res.accuracy > 0.85 and res.p_value < 1e-6
     assert len(done) == res.epochs == 8 and done[-1][:2] == (8, 8)

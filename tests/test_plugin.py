@@ -70,6 +70,26 @@ def test_core_modules_import_no_qt_napari_or_torch():
     assert out.stdout.strip() == ""
 
 
+def test_a_builtin_model_kind_loads_its_own_module_only():
+    """``get_model("sian")`` imports the sian module, not every kind's (torchvision, which maskrcnn imports, is
+    seconds of a command's start); listing the kinds, or asking for an unknown one, loads them all."""
+    code = (
+        "import sys\n"
+        "from napari_nucsynth.models import _BUILTIN, get_model\n"
+        "get_model('sian')\n"
+        "print(sorted(k for k in _BUILTIN if f'napari_nucsynth.models.{k}' in sys.modules))\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['sian']", "False"]
+    from napari_nucsynth.models import get_model, model_kinds
+
+    kinds = ["adain", "daff", "drit", "hovernet", "maskrcnn", "nuclick", "pix2pixhd", "points2image", "sian"]
+    assert set(kinds) <= set(model_kinds())
+    with pytest.raises(ValueError, match=f"unknown model kind 'nope'; trainable kinds: {', '.join(model_kinds())}$"):
+        get_model("nope")
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "napari_nucsynth.cli", *args], capture_output=True, text=True, cwd=cwd)
 

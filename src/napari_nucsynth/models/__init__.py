@@ -94,16 +94,23 @@ def model_kinds() -> list[str]:
 
 
 def get_model(kind: str) -> ModelSpec:
-    _load_builtin()
+    if kind not in _MODELS:
+        # a built-in kind loads its own module only (maskrcnn's torchvision.models.detection alone takes seconds
+        # to import); any other name loads them all, to find it or to list the kinds there are
+        _load_builtin((kind,) if kind in _BUILTIN else _BUILTIN)
     if kind not in _MODELS:
         raise ValueError(f"unknown model kind {kind!r}; trainable kinds: {', '.join(sorted(_MODELS))}")
     return _MODELS[kind]
 
 
-def _load_builtin() -> None:
+#: The built-in kinds, each registered by the module of its name in this package.
+_BUILTIN = ("hovernet", "maskrcnn", "adain", "sian", "pix2pixhd", "daff", "points2image", "drit", "nuclick")
+
+
+def _load_builtin(mods: tuple[str, ...] = _BUILTIN) -> None:
     import importlib
 
-    for mod in ("hovernet", "maskrcnn", "adain", "sian", "pix2pixhd", "daff", "points2image", "drit", "nuclick"):
+    for mod in mods:
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:
