@@ -8,14 +8,15 @@ prints one JSON object at the end.
         --out src/napari_nucsynth/data/models/nuclick_monuseg.pt
 
 ``--split bench`` trains on the 24 tiles not in ``_data.SEGMENT_HELDOUT`` (what ``bench_clicks.py`` evaluates);
-``--split all`` on all 30 (the model to ship). A step is ``--batch-size`` crops of ``--crop`` px with up to 8 clicked
-nuclei each (``nuclick.CLICKS_PER_CROP``): ``--batch-size 4`` trains on up to 32 patches a step. ``--config``
-sets the model (JSON over ``nuclick.default_config()``, e.g. ``'{"context": "hovernet", "width": 8}'``: the
-shipped HoVer-Net's maps as extra input channels). ``--init CKPT`` fine-tunes a trained model (with ``--config
+``--split all`` on all 30 (the model to ship); ``--add-heldout N`` adds the first N held-out tiles to the bench
+split, to measure on the other 6 - N what more tiles give. A step is ``--batch-size`` crops of ``--crop`` px with up
+to 8 clicked nuclei each (``nuclick.CLICKS_PER_CROP``): ``--batch-size 4`` trains on up to 32 patches a step.
+``--config`` sets the model (JSON over ``nuclick.default_config()``, e.g. ``'{"context": "hovernet", "width": 8}'``:
+the shipped HoVer-Net's maps as extra input channels). ``--init CKPT`` fine-tunes a trained model (with ``--config
 '{"refine": 16}'``: a full-resolution refinement added to it, starting as the identity). ``--resume`` continues a
 stopped run (Ctrl-C or SIGTERM saves first; so does ``--minutes M`` after M minutes); ``--eval-every N`` fits the
-true centroids of the held-out tiles every N steps (AJI, PQ, Dice in the log; monitoring only: choose nothing on
-them). The checkpoint records this command and the tiles.
+true centroids of the held-out tiles not trained on every N steps (AJI, PQ, Dice in the log; monitoring only: choose
+nothing on them). The checkpoint records this command and the tiles.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--log", help="append one JSON line per 50 steps (and each validation) here")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="with --split bench: fit the held-out tiles' true centroids every N steps (0: never)")
+    ap.add_argument("--add-heldout", type=int, default=0, metavar="N",
+                    help="with --split bench: train on the first N held-out tiles too, so that what more tiles give "
+                    "is measured on the other 6 - N (bench_clicks.py's per_tile)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--minutes", type=float, default=0,
                     help="stop (and save) after this many minutes of wall time; --resume continues (0: no limit)")
@@ -69,15 +73,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = json.loads(args.config) if args.config else None
     tiles = tile_ids()
+    if args.add_heldout and (args.split != "bench" or not 0 < args.add_heldout < len(SEGMENT_HELDOUT)):
+        raise SystemExit(f"--add-heldout needs --split bench and 1-{len(SEGMENT_HELDOUT) - 1} tiles")
     if args.split == "bench":
-        tiles = [t for t in tiles if t not in SEGMENT_HELDOUT]
+        tiles = [t for t in tiles if t not in SEGMENT_HELDOUT[args.add_heldout:]]
     imgs, labs = [load_image(t) for t in tiles], [load_labels(t) for t in tiles]
     val = {}
     if args.eval_every:
         if args.split != "bench":
             raise SystemExit("--eval-every needs --split bench (the held-out tiles)")
-        val = {"val_images": [load_image(t) for t in SEGMENT_HELDOUT],
-               "val_labels": [load_labels(t) for t in SEGMENT_HELDOUT], "eval_every": args.eval_every}
+        unseen = SEGMENT_HELDOUT[args.add_heldout:]
+        val = {"val_images": [load_image(t) for t in unseen], "val_labels": [load_labels(t) for t in unseen],
+               "eval_every": args.eval_every}
     t0 = time.perf_counter()
     first = {}
 
