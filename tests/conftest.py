@@ -6,23 +6,23 @@ after Mesa's llvmpipe has loaded segfaults the process (GUIDE section 5).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:  # noqa: SIM105 - import order matters, see the module docstring
+try:  # import order matters, see the module docstring
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 except ImportError:  # pragma: no cover - torch is a dependency, but the Qt-free tests do not need it
     torch = None
 
-import os
-
 if torch is not None and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # under pytest-xdist (scripts/test.sh runs one worker per core): the workers share the cores, so each uses its
     # share of them, instead of each starting a thread per core
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real MoNuSeg fixture shipped with the tests: crops of training tiles and their labels (and two Aperio XML

@@ -95,8 +95,8 @@ def model_kinds() -> list[str]:
 
 def get_model(kind: str) -> ModelSpec:
     if kind not in _MODELS:
-        # a built-in kind loads its own module only (maskrcnn's torchvision.models.detection alone takes seconds
-        # to import); any other name loads them all, to find it or to list the kinds there are
+        # a built-in kind loads its own module only (maskrcnn's import of torchvision alone takes seconds); any
+        # other name loads them all, to find it or to list the kinds there are
         _load_builtin((kind,) if kind in _BUILTIN else _BUILTIN)
     if kind not in _MODELS:
         raise ValueError(f"unknown model kind {kind!r}; trainable kinds: {', '.join(sorted(_MODELS))}")
