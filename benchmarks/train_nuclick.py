@@ -54,7 +54,8 @@ def main() -> None:
                                    "--config may add a refinement ('{\"refine\": 16}'), which starts as the identity")
     ap.add_argument("--log", help="append one JSON line per 50 steps (and each validation) here")
     ap.add_argument("--eval-every", type=int, default=0,
-                    help="with --split bench: fit the held-out tiles' true centroids every N steps (0: never)")
+                    help="with --split bench: fit the true centroids of the held-out tiles not trained on every N "
+                    "steps (0: never)")
     ap.add_argument("--add-heldout", type=int, default=0, metavar="N",
                     help="with --split bench: train on the first N held-out tiles too, so that what more tiles give "
                     "is measured on the other 6 - N (bench_clicks.py's per_tile)")

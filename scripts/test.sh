@@ -15,6 +15,6 @@ pip_install qt,testing
 n=$(nproc 2>/dev/null || echo 1)
 workers=(-n "$(( n < 2 ? 0 : n < 4 ? n : 4 ))" --dist loadfile)
 for a in "$@"; do
-  case "$a" in -n | -n* | --numprocesses* | no:xdist) workers=() ;; esac
+  case "$a" in -n | -n* | --numprocesses* | *no:xdist) workers=() ;; esac
 done
 exec .venv/bin/python -m pytest "${workers[@]}" "$@"

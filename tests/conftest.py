@@ -21,8 +21,9 @@ except ImportError:  # pragma: no cover - torch is a dependency, but the Qt-free
 if torch is not None and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # under pytest-xdist (scripts/test.sh runs one worker per core): the workers share the cores, so each uses its
     # share of them, instead of each starting a thread per core
-    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from napari_nucsynth.generate import _cpu_count  # the CPUs this process may use
+
+    torch.set_num_threads(max(1, _cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real MoNuSeg fixture shipped with the tests: crops of training tiles and their labels (and two Aperio XML
