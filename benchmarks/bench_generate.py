@@ -282,6 +282,9 @@ def main() -> None:
     ap.add_argument("--baseline-src", help="a source tree (DIR/src) to run the styles command from as the baseline")
     ap.add_argument("--repeats", type=int, default=1, help="repeats of the styles runs (medians reported)")
     args = ap.parse_args()
+    if args.baseline_src and not (Path(args.baseline_src) / "src" / "napari_nucsynth").is_dir():
+        # else the baseline's PYTHONPATH names nothing and its runs import this tree's (installed) package
+        ap.error(f"--baseline-src {args.baseline_src}: no src/napari_nucsynth in it (give the folder above src)")
     sections = set(args.sections.split(","))
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

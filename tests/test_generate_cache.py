@@ -348,11 +348,18 @@ def test_grey_dilate_equals_scipy():
 
 def test_auto_workers_follow_the_work_the_run_has_left(cache, bank, monkeypatch):
     """``workers="auto"``: one process for a short run (the styles analysed) or a learned renderer or one core;
-    one per core (at most 4) when new style tiles make the run long enough to pay for the workers' start-up."""
+    one per core (at most 4) when new style tiles make the run long enough to pay for the workers' start-up, which
+    forked workers pay back sooner than spawned ones."""
     kw = dict(points_from=None, random_points=True, library_transforms=True, checkpoint=None, fmt="png", seed=2,
               domains=None, device="cpu", process="cluster", n_transforms=3)
     cfg, _ = G._config(120, bank, method="classic", size=[256, 256], **kw)
     monkeypatch.setattr(G, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(G, "_start_method", lambda: "fork")
+    with monkeypatch.context() as m:
+        m.setattr(P, "is_analysed", lambda *a: True)
+        assert G.auto_workers(cfg, range(60)) == 2  # every style analysed: 1.2 CPU s of pairs, more than 1 s
+        assert G.auto_workers(cfg, range(40)) == 1  # 0.8 s
+    monkeypatch.setattr(G, "_start_method", lambda: "spawn")
     assert len(G._styles_needed(cfg, range(120))) == 3  # 120 pairs (2.4 CPU s) + 3 new tiles (0.9 s) > 3 s
     assert G.auto_workers(cfg, range(120)) == 2
     assert G.auto_workers(cfg, range(60)) == 1  # half the pairs: 2.1 s
@@ -371,3 +378,77 @@ def test_auto_workers_follow_the_work_the_run_has_left(cache, bank, monkeypatch)
         G.generate(2, bank, bank.parent / "x", workers="many", random_points=True)
     m = G.generate(2, bank, bank.parent / "auto", workers="auto", random_points=True, size=(64, 64))
     assert m["complete"] and len(m["pairs"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forked workers (the CLI's): the same dataset as spawned ones and as one process
+
+
+def test_workers_are_forked_only_where_it_is_safe(monkeypatch):
+    """Fork on Linux from a process of one thread without torch or Qt (the CLI); else spawn (napari runs
+    ``generate`` in a worker thread, with Qt loaded); ``NUCSYNTH_WORKER_START=spawn`` always spawns."""
+    import subprocess
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forking is used on Linux only")
+    code = "from napari_nucsynth import generate as G; print(G._start_method())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "fork"  # a fresh process, as the CLI's
+    env = {**__import__("os").environ, G.START_METHOD_ENV: "spawn"}
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert forced.stdout.strip() == "spawn"
+    monkeypatch.delenv(G.START_METHOD_ENV, raising=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch", object()))
+    assert G._start_method() == "spawn"  # torch loaded
+    monkeypatch.delitem(sys.modules, "torch")
+    for qt in G._NO_FORK_MODULES[1:]:
+        monkeypatch.delitem(sys.modules, qt, raising=False)
+    assert G._start_method() == "fork"
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    assert G._start_method() == "spawn"  # another thread runs (napari's worker threads, a tqdm monitor)
+    out = []
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    t = threading.Thread(target=lambda: out.append(G._start_method()))
+    t.start()
+    t.join()
+    assert out == ["spawn"]  # not from the main thread
+
+
+def test_the_cli_writes_the_same_dataset_with_forked_spawned_and_no_workers(bank, tmp_path):
+    """``nucsynth generate`` forks its workers (and tunes malloc); the files are byte for byte those of spawned
+    workers and of one process, each run with an empty style cache (the workers analyse the tiles)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {"fork": ("2", {}), "spawn": ("2", {G.START_METHOD_ENV: "spawn"}), "one": ("1", {})}
+    for name, (workers, extra) in runs.items():
+        env = {k: v for k, v in os.environ.items() if k != G.START_METHOD_ENV}
+        env.update(NUCSYNTH_CACHE=str(tmp_path / f"cache-{name}"), OMP_NUM_THREADS="1", **extra)
+        cmd = [sys.executable, "-m", "napari_nucsynth.cli", "generate", "--n", "6", "--styles", str(bank),
+               "--random-points", "--size", "64", "64", "--workers", workers, "--seed", "3", "--out",
+               str(tmp_path / name)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert "6 of 6 pairs" in res.stdout
+    m = read_manifest(tmp_path / "one")
+    files = [f for p in m["pairs"] for f in p["files"].values()]
+    assert len(files) == 12
+    for name in ("fork", "spawn"):
+        assert [p["meta"] for p in read_manifest(tmp_path / name)["pairs"]] == [p["meta"] for p in m["pairs"]]
+        assert all(filecmp.cmp(tmp_path / "one" / f, tmp_path / name / f, shallow=False) for f in files), name
+    assert len(list((tmp_path / "cache-fork" / "styles").glob("*.npz"))) == len(
+        {p["meta"]["style"]["index"] for p in m["pairs"]})
+
+
+def test_tune_malloc_is_taken_by_glibc():
+    """glibc's malloc keeps freed memory for reuse in the processes ``generate`` owns (the settings are within
+    glibc's bounds: ``mallopt`` refuses an mmap threshold above 32 MB on 64-bit); elsewhere nothing is changed."""
+    import platform
+    import sys
+
+    ok = G.tune_malloc()
+    assert ok == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

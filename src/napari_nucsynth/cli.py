@@ -623,7 +623,9 @@ def _workers(text: str):
 
 
 def _generate(args) -> int:
-    from .generate import _AUTO_MAX_WORKERS, _cpu_count, generate
+    from .generate import _AUTO_MAX_WORKERS, _cpu_count, generate, tune_malloc
+
+    tune_malloc()  # this process is the command's own
 
     most = min(_cpu_count(), _AUTO_MAX_WORKERS) if args.workers == "auto" else args.workers
     _check_memory("--size", args.size, "generate", processes=max(1, most))
