@@ -212,6 +212,32 @@ def test_io_names_the_file(files):
         check_output(files / "points", "points")
 
 
+def test_a_png_checked_once_is_not_read_again_until_it_changes(files, tmp_path, monkeypatch):
+    """``png_info`` remembers a verified PNG by path, size and modification time (``generate``'s CLI checks the
+    style tiles, then reads their shapes): the same file is read once; a file changed since is checked again, and a
+    damaged one is never remembered."""
+    import shutil
+
+    from PIL import Image
+
+    from napari_nucsynth.io import _files
+
+    monkeypatch.setattr(_files, "_PNG_CHECKED", {})
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+    tile = tmp_path / "tile.png"
+    shutil.copy(files / "img.png", tile)
+    h, w, mode = _files.png_info(tile)
+    assert _files.png_info(tile) == (h, w, mode) and len(opened) == 1
+    shutil.copy(files / "bad_img.png", tile)  # replaced by a damaged file: checked again, and refused
+    with pytest.raises(ValueError, match="cannot read .*tile.png"):
+        _files.png_info(tile)
+    with pytest.raises(ValueError, match="cannot read .*tile.png"):
+        _files.png_info(tile)
+    assert len(opened) == 3
+
+
 def test_generate_workers_takes_a_count_or_auto():
     from napari_nucsynth.cli import build_parser
 

@@ -138,9 +138,47 @@ def write_image(path, image) -> Path:
     return path
 
 
+#: PNG files whose chunks were verified in this process: (path, size, mtime_ns) -> (height, width, Pillow mode)
+_PNG_CHECKED: dict[tuple[str, int, int], tuple[int, int, str]] = {}
+
+
+def png_info(path, what: str = "image") -> tuple[int, int, str]:
+    """(height, width, Pillow mode) of a PNG file, its header and chunk checksums verified without decoding it
+    (a 1000 x 1000 tile in about 7 ms against 30 ms). Remembered per file (its path, size and modification time),
+    so a file checked twice in one process (``generate``'s CLI checks the style tiles, then reads their shapes) is
+    read once.
+
+    Raises
+    ------
+    ValueError
+        Naming the file (read as ``what``): missing, truncated or damaged.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _PNG_CHECKED:
+        return _PNG_CHECKED[key]
+
+    def _header(p):
+        from PIL import Image
+
+        with Image.open(p) as im:
+            size, mode = im.size, im.mode
+            im.verify()
+        return size[1], size[0], mode
+
+    info = _decode(path, what, _header)
+    if key is not None:
+        _PNG_CHECKED[key] = info
+    return info
+
+
 def verify_image(path) -> Path:
-    """Check that an image file can be read, without decoding what need not be: a PNG by its chunk checksums (about
-    1 ms for a 1000 x 1000 tile against 30 ms to decode it), other formats by reading them.
+    """Check that an image file can be read, without decoding what need not be: a PNG by its chunk checksums
+    (:func:`png_info`), other formats by reading them.
 
     Raises
     ------
@@ -151,14 +189,7 @@ def verify_image(path) -> Path:
     if path.suffix.lower() != ".png":
         read_image(path)
         return path
-
-    def _verify(p):
-        from PIL import Image
-
-        with Image.open(p) as im:
-            im.verify()
-
-    _decode(path, "image", _verify)
+    png_info(path, "image")
     return path
 
 
