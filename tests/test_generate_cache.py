@@ -346,6 +346,17 @@ def test_grey_dilate_equals_scipy():
                 assert got.dtype == want.dtype and np.array_equal(got, want), (size, h, w, dtype)
 
 
+def test_binary_dilate_equals_scipy():
+    rng = np.random.default_rng(7)
+    for h, w in [(1, 1), (1, 9), (2, 2), (5, 7), (3, 200), (37, 2), (250, 310)]:
+        for density in (0.001, 0.05, 0.5):
+            x = rng.random((h, w)) < density
+            for it in (1, 2, 3, 5):
+                want = ndi.binary_dilation(x, iterations=it)
+                got = P._binary_dilate(x, it)
+                assert got.dtype == bool and np.array_equal(got, want), (h, w, density, it)
+
+
 def test_auto_workers_follow_the_work_the_run_has_left(cache, bank, monkeypatch):
     """``workers="auto"``: one process for a short run (the styles analysed) or a learned renderer or one core;
     one per core (at most 4) when new style tiles make the run long enough to pay for the workers' start-up, which

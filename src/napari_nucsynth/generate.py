@@ -408,7 +408,7 @@ def _init_pool_worker(cfg: dict, points_data) -> None:
     _worker_imports()
 
 
-#: ``fork`` or ``spawn``: how :func:`generate`'s worker processes start (default: :func:`_start_method` decides).
+#: Set to ``spawn``, :func:`generate`'s worker processes are always spawned (else :func:`_start_method` decides).
 START_METHOD_ENV = "NUCSYNTH_WORKER_START"
 #: Modules whose presence makes forking unsafe (their threads and state do not survive a fork).
 _NO_FORK_MODULES = ("torch", "PyQt5", "PyQt6", "PySide2", "PySide6")
@@ -678,10 +678,10 @@ def generate(
         The run seed; pair ``i`` uses ``SeedSequence([seed, i])``, whatever the worker count.
     workers : int or "auto"
         Processes that render pairs (forked where that is safe, else spawned: :func:`_start_method`; the calling
-        process writes the files and the manifest). With more
-        than one, the workers also analyse the style tiles the disk cache does not hold yet, each tile once and
-        before the pairs drawn in it, while the calling process fits the point processes. ``"auto"``
-        (:func:`auto_workers`): one for a short run or a learned renderer, else up to four, one per CPU core.
+        process writes the files and the manifest). With more than one, the workers also analyse the style tiles
+        the disk cache does not hold yet, each tile once and before the pairs drawn in it, while the calling
+        process fits the point processes. ``"auto"`` (:func:`auto_workers`): one for a short run or a learned
+        renderer, else up to four, one per CPU core.
     domains : int, optional
         Cluster the style bank into this many stain/modality domains (:func:`~napari_nucsynth.stain.
         stain_domains`) and use them evenly: pair ``i`` takes a tile of domain ``i % domains``.

@@ -239,6 +239,20 @@ def _grey_dilate(a: np.ndarray, size: int) -> np.ndarray:
     return a
 
 
+def _binary_dilate(a: np.ndarray, iterations: int) -> np.ndarray:
+    """``ndi.binary_dilation(a, iterations=iterations)`` of a 2-D mask for ``iterations >= 1`` (the 4-connected
+    cross, nothing outside the image), bit for bit, about 15x faster: each iteration ORs the mask with its four
+    one-pixel shifts."""
+    out = np.asarray(a, dtype=bool)
+    for _ in range(iterations):
+        prev, out = out, out.copy()
+        out[1:] |= prev[:-1]
+        out[:-1] |= prev[1:]
+        out[:, 1:] |= prev[:, :-1]
+        out[:, :-1] |= prev[:, 1:]
+    return out
+
+
 def _block_means(x: np.ndarray, f: int) -> np.ndarray:
     """The means of the ``f`` x ``f`` blocks of an H x W x C image (H and W multiples of ``f``):
     ``x.reshape(H // f, f, W // f, f, C).mean((1, 3))`` bit for bit, 5x faster. With C >= 2 channels numpy sums
@@ -343,7 +357,7 @@ def analyse_reference(style, style_labels=None) -> ReferenceStyle:
     evals, evecs = np.linalg.eigh(cov[order])
     idx = ndi.distance_transform_edt(~fg, return_distances=False, return_indices=True)
     field = _rows(hed)[idx[0] * hed.shape[1] + idx[1]].view(hed.dtype).reshape(hed.shape)
-    hole = ndi.binary_dilation(fg | detected, iterations=2)
+    hole = _binary_dilate(fg | detected, 2)  # ndi.binary_dilation(fg | detected, iterations=2)
     background = reference_background(hed, hole, np.random.default_rng(0))
     # keep the reference's mean densities. The inpainting removed everything dark (blobs detected outside the
     # labels too), so the background is lifted back to the reference's mean outside its nuclei; a lift, not a
@@ -425,8 +439,8 @@ def code_version(*objs, fmt: int = 1) -> str:
 
 
 #: The code of the analysis (taken when the module loads, so a patched name cannot change the version).
-_ANALYSIS_CODE = (detect_nuclei, _nuclei_mask, reference_background, _grey_dilate, _block_means, _rows, _moments,
-                  _ranks, analyse_reference, ReferenceStyle)
+_ANALYSIS_CODE = (detect_nuclei, _nuclei_mask, reference_background, _grey_dilate, _binary_dilate, _block_means, _rows,
+                  _moments, _ranks, analyse_reference, ReferenceStyle)
 
 
 @lru_cache(maxsize=1)
