@@ -463,3 +463,54 @@ def test_tune_malloc_is_taken_by_glibc():
 
     ok = G.tune_malloc()
     assert ok == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("how", ["term_parent", "term_group", "kill_worker"])
+def test_a_cli_run_stopped_or_losing_a_worker_ends_cleanly(bank, tmp_path, how):
+    """``nucsynth generate`` with forked workers: SIGTERM to it (``kill PID``) or to its whole process group (the
+    workers die at once) stops the run cleanly, exit status 143; a worker killed alone (the system's out-of-memory
+    killer) is one line and exit status 2, not a traceback. Either way the manifest lists the pairs written, each
+    whole, and no worker is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forking is used on Linux only")
+    env = {k: v for k, v in os.environ.items() if k != G.START_METHOD_ENV}
+    env.update(NUCSYNTH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "napari_nucsynth.cli", "generate", "--n", "2000", "--styles", str(bank),
+           "--random-points", "--size", "48", "48", "--workers", "2", "--seed", "5", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "manifest.json").is_file() or not read_manifest(out)["pairs"]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        if how == "term_parent":
+            proc.send_signal(signal.SIGTERM)
+        elif how == "term_group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            workers[0].kill()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if how == "kill_worker":
+        assert proc.returncode == 2 and "Traceback" not in stderr
+        assert stderr.count("\n") == 1 and "a worker process ended abruptly" in stderr and "--resume" in stderr
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "incomplete" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    m = read_manifest(out)
+    assert 0 < len(m["pairs"]) < 2000 and not m["complete"]
+    assert G.verify(out, [m["pairs"][0]["id"], m["pairs"][-1]["id"]]) == []  # (resume: test_generate.py)

@@ -926,9 +926,13 @@ class _Pool:
         """Keep the workers analysing style tiles until ``fut`` (work of this process, in a thread) is done, and
         return its result."""
         from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
 
         while not fut.done():
-            self._fill()
+            try:
+                self._fill()
+            except BrokenProcessPool:  # a worker died: run() says so (or stops, if this process was asked to)
+                return fut.result()
             wait([fut, *self.inflight], return_when=FIRST_COMPLETED)
             for f in [f for f in self.inflight if f.done()]:
                 self.state[self.inflight.pop(f)[1]] = "done"
@@ -954,17 +958,25 @@ class _Pool:
             nxt += 1
             return ("pair", i, plans[i])
 
-        while pos < len(todo):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            while pos < len(todo):
+                if should_stop is not None and should_stop():
+                    return True
+                self._fill(choose)
+                i = todo[pos]
+                if i not in results:
+                    self._collect(results)
+                    continue
+                index, image, labels, n_points = results.pop(i)
+                write(index, image, labels, n_points, plans[i])
+                pos += 1
+        except BrokenProcessPool as exc:
             if should_stop is not None and should_stop():
-                return True
-            self._fill(choose)
-            i = todo[pos]
-            if i not in results:
-                self._collect(results)
-                continue
-            index, image, labels, n_points = results.pop(i)
-            write(index, image, labels, n_points, plans[i])
-            pos += 1
+                return True  # the workers were signalled with this process (e.g. SIGTERM to its process group)
+            raise ChildProcessError(f"a worker process ended abruptly ({exc}); the pairs written so far are kept: "
+                                    "the same run with resume (--resume) continues it") from None
         return False
 
     def close(self) -> None:
