@@ -235,9 +235,13 @@ def ripley_k(points, shape, radii) -> np.ndarray:
     pairs = cKDTree(pts).query_pairs(float(r.max()), output_type="ndarray")
     if len(pairs) == 0:
         return np.zeros_like(r)
-    d = pts[pairs[:, 0]] - pts[pairs[:, 1]]
-    dist = np.hypot(d[:, 0], d[:, 1])
-    weight = 1.0 / ((h - np.abs(d[:, 0])) * (w - np.abs(d[:, 1])))
+    # each coordinate gathered from a contiguous array: the same differences as rows of the (N, 2) arrays, a quarter
+    # faster (the fits' calibrating simulations call this dozens of times)
+    i, j = np.ascontiguousarray(pairs.T)
+    rows, cols = np.ascontiguousarray(pts.T)
+    dr, dc = rows[i] - rows[j], cols[i] - cols[j]
+    dist = np.hypot(dr, dc)
+    weight = 1.0 / ((h - np.abs(dr)) * (w - np.abs(dc)))
     order = np.argsort(dist)
     cum = np.concatenate([[0.0], np.cumsum(weight[order])])
     k = np.searchsorted(dist[order], r, side="right")
