@@ -468,9 +468,9 @@ def test_tune_malloc_is_taken_by_glibc():
 @pytest.mark.parametrize("how", ["term_parent", "term_group", "kill_worker"])
 def test_a_cli_run_stopped_or_losing_a_worker_ends_cleanly(bank, tmp_path, how):
     """``nucsynth generate`` with forked workers: SIGTERM to it (``kill PID``) or to its whole process group (the
-    workers die at once) stops the run cleanly, exit status 143; a worker killed alone (the system's out-of-memory
-    killer) is one line and exit status 2, not a traceback. Either way the manifest lists the pairs written, each
-    whole, and no worker is left."""
+    workers ignore it; the command ends them) stops the run cleanly, exit status 143; a worker killed alone (the
+    system's out-of-memory killer) is one line and exit status 2, not a traceback nor a run that never ends. Either
+    way the manifest lists the pairs written, each whole, and no worker is left."""
     import os
     import signal
     import subprocess

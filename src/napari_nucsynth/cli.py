@@ -635,6 +635,8 @@ def _generate(args) -> int:
 
         load_checkpoint(args.checkpoint)  # a file that is no checkpoint is refused before anything is written
     report = _GenerateReport()
+    global _EXIT_AT_ONCE
+    _EXIT_AT_ONCE = True  # whatever happens below, the dataset ends closed and nothing is left to finalize (run())
     with _StopOnSignal(announce=False) as stop:
         try:
             m = generate(args.n, args.styles, args.out, points_from=args.points_from, random_points=args.random_points,
@@ -646,8 +648,6 @@ def _generate(args) -> int:
             raise ValueError(str(e)) from None
         finally:
             report.close()
-    global _EXIT_AT_ONCE
-    _EXIT_AT_ONCE = True  # the dataset is closed, the workers and threads joined: run() need not tear Python down
     n_done = len(m["pairs"])
     print(f"wrote {args.out} ({n_done} of {args.n} pairs, format {args.format}"
           + ("" if m["complete"] else ", incomplete") + ")", flush=True)

@@ -395,14 +395,37 @@ def tune_malloc() -> bool:
                 mallopt(m_top_pad, 64 << 20)])
 
 
-def _init_pool_worker(cfg: dict, points_data) -> None:
-    """A pool worker ignores Ctrl-C (the parent stops cleanly after the current pair and shuts the pool down), dies
-    on SIGTERM (a forked one inherits the parent's handler) and imports what a pair needs at once (while the parent
-    is still preparing the run)."""
+def _die_with(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when ``parent`` (the process that started it) ends, so a pool
+    worker does not wait forever for tasks from a parent that was killed."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return
+    pr_set_pdeathsig = 1  # linux/prctl.h
+    prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
+
+
+def _init_pool_worker(cfg: dict, points_data, parent: int | None = None) -> None:
+    """A pool worker ignores Ctrl-C and SIGTERM: the parent stops cleanly after the current pair and ends its
+    workers (a signal sent to every process of the run, by Ctrl-C, ``kill -- -PGID``, systemd or a batch system,
+    must not kill a worker while it sends a result back: ``ProcessPoolExecutor`` would wait for the rest of that
+    result forever). It dies with its parent (:func:`_die_with`), and imports what a pair needs at once (while the
+    parent is still preparing the run)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if parent is not None:
+        _die_with(parent)
     tune_malloc()
     _init_worker(cfg, points_data)
     _worker_imports()
@@ -855,6 +878,7 @@ class _Pool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.workers = workers
+        self.stuck = False  # the executor waits forever for a result a killed worker was sending (_collect)
         self.cap = 2 * workers + 2
         self.window = 4 * workers
         self.inflight: dict[Any, tuple[str, int]] = {}
@@ -871,7 +895,7 @@ class _Pool:
         if self.start_method == "fork":
             _worker_imports()  # once, here: the forked workers inherit them
         self.ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method),
-                                      initializer=_init_pool_worker, initargs=(cfg, points_data))
+                                      initializer=_init_pool_worker, initargs=(cfg, points_data, os.getpid()))
         for _ in range(workers):  # the pool starts a process per task submitted while none is idle
             self.ex.submit(_started)
 
@@ -913,8 +937,19 @@ class _Pool:
     def _collect(self, results: dict) -> None:
         """Wait for a task to finish (at least one must be running) and take in what finished."""
         from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
 
-        done, _ = wait(list(self.inflight), return_when=FIRST_COMPLETED)
+        lost = 0
+        while True:
+            done, _ = wait(list(self.inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+            if done:
+                break
+            # a worker killed while it sent a result back leaves the executor waiting for the rest of that result
+            # forever, without noticing the death: seen dead twice (a second apart), the pool is taken as broken
+            lost = lost + 1 if self._dead_worker() else 0
+            if lost >= 2:
+                self.stuck = True
+                raise BrokenProcessPool("a worker process died while it sent a result back")
         for fut in done:
             kind, k = self.inflight.pop(fut)
             if kind == "style":
@@ -973,15 +1008,33 @@ class _Pool:
                 write(index, image, labels, n_points, plans[i])
                 pos += 1
         except BrokenProcessPool as exc:
+            self._kill_workers()
             if should_stop is not None and should_stop():
-                return True  # the workers were signalled with this process (e.g. SIGTERM to its process group)
+                return True  # a worker died while this process was asked to stop: the same stop
             raise ChildProcessError(f"a worker process ended abruptly ({exc}); the pairs written so far are kept: "
                                     "the same run with resume (--resume) continues it") from None
         return False
 
+    def _dead_worker(self) -> bool:
+        """Whether a process of the pool has ended (a worker ends only when the pool is shut down)."""
+        return any(p.exitcode is not None for p in list((getattr(self.ex, "_processes", None) or {}).values()))
+
+    def _kill_workers(self) -> None:
+        """SIGKILL the pool's live processes: they ignore the SIGTERM with which the executor ends the others when
+        one died, and it would wait for them forever."""
+        import contextlib
+
+        for p in list((getattr(self.ex, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                if p.is_alive():
+                    p.kill()
+
     def close(self) -> None:
         try:
-            self.ex.shutdown(wait=True, cancel_futures=True)
+            if getattr(self.ex, "_broken", False) or self.stuck:
+                self._kill_workers()
+            # a stuck executor's thread never ends: not waited for (the CLI then ends its process at once: cli.run)
+            self.ex.shutdown(wait=not self.stuck, cancel_futures=True)
         finally:
             for k, v in self._env.items():
                 if v is None:
