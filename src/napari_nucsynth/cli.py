@@ -903,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: Set by a command whose process holds nothing left to finalize when it returns (``generate``: its files closed, its
-#: pool and threads joined): :func:`run` then ends the process without Python's teardown of its modules.
+#: pool shut down; an executor thread stuck on a killed worker is not waited for): :func:`run` then ends the process
+#: without Python's teardown of its modules.
 _EXIT_AT_ONCE = False
 
 

@@ -373,6 +373,19 @@ def _worker_imports() -> None:
     from .render import classic  # noqa: F401
 
 
+def _libc(name: str):
+    """The C library's function ``name`` on Linux (through ctypes), else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_malloc() -> bool:
     """Make glibc's ``malloc`` keep the memory a process frees for its next allocations (``mallopt``: arrays up to
     32 MB from the heap rather than each from a fresh ``mmap``, up to 512 MB of freed heap kept, 64 MB more taken
@@ -381,13 +394,9 @@ def tune_malloc() -> bool:
     1.1-1.3 s with these settings. For processes ``generate`` owns: the CLI's and the pool's workers, not a napari
     session. False where there is no glibc (nothing changed)."""
     import ctypes
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
@@ -398,15 +407,10 @@ def tune_malloc() -> bool:
 def _die_with(parent: int) -> None:
     """Linux: have the kernel SIGKILL this process when ``parent`` (the process that started it) ends, so a pool
     worker does not wait forever for tasks from a parent that was killed."""
-    import ctypes
     import signal
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        prctl = ctypes.CDLL(None).prctl
-    except (OSError, AttributeError):
+    prctl = _libc("prctl")
+    if prctl is None:
         return
     pr_set_pdeathsig = 1  # linux/prctl.h
     prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
@@ -891,10 +895,10 @@ class _Pool:
         if executor is not None:
             self.ex = executor
             return
-        self.start_method = _start_method()
-        if self.start_method == "fork":
+        start = _start_method()
+        if start == "fork":
             _worker_imports()  # once, here: the forked workers inherit them
-        self.ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(self.start_method),
+        self.ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(start),
                                       initializer=_init_pool_worker, initargs=(cfg, points_data, os.getpid()))
         for _ in range(workers):  # the pool starts a process per task submitted while none is idle
             self.ex.submit(_started)
@@ -1015,16 +1019,20 @@ class _Pool:
                                     "the same run with resume (--resume) continues it") from None
         return False
 
+    def _processes(self) -> list:
+        """The pool's worker processes (none for an executor of threads, as the tests pass)."""
+        return list((getattr(self.ex, "_processes", None) or {}).values())
+
     def _dead_worker(self) -> bool:
         """Whether a process of the pool has ended (a worker ends only when the pool is shut down)."""
-        return any(p.exitcode is not None for p in list((getattr(self.ex, "_processes", None) or {}).values()))
+        return any(p.exitcode is not None for p in self._processes())
 
     def _kill_workers(self) -> None:
         """SIGKILL the pool's live processes: they ignore the SIGTERM with which the executor ends the others when
         one died, and it would wait for them forever."""
         import contextlib
 
-        for p in list((getattr(self.ex, "_processes", None) or {}).values()):
+        for p in self._processes():
             with contextlib.suppress(Exception):
                 if p.is_alive():
                     p.kill()
