@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import filecmp
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -465,12 +467,43 @@ def test_tune_malloc_is_taken_by_glibc():
     assert ok == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
 
 
-@pytest.mark.parametrize("how", ["term_parent", "term_group", "kill_worker"])
+def test_a_worker_dead_while_its_result_never_arrives_breaks_the_pool(monkeypatch):
+    """The executor waits forever for the rest of a result a killed worker was sending, without marking its futures
+    failed: ``_collect`` takes a worker seen dead twice, a second apart, as a broken pool (``run`` then ends the
+    run with one line), and ``close`` does not wait for the stuck executor."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+    from types import SimpleNamespace
+
+    shut = []
+    dead = SimpleNamespace(exitcode=-9, is_alive=lambda: False)
+    alive = SimpleNamespace(exitcode=None, is_alive=lambda: True, kill=lambda: shut.append("killed"))
+    ex = SimpleNamespace(_processes={1: dead, 2: alive}, _broken=False,
+                         shutdown=lambda wait, cancel_futures: shut.append(("shutdown", wait)))
+    pool = G._Pool.__new__(G._Pool)  # the dealing state only: the executor is the fake above
+    pool.ex, pool.stuck, pool._env, pool.inflight = ex, False, {}, {Future(): ("pair", 0)}
+    t0 = time.monotonic()
+    with pytest.raises(BrokenProcessPool, match="died while it sent a result"):
+        pool._collect({})
+    assert 1.5 < time.monotonic() - t0 < 10 and pool.stuck
+    pool.close()
+    assert shut == ["killed", ("shutdown", False)]  # the live worker killed, the stuck executor not waited for
+    dead.exitcode = None  # every worker alive: a slow task is no failure
+    pool.stuck, pool.inflight = False, {Future(): ("pair", 0)}
+    fut = next(iter(pool.inflight))
+    threading.Timer(2.5, lambda: fut.set_result((0, None, None, 0))).start()
+    results = {}
+    pool._collect(results)
+    assert results == {0: (0, None, None, 0)} and not pool.stuck
+
+
+@pytest.mark.parametrize("how", ["term_parent", "term_group", "kill_worker", "kill_parent"])
 def test_a_cli_run_stopped_or_losing_a_worker_ends_cleanly(bank, tmp_path, how):
     """``nucsynth generate`` with forked workers: SIGTERM to it (``kill PID``) or to its whole process group (the
     workers ignore it; the command ends them) stops the run cleanly, exit status 143; a worker killed alone (the
-    system's out-of-memory killer) is one line and exit status 2, not a traceback nor a run that never ends. Either
-    way the manifest lists the pairs written, each whole, and no worker is left."""
+    system's out-of-memory killer) is one line and exit status 2, not a traceback nor a run that never ends; the
+    command killed (``kill -9``) takes its workers with it. The manifest lists the pairs written, each whole, and no
+    worker is left."""
     import os
     import signal
     import subprocess
@@ -498,13 +531,22 @@ def test_a_cli_run_stopped_or_losing_a_worker_ends_cleanly(bank, tmp_path, how):
             proc.send_signal(signal.SIGTERM)
         elif how == "term_group":
             os.killpg(proc.pid, signal.SIGTERM)
-        else:
+        elif how == "kill_worker":
             workers[0].kill()
+        else:
+            proc.kill()
         stdout, stderr = proc.communicate(timeout=120)
+        if how == "kill_parent":  # the workers are another session's children now: wait for the kernel to end them
+            deadline = time.monotonic() + 10
+            while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+                assert time.monotonic() < deadline, "the workers outlived their killed parent"
+                time.sleep(0.1)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    if how == "kill_worker":
+    if how == "kill_parent":
+        assert proc.returncode == -signal.SIGKILL
+    elif how == "kill_worker":
         assert proc.returncode == 2 and "Traceback" not in stderr
         assert stderr.count("\n") == 1 and "a worker process ended abruptly" in stderr and "--resume" in stderr
     else:
